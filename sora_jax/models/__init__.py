@@ -1,0 +1,19 @@
+"""Pure-functional Flax modules of the Sora audio-visual model."""
+
+from sora_jax.models.audio import AudioEncoder, HoistedGRUCell, HoistedLSTMCell
+from sora_jax.models.fusion import FUSIONS, FusionHead
+from sora_jax.models.sora import DTYPES, SoraModel, build_model, dummy_inputs
+from sora_jax.models.visual import VisualTower
+
+__all__ = [
+    "DTYPES",
+    "FUSIONS",
+    "AudioEncoder",
+    "FusionHead",
+    "HoistedGRUCell",
+    "HoistedLSTMCell",
+    "SoraModel",
+    "VisualTower",
+    "build_model",
+    "dummy_inputs",
+]

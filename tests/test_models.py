@@ -1,0 +1,261 @@
+"""The model library: shapes, reference equality with flax cells, masks, precision."""
+
+import itertools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import demo
+from sora_jax.models import AudioEncoder, build_model, dummy_inputs, melspec
+
+B, T, SIZE, SAMPLES = 2, 3, 32, 16_000
+
+
+def tiny_config(**model_overrides):
+    c = demo.get_config()
+    c.model.visual.update(widths=(8, 16), blocks=(1, 1), strides=(2, 2))
+    c.model.audio.update(hidden=16, num_mel_bins=16)
+    c.model.fusion.update(dim=16, heads=2)
+    c.model.update(embed_dim=16, num_classes=5)
+    for key, value in model_overrides.items():
+        node = c.model
+        *path, leaf = key.split(".")
+        for part in path:
+            node = node[part]
+        node[leaf] = value
+    return c
+
+
+def random_inputs(rng, batch=B, frames=T, size=SIZE, samples=SAMPLES):
+    r = np.random.default_rng(rng)
+    return {
+        "frames": jnp.asarray(r.integers(0, 256, (batch, frames, size, size, 3), np.uint8)),
+        "frame_mask": jnp.ones((batch, frames), bool),
+        "audio": jnp.asarray(r.integers(-8000, 8000, (batch, samples), np.int16)),
+        "audio_len": jnp.full((batch,), samples, jnp.int32),
+        "has_video": jnp.ones((batch,), bool),
+        "has_audio": jnp.ones((batch,), bool),
+    }
+
+
+ALL_OPTIONS = list(
+    itertools.product(
+        ("concat", "mean", "gated", "attention"),
+        ("lstm", "gru"),
+        ("none", "group", "layer"),
+        ("mean", "max", "attention"),
+        (False, True),
+        (False, True),
+        ("float32", "bfloat16"),
+    )
+)
+
+
+@pytest.mark.parametrize("fusion,cell,norm,pool,residual,bidirectional,dtype", ALL_OPTIONS)
+def test_every_option_combination_has_the_right_shapes_and_dtypes(
+    fusion, cell, norm, pool, residual, bidirectional, dtype
+):
+    config = tiny_config(
+        **{
+            "fusion.kind": fusion,
+            "audio.cell": cell,
+            "visual.norm": norm,
+            "visual.temporal_pool": pool,
+            "visual.residual": residual,
+            "audio.bidirectional": bidirectional,
+            "dtype": dtype,
+        }
+    )
+    model = build_model(config.model)
+    inputs = dummy_inputs(B, T, SIZE, SAMPLES)
+    # Abstract evaluation traces the whole model (every option's code path) without the
+    # cost of compiling 576 variants; `test_jit_runs_*` below compiles real ones.
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), inputs))
+    params = variables["params"]
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+    out = jax.eval_shape(
+        lambda p: model.apply(
+            {"params": p}, inputs, train=True, rngs={"dropout": jax.random.key(1)}
+        ),
+        params,
+    )
+    assert out["logits"].shape == (B, 5) and out["logits"].dtype == jnp.float32
+    assert out["embedding"].shape == (B, 16) and out["embedding"].dtype == jnp.float32
+
+
+@pytest.mark.parametrize(
+    "fusion,cell", itertools.product(("concat", "mean", "gated", "attention"), ("lstm", "gru"))
+)
+def test_jit_runs_and_gives_finite_outputs(fusion, cell):
+    model = build_model(tiny_config(**{"fusion.kind": fusion, "audio.cell": cell}).model)
+    inputs = random_inputs(0)
+    params = model.init(jax.random.key(0), inputs)["params"]
+    out = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, inputs)
+    assert np.isfinite(np.asarray(out["logits"])).all()
+    assert out["logits"].shape == (B, 5)
+
+
+def _flax_reference_rnn(encoder_params, mel, lengths, cell, hidden, bidirectional):
+    """Run flax's own LSTMCell/GRUCell step by step in Python, with our weights."""
+    gates = 4 if cell == "lstm" else 3
+    names = ("i", "f", "g", "o") if cell == "lstm" else ("r", "z", "n")
+    flax_cell = nn.LSTMCell(hidden) if cell == "lstm" else nn.GRUCell(hidden)
+    outputs = []
+    for direction in ("fwd", "bwd") if bidirectional else ("fwd",):
+        proj = encoder_params[f"input_proj_0_{direction}"]
+        rec = encoder_params[f"cell_0_{direction}"]["recurrent"]
+        split = lambda a: np.split(np.asarray(a), gates, axis=-1)
+        wx, bx, wh = split(proj["kernel"]), split(proj["bias"]), split(rec["kernel"])
+        bh = split(rec["bias"]) if cell == "gru" else [np.zeros(hidden)] * gates
+        p = {}
+        for k, name in enumerate(names):
+            if cell == "lstm":  # flax: input dense has no bias, recurrent dense has one
+                p[f"i{name}"] = {"kernel": wx[k]}
+                p[f"h{name}"] = {"kernel": wh[k], "bias": bx[k]}
+            else:  # flax GRU: input dense has a bias, recurrent only for n
+                p[f"i{name}"] = {"kernel": wx[k], "bias": bx[k]}
+                p[f"h{name}"] = {"kernel": wh[k]} | ({"bias": bh[k]} if name == "n" else {})
+        if cell == "gru":  # our r/z recurrent biases fold into the input bias
+            for k, name in enumerate(("r", "z")):
+                p[f"i{name}"]["bias"] = bx[k] + bh[k]
+        seq = np.zeros((mel.shape[0], mel.shape[1], hidden), np.float32)
+        for b in range(mel.shape[0]):
+            n = int(lengths[b])
+            steps = range(n) if direction == "fwd" else range(n - 1, -1, -1)
+            carry = flax_cell.initialize_carry(jax.random.key(0), (1, mel.shape[-1]))
+            for t in steps:
+                carry, h = flax_cell.apply({"params": p}, carry, mel[b : b + 1, t])
+                seq[b, t] = np.asarray(h[0])
+        outputs.append(seq)
+    return np.concatenate(outputs, axis=-1)
+
+
+@pytest.mark.parametrize(
+    "cell,bidirectional", [("lstm", False), ("gru", False), ("lstm", True), ("gru", True)]
+)
+def test_scanned_cells_match_flax_cells_step_by_step(cell, bidirectional):
+    hidden, mels = 12, 16
+    encoder = AudioEncoder(hidden=hidden, cell=cell, bidirectional=bidirectional, num_mel_bins=mels)
+    rng = np.random.default_rng(1)
+    wave = jnp.asarray(rng.normal(0, 0.3, (2, 4000)).astype(np.float32))
+    lengths = jnp.array([4000, 2500], jnp.int32)
+    params = encoder.init(jax.random.key(0), wave, lengths)["params"]
+    pooled, seq, _mask = encoder.apply({"params": params}, wave, lengths)
+    mel = (np.asarray(melspec.log_mel(wave, mels)) + 4.0) / 4.0
+    frame_lengths = np.asarray(melspec.frame_lengths(lengths))
+    expected = _flax_reference_rnn(params, mel, frame_lengths, cell, hidden, bidirectional)
+    got = np.asarray(seq)
+    for b in range(2):
+        n = frame_lengths[b]
+        rel = np.linalg.norm(got[b, :n] - expected[b, :n]) / np.linalg.norm(expected[b, :n])
+        assert rel < 1e-5, (b, rel)
+        assert not got[b, n:].any()
+        np.testing.assert_allclose(pooled[b], expected[b, :n].mean(0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cell,bidirectional", [("lstm", True), ("gru", False)])
+def test_audio_padding_past_the_length_changes_nothing(cell, bidirectional):
+    encoder = AudioEncoder(hidden=8, cell=cell, bidirectional=bidirectional, num_mel_bins=16)
+    rng = np.random.default_rng(2)
+    clip = rng.normal(0, 0.3, (1, 5000)).astype(np.float32)
+    noise = rng.normal(0, 0.9, (1, 3000)).astype(np.float32)
+    short = jnp.asarray(np.concatenate([clip, np.zeros_like(noise)], 1))
+    noisy = jnp.asarray(np.concatenate([clip, noise], 1))
+    lengths = jnp.array([5000], jnp.int32)
+    params = encoder.init(jax.random.key(0), short, lengths)["params"]
+    a = encoder.apply({"params": params}, short, lengths)
+    b = encoder.apply({"params": params}, noisy, lengths)
+    np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))
+    np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
+
+
+def test_padded_frames_do_not_change_the_visual_feature():
+    model = build_model(tiny_config().model)
+    x = random_inputs(3)
+    params = model.init(jax.random.key(0), x)["params"]
+    x["frame_mask"] = jnp.array([[True, True, False], [True, True, False]])
+    other = dict(x, frames=x["frames"].at[:, 2].set(255))
+    a, b = (model.apply({"params": params}, inp)["logits"] for inp in (x, other))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("fusion", ["concat", "mean", "gated", "attention"])
+def test_missing_modality_acts_only_through_its_mask(fusion):
+    model = build_model(tiny_config(**{"fusion.kind": fusion}).model)
+    x = random_inputs(4)
+    params = model.init(jax.random.key(0), x)["params"]
+    apply = jax.jit(lambda inp: model.apply({"params": params}, inp)["logits"])
+    y = random_inputs(5)
+    # Video-only: whatever the audio holds, the output is the same.
+    video_only = dict(x, has_audio=jnp.zeros(B, bool))
+    np.testing.assert_array_equal(apply(video_only), apply(dict(video_only, audio=y["audio"])))
+    # Audio-only: whatever the frames hold, the output is the same.
+    audio_only = dict(x, has_video=jnp.zeros(B, bool))
+    np.testing.assert_array_equal(apply(audio_only), apply(dict(audio_only, frames=y["frames"])))
+    # ... and the masks do matter: the three modes give three different answers.
+    both, v, a = apply(x), apply(video_only), apply(audio_only)
+    assert not np.allclose(both, v) and not np.allclose(both, a) and not np.allclose(v, a)
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+    config = tiny_config(**{"fusion.kind": "attention"})
+    x = random_inputs(6)
+    params = build_model(config.model).init(jax.random.key(0), x)["params"]
+    outputs = {}
+    for dtype in ("float32", "bfloat16"):
+        config.model.dtype = dtype
+        model = build_model(config.model)
+        outputs[dtype] = np.asarray(
+            jax.jit(lambda p, m=model: m.apply({"params": p}, x))(params)["embedding"]
+        )
+    rel = np.linalg.norm(outputs["bfloat16"] - outputs["float32"]) / np.linalg.norm(
+        outputs["float32"]
+    )
+    assert rel < 1e-2, rel
+
+
+def test_tiny_model_overfits_a_batch_of_eight_clips():
+    model = build_model(
+        tiny_config(**{"modality_dropout": 0.0, "audio.spec_augment": (0, 0, 0, 0)}).model
+    )
+    x = random_inputs(7, batch=8, samples=8000)
+    labels = jnp.arange(8) % 5
+    params = model.init(jax.random.key(0), x)["params"]
+    tx = optax.adam(3e-3)
+    opt_state = tx.init(params)
+
+    def loss_fn(p):
+        logits = model.apply({"params": p}, x)["logits"]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    @jax.jit
+    def step(p, s):
+        loss, grads = jax.value_and_grad(loss_fn)(p)
+        updates, s = tx.update(grads, s, p)
+        return optax.apply_updates(p, updates), s, loss
+
+    first = None
+    for _ in range(200):
+        params, opt_state, loss = step(params, opt_state)
+        first = loss if first is None else first
+    assert float(loss) < 0.1 * float(first), (float(first), float(loss))
+
+
+def test_audio_branch_is_scanned_not_unrolled():
+    """The compiled program is the same size for 100 and 1600 log-mel frames."""
+    encoder = AudioEncoder(hidden=16, num_mel_bins=16, layers=2, bidirectional=True)
+
+    def program_lines(num_frames):
+        samples = 400 + (num_frames - 1) * 160
+        wave = jnp.zeros((2, samples), jnp.int16)
+        lengths = jnp.full((2,), samples, jnp.int32)
+        params = jax.eval_shape(lambda: encoder.init(jax.random.key(0), wave, lengths))
+        hlo = jax.jit(lambda p, w, n: encoder.apply(p, w, n)).lower(params, wave, lengths).as_text()
+        return len(hlo.splitlines()), hlo.count("stablehlo.while")
+
+    assert program_lines(100) == program_lines(1600)
+    assert program_lines(100)[1] >= 4  # one loop per layer and direction
