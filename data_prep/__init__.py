@@ -1,0 +1,1 @@
+"""Raw videos (folders, CSVs, DMVR TFRecords) -> a tfds ArrayRecord dataset."""

@@ -1,0 +1,126 @@
+"""sora-prep: turn a folder or CSV of videos (or DMVR TFRecords) into a tfds ArrayRecord
+dataset that sora-train reads with --config.data.dir=DATA_DIR --config.data.name=NAME.
+
+  sora-prep SOURCE --out DATA_DIR [--name NAME] [--fps F] [--short-side S] [--workers N]
+  sora-prep demo OUT            # write the built-in demo videos (then prepare them)
+
+Exit code: 0 when every input was kept, 3 when some were skipped, 1 or 2 on failure.
+"""
+
+import argparse
+import os
+import pathlib
+import sys
+import time
+
+EXIT_SKIPPED = 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sora-prep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "source", help="a folder of videos, a CSV of them, or a folder of DMVR TFRecords"
+    )
+    p.add_argument("--out", required=True, help="DATA_DIR: where the dataset and report go")
+    p.add_argument(
+        "--name", default="", help="dataset name (snake_case); default: the source's name"
+    )
+    p.add_argument(
+        "--layout",
+        default="auto",
+        choices=("auto", "split_folders", "class_folders", "csv", "kinetics", "dmvr"),
+    )
+    p.add_argument("--fps", type=float, default=8.0, help="frames per second stored (default 8)")
+    p.add_argument(
+        "--short-side", type=int, default=128, help="resize the short side to this (0: keep)"
+    )
+    p.add_argument(
+        "--max-seconds", type=float, default=0.0, help="keep at most this much of each video"
+    )
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the train/test split, where one is made"
+    )
+    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--videos", default=None, help="kinetics: the folder holding the files")
+    p.add_argument(
+        "--dmvr-fps", type=float, default=25.0, help="dmvr: the frame rate of the records"
+    )
+    p.add_argument("--dmvr-sample-rate", type=int, default=48_000, help="dmvr: the audio rate")
+    p.add_argument(
+        "--min-frames", type=int, default=8, help="flag (but keep) clips shorter than this"
+    )
+    return p
+
+
+def _demo(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="sora-prep demo",
+        description="Write the demo videos as OUT/<split>/<class>/<file>.mp4.",
+    )
+    p.add_argument("out")
+    p.add_argument("--train-per-class", type=int, default=48)
+    p.add_argument("--test-per-class", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    from data_prep.synthetic import make_demo_dataset
+
+    start = time.time()
+    out = make_demo_dataset(args.out, args.train_per_class, args.test_per_class, args.seed)
+    print(f"wrote demo videos to {out} in {time.time() - start:.1f}s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "demo":
+        return _demo(argv[1:])
+    args = _parser().parse_args(argv)
+    from data_prep import builder, layouts, report
+    from data_prep.worker import PrepSettings
+
+    source = pathlib.Path(args.source)
+    name = args.name or source.stem.lower().replace("-", "_").replace(" ", "_")
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = PrepSettings(
+        fps=args.fps,
+        short_side=args.short_side,
+        max_seconds=args.max_seconds,
+        min_frames=args.min_frames,
+    )
+    start = time.time()
+    try:
+        if args.layout == "dmvr":
+            from data_prep import dmvr
+
+            rows, rebuilt = dmvr.prepare(
+                source, out, name, settings, args.dmvr_fps, args.dmvr_sample_rate
+            )
+        else:
+            entries = layouts.discover(
+                source, args.layout, args.seed, args.test_fraction, args.videos
+            )
+            if not entries:
+                print(f"sora-prep: no input files found in {source}", file=sys.stderr)
+                return 2
+            rows, rebuilt = builder.prepare(entries, out, name, settings, args.workers)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"sora-prep: {e}", file=sys.stderr)
+        return 2
+    report_path = out / f"{name}_report.json"
+    report.write(rows, report_path)
+    print(report.summary_table(rows))
+    skipped = sum(r["status"] == "skipped" for r in rows)
+    state = "prepared" if rebuilt else "already up to date (same inputs and settings)"
+    print(
+        f"\n{name}: {len(rows) - skipped} kept, {skipped} skipped; {state} in "
+        f"{time.time() - start:.1f}s\ndataset: {out / name}\nreport:  {report_path}"
+    )
+    return EXIT_SKIPPED if skipped else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Find the input videos and their labels and splits, whatever the source's layout.
+
+Layouts:
+  split_folders  DIR/<split>/<class>/<file>
+  class_folders  DIR/<class>/<file>, split into train/test by a seeded hash of the path
+  csv            CSV with columns path,label[,split]; paths relative to the CSV;
+                 several labels (multi-label) separated by ';'
+  kinetics       CSV with youtube_id,time_start,time_end,label[,split] over files named
+                 <youtube_id>_<start:06d>_<end:06d>.<ext> beside the CSV (or in --videos)
+"""
+
+import csv
+import dataclasses
+import hashlib
+import pathlib
+
+LAYOUTS = ("split_folders", "class_folders", "csv", "kinetics")
+SPLIT_NAMES = ("train", "test", "validation", "val", "valid", "eval")
+VIDEO_EXTENSIONS = {
+    ".mp4",
+    ".mkv",
+    ".webm",
+    ".avi",
+    ".mov",
+    ".m4v",
+    ".mpg",
+    ".mpeg",
+    ".flv",
+    ".ts",
+    ".3gp",
+    ".ogv",
+    ".wmv",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    path: pathlib.Path  # absolute path of the file (may not exist: reported as missing)
+    key: str  # unique, stable id within the dataset (the path relative to the source)
+    labels: tuple[str, ...]
+    split: str
+
+
+def detect_layout(source: pathlib.Path) -> str:
+    if source.is_file():
+        with source.open(newline="") as f:
+            header = next(csv.reader(f), [])
+        return "kinetics" if "youtube_id" in header else "csv"
+    subdirs = [p for p in source.iterdir() if p.is_dir()]
+    if subdirs and all(p.name in SPLIT_NAMES for p in subdirs):
+        return "split_folders"
+    return "class_folders"
+
+
+def _is_candidate(path: pathlib.Path) -> bool:
+    # Every regular file is a candidate: a stray picture or a broken file must show up in
+    # the report, not vanish. Hidden files (.DS_Store and friends) are the one exception.
+    return path.is_file() and not path.name.startswith(".")
+
+
+def _seeded_split(key: str, seed: int, test_fraction: float) -> str:
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return "test" if int.from_bytes(digest[:8], "big") / 2**64 < test_fraction else "train"
+
+
+def discover(
+    source: str | pathlib.Path,
+    layout: str = "auto",
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    videos_dir: str | pathlib.Path | None = None,
+) -> list[Entry]:
+    """Every input the source names, in a stable order."""
+    source = pathlib.Path(source).resolve()
+    if not source.exists():
+        raise FileNotFoundError(f"{source} does not exist")
+    layout = detect_layout(source) if layout == "auto" else layout
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose from {LAYOUTS}")
+    entries: list[Entry] = []
+    if layout in ("split_folders", "class_folders"):
+        if not source.is_dir():
+            raise ValueError(f"layout {layout} needs a folder, got {source}")
+        for path in sorted(p for p in source.rglob("*") if _is_candidate(p)):
+            parts = path.relative_to(source).parts
+            key = "/".join(parts)
+            if layout == "split_folders":
+                if len(parts) != 3:
+                    raise ValueError(f"{path}: expected DIR/<split>/<class>/<file>")
+                split = "validation" if parts[0] in ("val", "valid") else parts[0]
+                entries.append(Entry(path, key, (parts[1],), split))
+            else:
+                if len(parts) != 2:
+                    raise ValueError(f"{path}: expected DIR/<class>/<file>")
+                entries.append(
+                    Entry(path, key, (parts[0],), _seeded_split(key, seed, test_fraction))
+                )
+        return entries
+    base = pathlib.Path(videos_dir).resolve() if videos_dir else source.parent
+    files_by_stem = {}
+    if layout == "kinetics":
+        files_by_stem = {p.stem: p for p in base.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS}
+    with source.open(newline="") as f:
+        for line, row in enumerate(csv.DictReader(f), start=2):
+            try:
+                if layout == "csv":
+                    rel = row["path"].strip()
+                    path = (base / rel).resolve()
+                else:
+                    start, end = int(float(row["time_start"])), int(float(row["time_end"]))
+                    stem = f"{row['youtube_id']}_{start:06d}_{end:06d}"
+                    path = files_by_stem.get(stem, base / f"{stem}.mp4")
+                    rel = str(path.relative_to(base)) if path.is_relative_to(base) else str(path)
+                labels = tuple(x.strip() for x in row["label"].split(";") if x.strip())
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{source}:{line}: bad row {row} ({e})") from e
+            if not labels:
+                raise ValueError(f"{source}:{line}: empty label")
+            split = (row.get("split") or "").strip() or _seeded_split(rel, seed, test_fraction)
+            entries.append(Entry(path, rel, labels, split))
+    keys = [e.key for e in entries]
+    if len(set(keys)) != len(keys):
+        duplicates = sorted({k for k in keys if keys.count(k) > 1})[:5]
+        raise ValueError(f"{source}: files listed more than once: {duplicates}")
+    return entries

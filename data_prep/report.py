@@ -1,0 +1,23 @@
+"""The preparation report: one row per input, as JSON and as a printed table."""
+
+import collections
+import json
+import pathlib
+
+
+def write(rows: list[dict], path: str | pathlib.Path) -> None:
+    pathlib.Path(path).write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def summary_table(rows: list[dict]) -> str:
+    """Counts per split and outcome, then every skipped or flagged file with its reason."""
+    counts = collections.Counter((r["split"], r["status"]) for r in rows)
+    splits = sorted({r["split"] for r in rows})
+    lines = [f"{'split':<12}{'ok':>8}{'skipped':>9}"]
+    lines += [f"{s:<12}{counts[(s, 'ok')]:>8}{counts[(s, 'skipped')]:>9}" for s in splits]
+    noted = [r for r in rows if r["status"] == "skipped" or r["reason"]]
+    if noted:
+        lines.append("")
+        lines.append(f"{'status':<9}{'reason':<48}path")
+        lines += [f"{r['status']:<9}{r['reason'][:46]:<48}{r['path']}" for r in noted]
+    return "\n".join(lines)

@@ -1,0 +1,69 @@
+"""The per-file work of data preparation, run in worker processes.
+
+Kept apart from the builder so spawned workers import only PyAV, PIL and NumPy,
+not TensorFlow.
+"""
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from data_prep.layouts import Entry
+from sora_jax.data.decode import DecodeError, decode_video, encode_jpeg
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepSettings:
+    fps: float
+    short_side: int
+    max_seconds: float = 0.0
+    jpeg_quality: int = 90
+    min_frames: int = 8  # shorter clips are kept, and flagged in the report
+
+
+def prepare_entry(entry: Entry, settings: PrepSettings) -> tuple[dict[str, Any], dict | None]:
+    """Decode one input: (report row, tfds example or None when skipped)."""
+    row = {
+        "path": str(entry.path),
+        "status": "skipped",
+        "reason": "",
+        "label": ";".join(entry.labels),
+        "split": entry.split,
+        "has_audio": False,
+        "has_video": False,
+        "num_frames": 0,
+    }
+    if not entry.path.exists():
+        row["reason"] = "file not found"
+        return row, None
+    try:
+        video = decode_video(entry.path, settings.fps, settings.short_side, settings.max_seconds)
+    except DecodeError as e:
+        row["reason"] = str(e)
+        return row, None
+    except Exception as e:
+        row["reason"] = f"decoder failed: {type(e).__name__}: {e}"
+        return row, None
+    notes = []
+    if not video.has_audio:
+        notes.append("no audio stream (kept, has_audio=False)")
+    if len(video.frames) < settings.min_frames:
+        notes.append(f"short: {len(video.frames)} frames < {settings.min_frames} (kept, padded)")
+    row.update(
+        status="ok",
+        reason="; ".join(notes),
+        has_audio=video.has_audio,
+        has_video=True,
+        num_frames=len(video.frames),
+    )
+    example = {
+        "frames": [encode_jpeg(f, settings.jpeg_quality) for f in video.frames],
+        "audio": video.audio,
+        "labels": list(entry.labels),
+        "label": entry.labels[0],
+        "has_audio": video.has_audio,
+        "num_frames": np.int32(len(video.frames)),
+        "path": entry.key,
+    }
+    return row, example

@@ -1,0 +1,1 @@
+"""Reading prepared datasets: decoding, clip sampling, augmentation and global batches."""

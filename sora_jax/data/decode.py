@@ -1,0 +1,156 @@
+"""Decode any video FFmpeg reads into frames at a fixed rate and 16 kHz mono audio.
+
+One function serves data preparation and prediction on raw files, so a deployed model
+sees exactly the preprocessing it was trained with.
+"""
+
+import dataclasses
+import io
+import math
+import os
+
+import av
+import numpy as np
+from PIL import Image
+
+SAMPLE_RATE = 16_000
+# FFmpeg opens single pictures through these demuxers; they are not videos.
+_PICTURE_FORMATS = {
+    "image2",
+    "png_pipe",
+    "jpeg_pipe",
+    "bmp_pipe",
+    "webp_pipe",
+    "gif",
+    "tiff_pipe",
+    "jpegls_pipe",
+    "pgm_pipe",
+    "ppm_pipe",
+}
+
+
+class DecodeError(Exception):
+    """A file that cannot become a clip; the message is the reason shown in reports."""
+
+
+@dataclasses.dataclass
+class DecodedVideo:
+    frames: np.ndarray  # [N, H, W, 3] uint8, at `fps`, short side resized
+    audio: np.ndarray  # [S] int16 at 16 kHz mono; empty when there is no audio stream
+    has_audio: bool
+    fps: float
+    source_fps: float  # the stream's average rate, for the report
+
+
+def _resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    if short_side <= 0:
+        return width, height
+    scale = short_side / min(width, height)
+    # Even sizes keep chroma-subsampled codecs and JPEG happy.
+    return max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2)
+
+
+def _rotation(stream) -> int:
+    """Display rotation in degrees (phone videos store portrait as rotated landscape)."""
+    try:
+        return round(stream.side_data.get("DISPLAYMATRIX", 0)) if stream.side_data else 0
+    except (AttributeError, TypeError, ValueError):
+        return 0
+
+
+def decode_video(
+    path: str | os.PathLike, fps: float, short_side: int, max_seconds: float = 0.0
+) -> DecodedVideo:
+    """Frames resampled to `fps` (by timestamps, so variable frame rates work) with the
+    short side resized to `short_side` (0 keeps the size); audio as 16 kHz mono int16.
+
+    Raises DecodeError with a short reason for anything that is not a usable video.
+    """
+    path = os.fspath(path)
+    if os.path.getsize(path) == 0:
+        raise DecodeError("empty file")
+    try:
+        container = av.open(path)
+    except av.error.FFmpegError as e:
+        raise DecodeError(f"not a readable media file ({type(e).__name__}: {e.strerror})") from e
+    with container:
+        if container.format.name in _PICTURE_FORMATS:
+            raise DecodeError(f"a still picture ({container.format.name}), not a video")
+        if not container.streams.video:
+            raise DecodeError("no video stream")
+        video = container.streams.video[0]
+        audio = container.streams.audio[0] if container.streams.audio else None
+        video.thread_type = "AUTO"
+        rotation = _rotation(video)
+        resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
+        frames, chunks = [], []
+        previous, previous_rgb, start = None, None, None
+        step = 1.0 / fps
+        emitted = 0  # output frames so far; output frame k is shown at time k / fps
+        # Timestamps are compared with a small tolerance: k / fps in floating point can
+        # land a hair before a frame's exact time and pick the previous frame.
+        eps = 1e-6
+
+        def rgb(frame) -> np.ndarray:
+            w, h = _resized_size(frame.width, frame.height, short_side)
+            return frame.to_ndarray(width=w, height=h, format="rgb24")
+
+        streams = (video, audio) if audio is not None else (video,)
+        try:
+            for frame in container.decode(*streams):
+                if isinstance(frame, av.AudioFrame):
+                    chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(frame))
+                    continue
+                if frame.time is None:
+                    continue
+                start = frame.time if start is None else start
+                t = frame.time - start
+                if max_seconds and t >= max_seconds:
+                    continue
+                # Emit the latest frame shown at each output time before this one arrives.
+                while previous is not None and emitted * step < t - eps:
+                    if previous_rgb is None:
+                        previous_rgb = rgb(previous)
+                    frames.append(previous_rgb)
+                    emitted += 1
+                previous, previous_rgb = frame, None
+            chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(None))
+        except av.error.FFmpegError as e:
+            if previous is None:
+                raise DecodeError(f"corrupt or truncated: {e.strerror}") from e
+            # A truncated file still gives the clip up to the damage; keep that part.
+        if previous is None:
+            raise DecodeError("no decodable video frames")
+        last_time = previous.time - start
+        frame_rate = float(video.average_rate or fps)
+        end = last_time + 1.0 / frame_rate
+        if max_seconds:
+            end = min(end, max_seconds)
+        # The last decoded frame covers the remaining output times up to the stream's end.
+        remaining = max(1 if not frames else 0, math.ceil((end - emitted * step) / step - eps))
+        if remaining:
+            last = rgb(previous)
+            frames.extend([last] * remaining)
+    frames = np.stack(frames)
+    if rotation % 360:
+        frames = np.rot90(frames, k=round(rotation / 90) % 4, axes=(1, 2))
+    wave = np.concatenate(chunks).astype(np.int16) if chunks else np.zeros(0, np.int16)
+    if max_seconds:
+        wave = wave[: int(max_seconds * SAMPLE_RATE)]
+    return DecodedVideo(
+        frames=np.ascontiguousarray(frames),
+        audio=wave,
+        has_audio=bool(audio is not None and wave.size),
+        fps=fps,
+        source_fps=frame_rate,
+    )
+
+
+def encode_jpeg(frame: np.ndarray, quality: int = 90) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(frame).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def decode_jpeg(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))

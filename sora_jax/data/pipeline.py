@@ -1,0 +1,184 @@
+"""grain input pipelines over prepared (tfds ArrayRecord) datasets.
+
+Training reads an endless, globally shuffled stream, each process its own shard, in an
+order fixed by the seed alone (never by worker timing); its iterator state goes into
+checkpoints so a resumed run sees exactly the batches it would have seen. Evaluation
+reads every example exactly once over all processes, padding the tail with masked
+examples so that every process runs the same number of steps.
+"""
+
+import dataclasses
+import math
+import pathlib
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import flags
+
+from sora_jax import config as config_lib
+from sora_jax.data import sampling
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSummary:
+    class_names: tuple[str, ...]
+    splits: dict[str, int]
+    fps: float
+    short_side: int
+
+
+def dataset_summary(data_dir: str, name: str) -> DatasetSummary:
+    """Class names, split sizes and preparation settings of a prepared dataset."""
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as e:  # tfds raises several types for "not there"
+        raise FileNotFoundError(
+            f"no prepared dataset {name!r} under {data_dir!r} ({e}); run "
+            f"`sora-prep SOURCE --out {data_dir} --name {name}` first"
+        ) from e
+    prep = builder.info.metadata.get("prep", {})
+    return DatasetSummary(
+        class_names=tuple(builder.info.features["label"].names),
+        splits={k: v.num_examples for k, v in builder.info.splits.items()},
+        fps=float(prep.get("fps", 0.0)),
+        short_side=int(prep.get("short_side", 0)),
+    )
+
+
+def check_dataset(config: ml_collections.ConfigDict) -> DatasetSummary:
+    """Fail before compiling when config and dataset disagree, naming the key."""
+    summary = dataset_summary(config.data.dir, config.data.name)
+    if len(summary.class_names) != config.model.num_classes:
+        raise config_lib.ConfigError(
+            f"config.model.num_classes: {config.model.num_classes}, but dataset "
+            f"{config.data.name} has {len(summary.class_names)} classes"
+        )
+    if abs(summary.fps - config.data.fps) > 1e-6:
+        raise config_lib.ConfigError(
+            f"config.data.fps: {config.data.fps}, but dataset {config.data.name} was "
+            f"prepared at {summary.fps} fps (sora-prep --fps)"
+        )
+    for key in ("train_split", "eval_split"):
+        if config.data[key] not in summary.splits:
+            raise config_lib.ConfigError(
+                f"config.data.{key}: no split {config.data[key]!r} in {config.data.name} "
+                f"(has {sorted(summary.splits)})"
+            )
+    return summary
+
+
+def clip_spec(config: ml_collections.ConfigDict) -> sampling.ClipSpec:
+    d = config.data
+    return sampling.ClipSpec(
+        num_frames=d.num_frames,
+        frame_stride=d.frame_stride,
+        crop_size=d.crop_size,
+        fps=d.fps,
+        audio_samples=config_lib.audio_samples(config),
+        num_classes=config.model.num_classes,
+        multi_label=config.model.multi_label,
+    )
+
+
+def _ensure_flags_parsed() -> None:
+    """grain's worker processes read absl flags; outside `absl.app` nobody parsed them."""
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _source(config: ml_collections.ConfigDict, split: str):
+    _ensure_flags_parsed()
+    return tfds.data_source(config.data.name, split=split, data_dir=config.data.dir)
+
+
+class _TrainClip(grain.transforms.RandomMap):
+    def __init__(self, spec: sampling.ClipSpec, min_scale: float, flip: bool):
+        self.spec, self.min_scale, self.flip = spec, min_scale, flip
+
+    def random_map(self, example, rng: np.random.Generator):
+        return sampling.train_clip(example, self.spec, rng, self.min_scale, self.flip)
+
+
+def train_dataset(config: ml_collections.ConfigDict, local_batch_size: int) -> grain.IterDataset:
+    """Endless shuffled training batches for this process.
+
+    One global stream (shuffled per epoch and augmented per element from the seed alone)
+    is cut into global batches; process p reads only its slice of each (ShardByJaxProcess
+    gives p and the process count). So the assembled global batch, and the loss curve,
+    are the same for any number of processes and any number of worker processes.
+    """
+    source = _source(config, config.data.train_split)
+    shard = grain.sharding.ShardByJaxProcess(drop_remainder=True)
+    global_batch = local_batch_size * shard.shard_count
+    # A finite repeat lets the per-process slice below index the stream; one spare epoch
+    # covers resumption rounding.
+    epochs = math.ceil(config.total_steps * global_batch / len(source)) + 1
+    ds = (
+        grain.MapDataset.source(source)
+        .shuffle(seed=config.seed)
+        .repeat(epochs)
+        .random_map(
+            _TrainClip(clip_spec(config), config.data.min_crop_scale, config.data.flip),
+            seed=config.seed,
+        )
+        .batch(local_batch_size, drop_remainder=True)
+    )[shard.shard_index :: shard.shard_count]
+    it = ds.to_iter_dataset()
+    if config.data.workers > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.workers))
+    return it
+
+
+class _PaddedShard:
+    """This process's contiguous block of a split, padded to a whole number of batches;
+    padding repeats a real example and is marked invalid."""
+
+    def __init__(self, source, start: int, length: int):
+        self.source, self.start, self.length = source, start, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int):
+        index = self.start + i
+        valid = index < len(self.source)
+        return self.source[index if valid else len(self.source) - 1], valid, index
+
+
+def eval_batches_per_process(num_examples: int, local_batch_size: int) -> int:
+    return max(1, math.ceil(num_examples / jax.process_count() / local_batch_size))
+
+
+def eval_dataset(config: ml_collections.ConfigDict, split: str, local_batch_size: int):
+    """Multi-view evaluation batches; every example appears once over all processes."""
+    source = _source(config, split)
+    batches = eval_batches_per_process(len(source), local_batch_size)
+    per_process = batches * local_batch_size
+    shard = _PaddedShard(source, jax.process_index() * per_process, per_process)
+    spec = clip_spec(config)
+    d = config.data
+
+    def views(item):
+        example, valid, index = item
+        out = sampling.eval_views(example, spec, d.eval_temporal_views, d.eval_spatial_views)
+        return out | {"valid": np.bool_(valid), "index": np.int32(index)}
+
+    ds = grain.MapDataset.source(shard).map(views).batch(local_batch_size)
+    ds = ds.to_iter_dataset()
+    if d.workers > 0:
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.workers))
+    return ds
+
+
+def to_global(local_batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict:
+    """Each process's NumPy batch -> one global jax.Array per key, split over the batch."""
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
+    )
+
+
+def data_dir_exists(config: ml_collections.ConfigDict) -> bool:
+    return (pathlib.Path(config.data.dir) / config.data.name).exists()

@@ -1,0 +1,132 @@
+"""Clip sampling and augmentation on one stored example (NumPy, in grain workers).
+
+Training: a random window of T frames every `stride` stored frames, one random resized
+crop and flip for the whole window, and the audio of the same time span.
+Evaluation: N evenly spaced windows x 1 or 3 crops along the long side ("views").
+"""
+
+import dataclasses
+
+import numpy as np
+from PIL import Image
+
+from sora_jax.data.decode import SAMPLE_RATE, decode_jpeg
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipSpec:
+    num_frames: int
+    frame_stride: int
+    crop_size: int
+    fps: float
+    audio_samples: int
+    num_classes: int
+    multi_label: bool = False
+
+
+def frame_indices(start: int, spec: ClipSpec, available: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of a window and its mask; windows running past a short video repeat its
+    last frame and are masked, so the model never mistakes padding for content."""
+    idx = start + spec.frame_stride * np.arange(spec.num_frames)
+    return np.minimum(idx, available - 1), idx < available
+
+
+def audio_window(audio: np.ndarray, start_frame: int, spec: ClipSpec) -> tuple[np.ndarray, int]:
+    """The audio under a window starting at `start_frame`, zero-padded: ([S], valid)."""
+    offset = round(start_frame / spec.fps * SAMPLE_RATE)
+    piece = audio[offset : offset + spec.audio_samples]
+    out = np.zeros(spec.audio_samples, np.int16)
+    out[: len(piece)] = piece
+    return out, len(piece)
+
+
+def _target(example: dict, spec: ClipSpec) -> np.ndarray:
+    if spec.multi_label:
+        hot = np.zeros(spec.num_classes, np.float32)
+        hot[np.asarray(example["labels"], np.int64)] = 1.0
+        return hot
+    return np.int32(example["label"])
+
+
+def _decode(example: dict, indices: np.ndarray) -> list[np.ndarray]:
+    cache: dict[int, np.ndarray] = {}
+    for i in indices:
+        if int(i) not in cache:
+            cache[int(i)] = decode_jpeg(example["frames"][int(i)])
+    return [cache[int(i)] for i in indices]
+
+
+def _resize(frame: np.ndarray, box: tuple[int, int, int, int], size: int) -> np.ndarray:
+    image = Image.fromarray(frame).resize((size, size), Image.BILINEAR, box=box)
+    return np.asarray(image)
+
+
+def train_clip(
+    example: dict, spec: ClipSpec, rng: np.random.Generator, min_scale: float, flip: bool
+) -> dict[str, np.ndarray]:
+    n = int(example["num_frames"])
+    span = (spec.num_frames - 1) * spec.frame_stride + 1
+    start = int(rng.integers(0, max(n - span, 0) + 1))
+    indices, mask = frame_indices(start, spec, n)
+    frames = _decode(example, indices)
+    h, w = frames[0].shape[:2]
+    # Random resized crop (Inception style): area fraction and aspect ratio, same box for
+    # every frame of the window so motion stays coherent.
+    for _ in range(10):
+        area = rng.uniform(min_scale, 1.0) * h * w
+        ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        cw, ch = round(np.sqrt(area * ratio)), round(np.sqrt(area / ratio))
+        if 0 < cw <= w and 0 < ch <= h:
+            break
+    else:
+        cw = ch = min(h, w)
+    x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    clip = np.stack([_resize(f, (x0, y0, x0 + cw, y0 + ch), spec.crop_size) for f in frames])
+    if flip and rng.random() < 0.5:
+        clip = clip[:, :, ::-1]
+    audio, audio_len = audio_window(example["audio"], start, spec)
+    return {
+        "frames": np.ascontiguousarray(clip),  # [T, S, S, 3] uint8
+        "frame_mask": mask,  # [T]
+        "audio": audio,  # [A] int16
+        "audio_len": np.int32(audio_len if example["has_audio"] else 0),
+        "has_video": np.bool_(True),
+        "has_audio": np.bool_(example["has_audio"]),
+        "label": _target(example, spec),
+    }
+
+
+def eval_views(
+    example: dict, spec: ClipSpec, temporal_views: int, spatial_views: int
+) -> dict[str, np.ndarray]:
+    """Deterministic views: arrays gain a leading view axis V = temporal x spatial."""
+    n = int(example["num_frames"])
+    span = (spec.num_frames - 1) * spec.frame_stride + 1
+    starts = np.round(np.linspace(0, max(n - span, 0), temporal_views)).astype(int)
+    frames, masks, audios, lengths = [], [], [], []
+    for start in starts:
+        indices, mask = frame_indices(int(start), spec, n)
+        decoded = _decode(example, indices)
+        h, w = decoded[0].shape[:2]
+        side = min(h, w)
+        if spatial_views == 1:
+            offsets = [(w - side) // 2] if w >= h else [(h - side) // 2]
+        else:
+            offsets = [0, (max(h, w) - side) // 2, max(h, w) - side]
+        audio, audio_len = audio_window(example["audio"], int(start), spec)
+        for off in offsets:
+            box = (off, 0, off + side, side) if w >= h else (0, off, side, off + side)
+            frames.append(np.stack([_resize(f, box, spec.crop_size) for f in decoded]))
+            masks.append(mask)
+            audios.append(audio)
+            lengths.append(audio_len if example["has_audio"] else 0)
+    views = len(frames)
+    return {
+        "frames": np.stack(frames),  # [V, T, S, S, 3]
+        "frame_mask": np.stack(masks),
+        "audio": np.stack(audios),
+        "audio_len": np.asarray(lengths, np.int32),
+        "has_video": np.ones(views, bool),
+        "has_audio": np.full(views, bool(example["has_audio"])),
+        "label": _target(example, spec),
+    }

@@ -1,0 +1,72 @@
+"""orbax checkpoints of the train state and the data iterator, in `WORKDIR/checkpoints`.
+
+Saves are asynchronous and atomic (orbax writes to a temporary directory and renames it
+when complete), so a process killed at any moment leaves the previous checkpoint as the
+readable latest one. Kept: the last `keep` checkpoints plus the best by `best_metric`.
+"""
+
+import pathlib
+
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+
+def make_manager(
+    workdir: str | pathlib.Path, config: ml_collections.ConfigDict, read_only: bool = False
+) -> ocp.CheckpointManager:
+    c = config.checkpoint
+    preservation = policies.AnyPreservationPolicy(
+        [
+            policies.LatestN(n=c.keep),
+            policies.BestN(
+                get_metric_fn=lambda metrics: metrics[c.best_metric],
+                reverse=False,
+                n=1,
+                keep_checkpoints_without_metrics=False,
+            ),
+        ]
+    )
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=preservation,
+        enable_async_checkpointing=not read_only,
+        create=not read_only,
+        read_only=read_only,
+    )
+    directory = pathlib.Path(workdir).absolute() / "checkpoints"
+    return ocp.CheckpointManager(directory, options=options)
+
+
+def save(
+    manager: ocp.CheckpointManager, step: int, state, iterator=None, metrics: dict | None = None
+) -> None:
+    items = {"state": ocp.args.StandardSave(state)}
+    if iterator is not None:
+        items["data"] = grain.checkpoint.CheckpointSave(iterator)
+    manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state, iterator=None):
+    """The state at `step`, laid out as `abstract_state`'s shardings say; the iterator,
+    if given, is moved to where it was when that checkpoint was written."""
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), abstract_state
+    )
+    items = {"state": ocp.args.StandardRestore(target)}
+    if iterator is not None:
+        items["data"] = grain.checkpoint.CheckpointRestore(iterator)
+    return manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+
+def restore_params(
+    manager: ocp.CheckpointManager, step: int | None, abstract_state, use_ema: bool = True
+):
+    """Only the parameters to evaluate (the EMA ones when the run kept them)."""
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+    state = restore(manager, step, abstract_state)
+    params = state.ema_params if use_ema and state.ema_params is not None else state.params
+    return params, step

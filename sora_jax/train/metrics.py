@@ -1,0 +1,93 @@
+"""Classification metrics on host NumPy arrays, and the confusion-matrix picture."""
+
+import pathlib
+
+import numpy as np
+
+
+def top_k_accuracy(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
+    k = min(k, scores.shape[1])
+    top = np.argsort(-scores, axis=1)[:, :k]
+    return float(np.mean(np.any(top == labels[:, None], axis=1)))
+
+
+def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
+    """Mean over classes with at least one positive of the average precision."""
+    aps = []
+    for c in range(scores.shape[1]):
+        positives = targets[:, c] > 0.5
+        if not positives.any():
+            continue
+        order = np.argsort(-scores[:, c], kind="stable")
+        hits = positives[order]
+        precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+        aps.append(float(np.sum(precision * hits) / hits.sum()))
+    return float(np.mean(aps)) if aps else 0.0
+
+
+def confusion_matrix(predictions: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    matrix = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(matrix, (labels, predictions), 1)
+    return matrix
+
+
+def classification_report(
+    scores: np.ndarray, labels: np.ndarray, class_names, multi_label: bool
+) -> dict:
+    """top-1, top-5, mAP and per-class accuracy for one set of clip scores."""
+    n, c = scores.shape
+    if multi_label:
+        targets = labels
+        first = np.argmax(targets, axis=1)
+        return {
+            "map": mean_average_precision(scores, targets),
+            "top1": float(np.mean(targets[np.arange(n), np.argmax(scores, 1)] > 0.5)),
+            "num_examples": int(n),
+            "first_label_top5": top_k_accuracy(scores, first, 5),
+        }
+    predictions = np.argmax(scores, axis=1)
+    matrix = confusion_matrix(predictions, labels, c)
+    per_class = {
+        name: (float(matrix[i, i] / matrix[i].sum()) if matrix[i].sum() else None)
+        for i, name in enumerate(class_names)
+    }
+    one_hot = np.eye(c)[labels]
+    return {
+        "top1": top_k_accuracy(scores, labels, 1),
+        "top5": top_k_accuracy(scores, labels, 5),
+        "map": mean_average_precision(scores, one_hot),
+        "num_examples": int(n),
+        "per_class_accuracy": per_class,
+        "confusion_matrix": matrix.tolist(),
+    }
+
+
+def save_confusion_png(matrix, class_names, path: str | pathlib.Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix = np.asarray(matrix)
+    size = max(4.0, 0.45 * len(class_names) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(class_names)), class_names, rotation=60, ha="right")
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    if len(class_names) <= 30:
+        for (i, j), v in np.ndenumerate(matrix):
+            ax.text(
+                j,
+                i,
+                str(v),
+                ha="center",
+                va="center",
+                color="white" if v > matrix.max() / 2 else "black",
+                fontsize=8,
+            )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,48 @@
+"""The device mesh and the one rule that shards parameters and optimizer state.
+
+Mesh axes: `data` (pure data parallelism) x `fsdp` (data parallelism whose parameters
+and optimizer state are split across devices). Batches split over both axes.
+"""
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+BATCH_AXES = ("data", "fsdp")
+MIN_SHARDED_SIZE = 2**12  # smaller arrays are cheaper to replicate than to gather
+
+
+def make_mesh(fsdp: int, devices: list | None = None) -> Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    if len(devices) % fsdp:
+        raise ValueError(f"mesh.fsdp={fsdp} does not divide the {len(devices)} devices")
+    grid = np.asarray(devices).reshape(len(devices) // fsdp, fsdp)
+    return Mesh(grid, BATCH_AXES)
+
+
+def param_spec(shape: tuple[int, ...], fsdp: int) -> P:
+    """Shard the largest dimension divisible by the fsdp size; replicate small arrays."""
+    if fsdp == 1 or int(np.prod(shape, dtype=np.int64)) < MIN_SHARDED_SIZE:
+        return P()
+    candidates = [(size, axis) for axis, size in enumerate(shape) if size % fsdp == 0]
+    if not candidates:
+        return P()
+    _, axis = max(candidates)
+    spec = [None] * len(shape)
+    spec[axis] = "fsdp"
+    return P(*spec)
+
+
+def tree_shardings(abstract_tree, mesh: Mesh):
+    """NamedShardings for every array of a (params / optimizer / train state) tree."""
+    fsdp = mesh.shape["fsdp"]
+    return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(x.shape, fsdp)), abstract_tree)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())

@@ -1,0 +1,130 @@
+"""The train and eval steps: pure functions of (state, batch), jitted once with shardings."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from sora_jax.models import SoraModel
+from sora_jax.train.sharding import BATCH_AXES
+from sora_jax.train.state import TrainState, learning_rate_schedule
+
+MODEL_INPUTS = ("frames", "frame_mask", "audio", "audio_len", "has_video", "has_audio")
+
+
+def classification_loss(logits, labels, multi_label: bool):
+    """Mean softmax cross-entropy (integer labels) or sigmoid BCE (multi-hot labels)."""
+    if multi_label:
+        return optax.sigmoid_binary_cross_entropy(logits, labels).sum(-1).mean()
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def make_train_step(
+    model: SoraModel,
+    tx: optax.GradientTransformation,
+    config: ml_collections.ConfigDict,
+    mesh,
+    state_sharding,
+):
+    """train_step(state, batch) -> (state, metrics), compiled once for these shardings."""
+    accum = config.accum_steps
+    multi_label = config.model.multi_label
+    ema_decay = config.optimizer.ema_decay
+    base_rng = jax.random.key(config.seed)
+    schedule_fn = learning_rate_schedule(config)
+    micro_sharding = NamedSharding(mesh, P(None, BATCH_AXES))
+
+    def loss_fn(params, batch, rng):
+        inputs = {k: batch[k] for k in MODEL_INPUTS}
+        out = model.apply({"params": params}, inputs, train=True, rngs={"dropout": rng})
+        loss = classification_loss(out["logits"], batch["label"], multi_label)
+        if multi_label:
+            correct = jnp.mean((out["logits"] > 0) == (batch["label"] > 0.5))
+        else:
+            correct = jnp.mean(jnp.argmax(out["logits"], -1) == batch["label"])
+        return loss, correct
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    @functools.partial(
+        jax.jit, donate_argnums=(0,), out_shardings=(state_sharding, NamedSharding(mesh, P()))
+    )
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        rng = jax.random.fold_in(base_rng, state.step)
+        if accum == 1:
+            (loss, accuracy), grads = grad_fn(state.params, batch, rng)
+        else:
+            # [B, ...] -> [accum, B / accum, ...] keeping each device's rows on that device.
+            def split(x):
+                x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+                return jax.lax.with_sharding_constraint(x, micro_sharding)
+
+            micro = jax.tree.map(split, batch)
+
+            def body(carry, xs):
+                i, mb = xs
+                (loss_i, acc_i), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+                return jax.tree.map(jnp.add, carry, (loss_i, acc_i, g)), None
+
+            zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
+            (loss, accuracy, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
+            loss, accuracy = loss / accum, accuracy / accum
+            grads = jax.tree.map(lambda g: g / accum, grads)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = state.ema_params
+        if ema is not None:
+            ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
+        # A non-finite loss or gradient leaves the state as it was and records the step;
+        # the loop stops the run at its next check, before any checkpoint of a bad state.
+        loss_ok, grad_ok = jnp.isfinite(loss), jnp.isfinite(grad_norm)
+        ok = loss_ok & grad_ok & (state.nonfinite_step < 0)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+        first_bad = (state.nonfinite_step < 0) & ~(loss_ok & grad_ok)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            ema_params=None if ema is None else keep(ema, state.ema_params),
+            nonfinite_step=jnp.where(first_bad, state.step, state.nonfinite_step),
+            nonfinite_what=jnp.where(first_bad, jnp.where(loss_ok, 2, 1), state.nonfinite_what),
+        )
+        metrics = {
+            "loss": loss,
+            "accuracy": accuracy,
+            "grad_norm": grad_norm,
+            "learning_rate": schedule_fn(state.step),
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(model: SoraModel, multi_label: bool, mesh):
+    """eval_step(params, batch) -> per-clip scores [B, C] for full, audio-only and
+    video-only inputs, averaged over the views of each clip."""
+
+    @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, P()))
+    def eval_step(params, batch: dict) -> dict:
+        B, V = batch["frames"].shape[:2]
+        flat = {k: batch[k].reshape(B * V, *batch[k].shape[2:]) for k in MODEL_INPUTS}
+        scores = {}
+        for mode, drop in (
+            ("full", None),
+            ("audio_only", "has_video"),
+            ("video_only", "has_audio"),
+        ):
+            inputs = dict(flat)
+            if drop:
+                inputs[drop] = jnp.zeros_like(flat[drop])
+            logits = model.apply({"params": params}, inputs)["logits"]
+            probs = jax.nn.sigmoid(logits) if multi_label else jax.nn.softmax(logits)
+            scores[mode] = probs.reshape(B, V, -1).mean(axis=1)
+        return scores
+
+    return eval_step

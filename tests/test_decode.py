@@ -1,0 +1,97 @@
+"""Decoding real files of many containers, codecs, rates, sizes and channel layouts."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sora_jax.data.decode import DecodeError, decode_video
+from tests.media import dominant_hz, write_audio_only, write_clip
+
+FORMATS = [
+    ("mp4", "libx264", "aac"),
+    ("mkv", "libx264", "libopus"),
+    ("webm", "libvpx-vp9", "libopus"),
+    ("mkv", "libx264", "libmp3lame"),
+    ("mkv", "mpeg4", "pcm_s16le"),
+    # Video only: PyAV's AVI muxer shifts video timestamps when audio is interleaved.
+    ("avi", "mpeg4", None),
+]
+
+
+@pytest.mark.parametrize("ext,video_codec,audio_codec", FORMATS)
+def test_containers_and_codecs_decode_to_the_same_clip(tmp_path, ext, video_codec, audio_codec):
+    rate = 48_000 if "opus" in (audio_codec or "") else 44_100
+    path = write_clip(
+        tmp_path / f"clip.{ext}",
+        seconds=2.0,
+        fps=10,
+        hz=440,
+        rate=rate,
+        video_codec=video_codec,
+        audio_codec=audio_codec or "aac",
+        audio=audio_codec is not None,
+    )
+    clip = decode_video(path, fps=5.0, short_side=24)
+    assert clip.frames.shape == (10, 24, 32, 3)  # 2 s at 5 fps; 48x64 -> short side 24
+    assert clip.frames.dtype == np.uint8 and clip.audio.dtype == np.int16
+    assert clip.has_audio == (audio_codec is not None)
+    if audio_codec:
+        assert abs(len(clip.audio) - 32_000) < 2_500  # 2 s at 16 kHz, give or take padding
+        assert abs(dominant_hz(clip.audio[4000:28000]) - 440) < 5
+    # Resampling 10 -> 5 fps keeps every other frame: frame i's brightness is 10 + 11 * 2i.
+    means = clip.frames.mean(axis=(1, 2, 3))
+    np.testing.assert_allclose(means, 10 + 22 * np.arange(10), atol=6)
+
+
+def test_variable_frame_rate_is_resampled_by_timestamps(tmp_path):
+    times = np.array([0.0, 0.1, 0.15, 0.5, 0.55, 0.6, 1.2, 1.9])  # irregular, 2 s long
+    path = write_clip(tmp_path / "vfr.mp4", seconds=2.0, fps=10, frame_times=times, audio=False)
+    clip = decode_video(path, fps=10.0, short_side=0)
+    shown = clip.frames.mean(axis=(1, 2, 3))
+    # At t = k / 10 the picture is the latest frame whose time <= t.
+    expected_index = [
+        np.searchsorted(times, k / 10 + 1e-9, side="right") - 1 for k in range(len(shown))
+    ]
+    np.testing.assert_allclose(shown, 10 + 11 * np.asarray(expected_index), atol=6)
+    assert 19 <= len(shown) <= 21
+
+
+@pytest.mark.parametrize("channels,rate", [(2, 44_100), (6, 48_000), (1, 8_000)])
+def test_any_channel_layout_and_rate_becomes_16khz_mono(tmp_path, channels, rate):
+    path = write_clip(
+        tmp_path / "audio.mkv",
+        seconds=1.0,
+        hz=1000,
+        rate=rate,
+        channels=channels,
+        audio_codec="aac" if rate != 8_000 else "pcm_s16le",
+    )
+    clip = decode_video(path, fps=4.0, short_side=16)
+    assert abs(len(clip.audio) - 16_000) < 1_500
+    assert abs(dominant_hz(clip.audio[2000:14000]) - 1000) < 5
+
+
+def test_portrait_video_keeps_its_orientation(tmp_path):
+    path = write_clip(tmp_path / "portrait.mp4", seconds=1.0, size=(64, 36), audio=False)
+    clip = decode_video(path, fps=4.0, short_side=18)
+    assert clip.frames.shape[1:] == (32, 18, 3)
+    assert not clip.has_audio and clip.audio.size == 0
+
+
+def test_bad_inputs_raise_decode_errors_with_reasons(tmp_path):
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    garbage = tmp_path / "garbage.mp4"
+    garbage.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, np.uint8).tobytes())
+    picture = tmp_path / "picture.jpg"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(picture)
+    audio_only = write_audio_only(tmp_path / "audio_only.m4a")
+    reasons = {}
+    for path in (empty, garbage, picture, audio_only):
+        with pytest.raises(DecodeError) as e:
+            decode_video(path, fps=4.0, short_side=16)
+        reasons[path.name] = str(e.value)
+    assert reasons["empty.mp4"] == "empty file"
+    assert "not a readable media file" in reasons["garbage.mp4"]
+    assert "still picture" in reasons["picture.jpg"]
+    assert reasons["audio_only.m4a"] == "no video stream"

@@ -1,0 +1,117 @@
+"""The grain input pipeline: determinism, resumption, sampling and global batches."""
+
+import itertools
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from sora_jax.data import pipeline, sampling
+from sora_jax.data.decode import encode_jpeg
+from tests.conftest import small_config
+
+
+def _take(iterator, n):
+    return [jax.tree.map(np.copy, b) for b in itertools.islice(iterator, n)]
+
+
+def _assert_same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def test_same_seed_gives_identical_batches_and_another_seed_does_not(demo_data):
+    config = small_config(*demo_data)
+    first = _take(iter(pipeline.train_dataset(config, 8)), 3)
+    _assert_same(first, _take(iter(pipeline.train_dataset(config, 8)), 3))
+    config.seed = 1
+    other = _take(iter(pipeline.train_dataset(config, 8)), 3)
+    assert not np.array_equal(first[0]["label"], other[0]["label"]) or not np.array_equal(
+        first[0]["frames"], other[0]["frames"]
+    )
+
+
+def test_worker_processes_do_not_change_the_batches(demo_data):
+    config = small_config(*demo_data)
+    in_process = _take(iter(pipeline.train_dataset(config, 8)), 3)
+    config.data.workers = 2
+    _assert_same(in_process, _take(iter(pipeline.train_dataset(config, 8)), 3))
+
+
+def test_a_restored_iterator_continues_with_exactly_the_next_batch(demo_data):
+    config = small_config(*demo_data)
+    config.data.workers = 1
+    iterator = iter(pipeline.train_dataset(config, 8))
+    _take(iterator, 7)  # past the 48-clip epoch boundary: epochs reshuffle
+    state = iterator.get_state()
+    expected = _take(iterator, 3)
+    fresh = iter(pipeline.train_dataset(config, 8))
+    fresh.set_state(state)
+    _assert_same(expected, _take(fresh, 3))
+
+
+def test_evaluation_reads_every_example_exactly_once(demo_data):
+    config = small_config(*demo_data)
+    config.data.update(eval_temporal_views=2, eval_spatial_views=3)
+    batches = list(pipeline.eval_dataset(config, "test", 6))  # 20 clips -> 4 batches, 4 padded
+    valid = np.concatenate([b["valid"] for b in batches])
+    index = np.concatenate([b["index"] for b in batches])
+    assert sorted(index[valid]) == list(range(20)) and (~valid).sum() == 4
+    assert batches[0]["frames"].shape == (6, 6, 4, 32, 32, 3)  # [B, views, T, H, W, C]
+    assert batches[0]["audio"].shape == (6, 6, 16_000)
+
+
+def _ramp_example(num_frames: int, fps: float = 8.0):
+    """Frame i has brightness 20 i; audio sample s holds s // 100 (so offsets are visible)."""
+    frames = [encode_jpeg(np.full((24, 32, 3), 20 * i, np.uint8)) for i in range(num_frames)]
+    seconds = num_frames / fps
+    audio = (np.arange(int(seconds * 16_000)) // 100).astype(np.int16)
+    return {
+        "frames": frames,
+        "num_frames": num_frames,
+        "audio": audio,
+        "has_audio": True,
+        "label": 1,
+        "labels": [1],
+    }
+
+
+def test_training_window_frames_and_audio_cover_the_same_time():
+    spec = sampling.ClipSpec(
+        num_frames=3, frame_stride=2, crop_size=16, fps=8.0, audio_samples=6_000, num_classes=4
+    )
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        clip = sampling.train_clip(_ramp_example(12), spec, rng, min_scale=0.5, flip=True)
+        brightness = clip["frames"].mean(axis=(1, 2, 3))
+        first_frame = round(brightness[0] / 20)
+        np.testing.assert_allclose(brightness, 20 * (first_frame + 2 * np.arange(3)), atol=3)
+        assert clip["audio"][0] == round(first_frame / 8.0 * 16_000) // 100
+        assert clip["frames"].shape == (3, 16, 16, 3) and clip["frame_mask"].all()
+
+
+def test_short_videos_are_padded_and_masked():
+    spec = sampling.ClipSpec(
+        num_frames=4, frame_stride=2, crop_size=16, fps=8.0, audio_samples=8_000, num_classes=4
+    )
+    clip = sampling.train_clip(_ramp_example(3), spec, np.random.default_rng(0), 1.0, False)
+    assert clip["frame_mask"].tolist() == [True, True, False, False]
+    assert clip["audio_len"] == 6_000  # 3 frames at 8 fps = 0.375 s
+    assert not clip["audio"][6_000:].any()
+    views = sampling.eval_views(_ramp_example(3), spec, temporal_views=2, spatial_views=1)
+    assert views["frame_mask"].tolist() == [[True, True, False, False]] * 2
+
+
+def test_local_batches_become_global_arrays_split_over_the_mesh():
+    mesh = Mesh(np.asarray(jax.devices()).reshape(4, 2), ("data", "fsdp"))
+    sharding = NamedSharding(mesh, P(("data", "fsdp")))
+    local = {"frames": np.arange(16 * 3, dtype=np.float32).reshape(16, 3)}
+    global_batch = pipeline.to_global(local, sharding)
+    assert global_batch["frames"].shape == (16, 3)
+    assert len(global_batch["frames"].addressable_shards) == 8
+    assert global_batch["frames"].addressable_shards[0].data.shape == (2, 3)
+    np.testing.assert_array_equal(np.asarray(global_batch["frames"]), local["frames"])

@@ -1,0 +1,245 @@
+"""sora-prep: layouts, bad files and the report, idempotency, and the tfds dataset."""
+
+import csv
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from data_prep import builder, cli, layouts
+from data_prep.worker import PrepSettings
+from tests.media import write_audio_only, write_clip
+
+SETTINGS = PrepSettings(fps=4.0, short_side=16, min_frames=4)
+
+
+def _tree(root: pathlib.Path, files: dict[str, dict]) -> pathlib.Path:
+    for rel, kwargs in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_clip(path, **kwargs)
+    return root
+
+
+def test_bad_files_are_reported_and_never_stop_the_run(tmp_path):
+    source = _tree(
+        tmp_path / "videos",
+        {
+            "train/cat/good.mp4": dict(seconds=2.0),
+            "train/cat/silent.mp4": dict(seconds=2.0, audio=False),
+            "train/dog/short.mp4": dict(seconds=0.5),
+            "test/dog/good.webm": dict(
+                seconds=2.0, video_codec="libvpx-vp9", audio_codec="libopus", rate=48_000
+            ),
+            "test/cat/good.mkv": dict(seconds=1.5),
+        },
+    )
+    (source / "train/dog/empty.mp4").write_bytes(b"")
+    (source / "train/dog/garbage.avi").write_bytes(os.urandom(4096))
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(source / "train/cat/photo.jpg")
+    write_audio_only(source / "train/dog/podcast.m4a")
+    whole = (source / "train/cat/good.mp4").read_bytes()
+    (source / "train/dog/truncated.mp4").write_bytes(whole[: len(whole) // 3])
+
+    out = tmp_path / "data"
+    code = cli.main(
+        [
+            str(source),
+            "--out",
+            str(out),
+            "--name",
+            "pets",
+            "--fps",
+            "4",
+            "--short-side",
+            "16",
+            "--workers",
+            "2",
+            "--min-frames",
+            "4",
+        ]
+    )
+    assert code == cli.EXIT_SKIPPED
+    rows = {
+        pathlib.Path(r["path"]).name: r for r in json.loads((out / "pets_report.json").read_text())
+    }
+    assert len(rows) == 10  # every input is in the report
+    skipped = {name: r["reason"] for name, r in rows.items() if r["status"] == "skipped"}
+    assert set(skipped) == {"empty.mp4", "garbage.avi", "photo.jpg", "podcast.m4a", "truncated.mp4"}
+    assert skipped["empty.mp4"] == "empty file"
+    assert "still picture" in skipped["photo.jpg"]
+    assert skipped["podcast.m4a"] == "no video stream"
+    assert rows["silent.mp4"]["status"] == "ok" and rows["silent.mp4"]["has_audio"] is False
+    assert rows["short.mp4"]["status"] == "ok" and "short" in rows["short.mp4"]["reason"]
+    assert rows["good.webm"]["status"] == "ok" and rows["good.webm"]["split"] == "test"
+    assert set(rows["good.mp4"]) >= {
+        "path",
+        "status",
+        "reason",
+        "label",
+        "split",
+        "has_audio",
+        "has_video",
+    }
+
+    train = tfds.data_source("pets", split="train", data_dir=str(out))
+    test = tfds.data_source("pets", split="test", data_dir=str(out))
+    assert (len(train), len(test)) == (3, 2)
+    info = tfds.builder("pets", data_dir=str(out)).info
+    assert info.features["label"].names == ["cat", "dog"]
+    assert info.metadata["prep"]["fps"] == 4.0
+    examples = {e["path"]: e for e in (train[i] for i in range(3))}
+    silent = examples[b"train/cat/silent.mp4"]
+    assert not silent["has_audio"] and len(silent["audio"]) == 0
+    short = examples[b"train/dog/short.mp4"]
+    assert short["num_frames"] == 2 and len(short["frames"]) == 2
+    good = examples[b"train/cat/good.mp4"]
+    assert good["num_frames"] == 8 and abs(len(good["audio"]) - 32_000) < 2_500
+
+
+def test_rerunning_on_the_same_input_is_idempotent(tmp_path):
+    source = _tree(
+        tmp_path / "videos", {f"{c}/{i}.mp4": dict(seconds=1.0) for c in "ab" for i in range(3)}
+    )
+    out = tmp_path / "data"
+    args = [
+        str(source),
+        "--out",
+        str(out),
+        "--name",
+        "ab",
+        "--fps",
+        "4",
+        "--short-side",
+        "16",
+        "--workers",
+        "0",
+    ]
+    assert cli.main(args) == 0
+    files = sorted((out / "ab").rglob("*"))
+    before = {p: p.read_bytes() for p in files if p.is_file()}
+    report = (out / "ab_report.json").read_text()
+    assert cli.main(args) == 0
+    after = {p: p.read_bytes() for p in sorted((out / "ab").rglob("*")) if p.is_file()}
+    assert before == after and report == (out / "ab_report.json").read_text()
+    # A changed input is noticed and the dataset rebuilt.
+    write_clip(source / "a" / "new.mp4", seconds=1.0)
+    assert cli.main(args) == 0
+    assert len(json.loads((out / "ab_report.json").read_text())) == 7
+    splits = tfds.builder("ab", data_dir=str(out)).info.splits
+    assert sum(s.num_examples for s in splits.values()) == 7
+
+
+def test_class_folders_split_is_seeded_and_deterministic(tmp_path):
+    for c in ("x", "y"):
+        (tmp_path / c).mkdir()
+        for i in range(20):
+            (tmp_path / c / f"{i}.mp4").write_bytes(b"placeholder")
+    a = layouts.discover(tmp_path, seed=1)
+    b = layouts.discover(tmp_path, seed=1)
+    c = layouts.discover(tmp_path, seed=2)
+    assert [e.split for e in a] == [e.split for e in b]
+    assert [e.split for e in a] != [e.split for e in c]
+    assert {e.split for e in a} == {"train", "test"}
+    assert layouts.detect_layout(tmp_path) == "class_folders"
+
+
+def test_csv_and_kinetics_layouts(tmp_path):
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    write_clip(clips / "a.mp4", seconds=1.0)
+    write_clip(clips / "abc123_000010_000020.mp4", seconds=1.0)
+    plain = tmp_path / "list.csv"
+    with plain.open("w", newline="") as f:
+        csv.writer(f).writerows(
+            [
+                ["path", "label", "split"],
+                ["clips/a.mp4", "cat;dog", "train"],
+                ["clips/missing.mp4", "dog", "test"],
+            ]
+        )
+    entries = layouts.discover(plain)
+    assert layouts.detect_layout(plain) == "csv"
+    assert [(e.key, e.labels, e.split) for e in entries] == [
+        ("clips/a.mp4", ("cat", "dog"), "train"),
+        ("clips/missing.mp4", ("dog",), "test"),
+    ]
+    kinetics = tmp_path / "kinetics.csv"
+    with kinetics.open("w", newline="") as f:
+        csv.writer(f).writerows(
+            [
+                ["youtube_id", "time_start", "time_end", "label", "split"],
+                ["abc123", "10", "20", "playing drums", "train"],
+            ]
+        )
+    assert layouts.detect_layout(kinetics) == "kinetics"
+    (entry,) = layouts.discover(kinetics, videos_dir=clips)
+    assert entry.path == (clips / "abc123_000010_000020.mp4").resolve()
+    assert entry.labels == ("playing drums",)
+    # A missing file is reported, not silently dropped.
+    rows, _ = builder.prepare(entries, tmp_path / "out", "listed", SETTINGS)
+    assert [(r["status"], r["reason"]) for r in rows] == [("ok", ""), ("skipped", "file not found")]
+
+
+def test_sora_prep_command_line_contract(tmp_path):
+    source = tmp_path / "raw"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data_prep.cli",
+            "demo",
+            str(source),
+            "--train-per-class",
+            "2",
+            "--test-per-class",
+            "1",
+        ],
+        check=True,
+    )
+    (source / "train" / "red_low" / "broken.mp4").write_bytes(b"\x00" * 100)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data_prep.cli",
+            str(source),
+            "--out",
+            str(tmp_path / "data"),
+            "--name",
+            "tiny",
+            "--short-side",
+            "24",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 3, done.stderr
+    assert "12 kept, 1 skipped" in done.stdout and "broken.mp4" in done.stdout
+    report = json.loads((tmp_path / "data" / "tiny_report.json").read_text())
+    assert len(report) == 13  # 4 classes x (2 train + 1 test) + 1
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data_prep.cli",
+            str(tmp_path / "nowhere"),
+            "--out",
+            str(tmp_path / "data"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "does not exist" in bad.stderr
+
+
+@pytest.mark.parametrize("name", ["Bad-Name", "1st"])
+def test_dataset_names_must_be_snake_case(tmp_path, name):
+    with pytest.raises(ValueError, match="snake_case"):
+        builder.make_builder(name, str(tmp_path), entries=[], settings=SETTINGS)
