@@ -74,4 +74,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint = dict(every_steps=100, keep=2, best_metric="top1")
 
     c.distributed = dict(coordinator="", num_processes=0, process_id=-1)
+    c.export = dict(platforms=("cpu", "cuda", "tpu"))  # what sora-export compiles for
     return c

@@ -7,10 +7,8 @@ not TensorFlow.
 import dataclasses
 from typing import Any
 
-import numpy as np
-
 from data_prep.layouts import Entry
-from sora_jax.data.decode import DecodeError, decode_video, encode_jpeg
+from sora_jax.data.decode import DecodeError, decode_video, stored_example
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,13 +55,9 @@ def prepare_entry(entry: Entry, settings: PrepSettings) -> tuple[dict[str, Any],
         has_video=True,
         num_frames=len(video.frames),
     )
-    example = {
-        "frames": [encode_jpeg(f, settings.jpeg_quality) for f in video.frames],
-        "audio": video.audio,
+    example = stored_example(video, settings.jpeg_quality) | {
         "labels": list(entry.labels),
         "label": entry.labels[0],
-        "has_audio": video.has_audio,
-        "num_frames": np.int32(len(video.frames)),
         "path": entry.key,
     }
     return row, example

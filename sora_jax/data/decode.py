@@ -154,3 +154,14 @@ def encode_jpeg(frame: np.ndarray, quality: int = 90) -> bytes:
 
 def decode_jpeg(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def stored_example(video: DecodedVideo, jpeg_quality: int = 90) -> dict:
+    """A decoded video in the stored (dataset) form: JPEG frames, int16 audio. Prediction
+    goes through it too, so served inputs carry exactly the JPEG round trip of training."""
+    return {
+        "frames": [encode_jpeg(f, jpeg_quality) for f in video.frames],
+        "audio": video.audio,
+        "has_audio": video.has_audio,
+        "num_frames": np.int32(len(video.frames)),
+    }

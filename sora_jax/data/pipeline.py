@@ -28,6 +28,7 @@ class DatasetSummary:
     splits: dict[str, int]
     fps: float
     short_side: int
+    jpeg_quality: int
 
 
 def dataset_summary(data_dir: str, name: str) -> DatasetSummary:
@@ -45,6 +46,7 @@ def dataset_summary(data_dir: str, name: str) -> DatasetSummary:
         splits={k: v.num_examples for k, v in builder.info.splits.items()},
         fps=float(prep.get("fps", 0.0)),
         short_side=int(prep.get("short_side", 0)),
+        jpeg_quality=int(prep.get("jpeg_quality", 90)),
     )
 
 

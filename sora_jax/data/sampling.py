@@ -41,6 +41,8 @@ def audio_window(audio: np.ndarray, start_frame: int, spec: ClipSpec) -> tuple[n
 
 
 def _target(example: dict, spec: ClipSpec) -> np.ndarray:
+    if "label" not in example:  # an unlabelled clip, as in prediction
+        return np.int32(-1)
     if spec.multi_label:
         hot = np.zeros(spec.num_classes, np.float32)
         hot[np.asarray(example["labels"], np.int64)] = 1.0

@@ -1,0 +1,41 @@
+# The two commands a new user needs: `make demo` and `make test`.
+# Each creates (once) its own virtual environment in .venv from pyproject.toml.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_RAW := data/demo_raw
+DEMO_DATA := data/prepared
+DEMO_RUN := runs/demo
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "sora_jax needs Python 3.11+"'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+# Prepare the built-in demo dataset, train, evaluate, export, and predict on raw files.
+demo: $(STAMP)
+	$(BIN)/sora-prep demo $(DEMO_RAW)
+	$(BIN)/sora-prep $(DEMO_RAW) --out $(DEMO_DATA) --name sora_demo --fps 8 --short-side 40
+	rm -rf $(DEMO_RUN)
+	$(BIN)/sora-train --config configs/demo.py --workdir $(DEMO_RUN) \
+		--config.data.dir=$(DEMO_DATA) --config.data.name=sora_demo
+	$(BIN)/sora-eval --workdir $(DEMO_RUN)
+	$(BIN)/sora-export --workdir $(DEMO_RUN) --output $(DEMO_RUN)/export
+	$(BIN)/sora-predict --export $(DEMO_RUN)/export \
+		$(DEMO_RAW)/test/red_high/red_high_000.mp4 $(DEMO_RAW)/test/blue_low/blue_low_000.mp4
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -n 2 --durations=15 tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) data runs

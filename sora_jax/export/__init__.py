@@ -1,0 +1,1 @@
+"""Exported models for downstream teams, and prediction on raw video files."""

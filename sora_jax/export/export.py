@@ -1,0 +1,235 @@
+"""sora-export --workdir DIR --output OUT [--checkpoint STEP]
+
+Writes, for teams that will never import sora_jax:
+  OUT/params/          parameters only (no optimizer state), a plain orbax checkpoint
+  OUT/model.jax        jax.export of (params, inputs) -> (logits, embedding), int16 audio
+  OUT/model_float.jax  the same with float32 audio in [-1, 1]
+  OUT/model_card.json  config, classes, input spec, data, metrics, code version
+  OUT/model_card.md    the same, for people
+Both artifacts take any batch size (a symbolic batch dimension) and carry code for the
+CPU and for the platforms in config.export.platforms.
+"""
+
+import argparse
+import datetime
+import hashlib
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+import sora_jax
+from sora_jax import config as config_lib
+
+ARTIFACTS = {"model.jax": jnp.int16, "model_float.jax": jnp.float32}
+INPUT_ORDER = ("frames", "frame_mask", "audio", "audio_len", "has_video", "has_audio")
+
+
+def input_specs(config, audio_dtype, batch="b") -> dict[str, jax.ShapeDtypeStruct]:
+    """The exported inputs, with a symbolic batch dimension."""
+    (b,) = jax.export.symbolic_shape(batch)
+    d = config.data
+    T, S, A = d.num_frames, d.crop_size, config_lib.audio_samples(config)
+    return {
+        "frames": jax.ShapeDtypeStruct((b, T, S, S, 3), jnp.uint8),
+        "frame_mask": jax.ShapeDtypeStruct((b, T), jnp.bool_),
+        "audio": jax.ShapeDtypeStruct((b, A), audio_dtype),
+        "audio_len": jax.ShapeDtypeStruct((b,), jnp.int32),
+        "has_video": jax.ShapeDtypeStruct((b,), jnp.bool_),
+        "has_audio": jax.ShapeDtypeStruct((b,), jnp.bool_),
+    }
+
+
+def export_inference(model, params, config, audio_dtype, platforms) -> jax.export.Exported:
+    def infer(params, inputs):
+        out = model.apply({"params": params}, inputs)
+        return {"logits": out["logits"], "embedding": out["embedding"]}
+
+    abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    specs = input_specs(config, audio_dtype)
+    return jax.export.export(jax.jit(infer), platforms=platforms)(abstract_params, specs)
+
+
+def code_version() -> dict:
+    """Package version, git commit if any, and a hash of the library's source files."""
+    root = pathlib.Path(sora_jax.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    return {
+        "sora_jax": sora_jax.__version__,
+        "git_commit": commit,
+        "source_sha256": digest.hexdigest(),
+        "jax": jax.__version__,
+    }
+
+
+def model_card(config, summary, step, workdir: pathlib.Path, platforms) -> dict:
+    d = config.data
+    metrics = None
+    eval_file = workdir / f"eval_{d.eval_split}.json"
+    if eval_file.exists():
+        full = json.loads(eval_file.read_text())
+        brief = lambda r: {k: r[k] for k in ("top1", "top5", "map", "num_examples") if k in r}
+        metrics = {
+            "split": d.eval_split,
+            "step": full.get("step"),
+            "full": brief(full),
+            "audio_only": brief(full["audio_only"]),
+            "video_only": brief(full["video_only"]),
+        }
+    return {
+        "name": f"{d.name}-sora",
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "checkpoint_step": step,
+        "class_names": list(summary.class_names),
+        "multi_label": bool(config.model.multi_label),
+        "inputs": {
+            "order": list(INPUT_ORDER),
+            "frames": {
+                "shape": ["batch", d.num_frames, d.crop_size, d.crop_size, 3],
+                "dtype": "uint8",
+                "fps": d.fps,
+                "frame_stride": d.frame_stride,
+                "short_side_resize": summary.short_side,
+                "jpeg_quality": summary.jpeg_quality,
+                "note": "RGB pixels 0-255; normalisation happens inside the model",
+            },
+            "audio": {
+                "samples": config_lib.audio_samples(config),
+                "sample_rate": 16_000,
+                "channels": 1,
+                "dtype": {"model.jax": "int16", "model_float.jax": "float32 in [-1, 1]"},
+            },
+            "clip_seconds": d.num_frames * d.frame_stride / d.fps,
+            "views": {"temporal": d.eval_temporal_views, "spatial": d.eval_spatial_views},
+        },
+        "outputs": {
+            "logits": ["batch", config.model.num_classes],
+            "embedding": ["batch", config.model.embed_dim],
+            "scores": "sigmoid(logits)" if config.model.multi_label else "softmax(logits)",
+        },
+        "platforms": list(platforms),
+        "training_data": {"dataset": d.name, "splits": summary.splits, "fps": summary.fps},
+        "metrics": metrics,
+        "version": code_version(),
+        "config": json.loads(config.to_json_best_effort()),
+    }
+
+
+def card_markdown(card: dict) -> str:
+    i = card["inputs"]
+    lines = [
+        f"# {card['name']}",
+        "",
+        "A Sora (Spatio-temporal Relational Audio-visual) classifier exported by sora_jax.",
+        "",
+        f"- classes ({len(card['class_names'])}): {', '.join(card['class_names'])}",
+        f"- frames: {i['frames']['shape']} uint8 RGB at {i['frames']['fps']} fps "
+        f"(every {i['frames']['frame_stride']} frame), short side resized to "
+        f"{i['frames']['short_side_resize']} then cropped",
+        f"- audio: {i['audio']['samples']} samples, 16 kHz mono",
+        f"- views averaged at evaluation: {i['views']['temporal']} temporal x "
+        f"{i['views']['spatial']} spatial",
+        f"- platforms: {', '.join(card['platforms'])}",
+        f"- trained on: {card['training_data']['dataset']} {card['training_data']['splits']}",
+        f"- checkpoint step: {card['checkpoint_step']}",
+        f"- code: sora_jax {card['version']['sora_jax']}, commit {card['version']['git_commit']}",
+        "",
+        "## Metrics",
+        "",
+    ]
+    m = card["metrics"]
+    if m:
+        lines += ["| inputs | top-1 | top-5 | mAP | clips |", "|---|---|---|---|---|"]
+        for mode in ("full", "audio_only", "video_only"):
+            r = m[mode]
+            lines.append(
+                f"| {mode} | {r.get('top1', 0):.4f} | {r.get('top5', 0):.4f} | "
+                f"{r.get('map', 0):.4f} | {r.get('num_examples')} |"
+            )
+    else:
+        lines.append("No evaluation was found in the work dir (run sora-eval first).")
+    lines += [
+        "",
+        "## Use without sora_jax",
+        "",
+        "```python",
+        "import jax, numpy as np",
+        "import orbax.checkpoint as ocp",
+        "model = jax.export.deserialize(open('model.jax', 'rb').read())",
+        "params = ocp.StandardCheckpointer().restore('/abs/path/params')",
+        "out = model.call(params, inputs)  # inputs: dict with the keys of inputs.order",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def export(
+    workdir: str | pathlib.Path,
+    output: str | pathlib.Path,
+    step: int | None = None,
+    data_dir: str | None = None,
+) -> dict:
+    from sora_jax.train import trainer
+
+    workdir, output = pathlib.Path(workdir), pathlib.Path(output).absolute()
+    config = config_lib.load(workdir)
+    if data_dir:
+        config.data.dir = data_dir
+    model, params, step, _, summary = trainer.load_for_inference(config, workdir, step)
+    params = jax.device_get(params)
+    platforms = tuple(dict.fromkeys(("cpu", *config.get("export", {}).get("platforms", ()))))
+    if output.exists():
+        shutil.rmtree(output)
+    output.mkdir(parents=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(output / "params", params)
+    checkpointer.wait_until_finished()
+    for name, audio_dtype in ARTIFACTS.items():
+        exported = export_inference(model, params, config, audio_dtype, platforms)
+        (output / name).write_bytes(exported.serialize())
+    card = model_card(config, summary, step, workdir, platforms)
+    (output / "model_card.json").write_text(json.dumps(card, indent=1))
+    (output / "model_card.md").write_text(card_markdown(card))
+    return card
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="sora-export",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--workdir", required=True, help="a sora-train work dir")
+    parser.add_argument("--output", required=True, help="the export directory (replaced)")
+    parser.add_argument("--checkpoint", type=int, default=None, help="step (default: latest)")
+    parser.add_argument("--data-dir", default=None, help="override config.data.dir")
+    args = parser.parse_args(argv)
+    try:
+        card = export(args.workdir, args.output, args.checkpoint, args.data_dir)
+    except FileNotFoundError as e:
+        print(f"sora-export: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"exported step {card['checkpoint_step']} for {', '.join(card['platforms'])} to "
+        f"{pathlib.Path(args.output).absolute()}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

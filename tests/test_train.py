@@ -1,0 +1,229 @@
+"""The trainer: sharding equivalence, resumption after SIGTERM/SIGKILL, non-finite
+losses, config errors, checkpoint retention and the evaluation command."""
+
+import json
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from sora_jax.config import ConfigError
+from sora_jax.train import checkpoint, trainer
+from tests.conftest import small_config
+
+
+def losses(workdir) -> dict[int, float]:
+    """Step -> loss from metrics.jsonl; a resumed run's later lines win."""
+    out = {}
+    for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        out[row["step"]] = row["loss"]
+    return out
+
+
+def _flags(config) -> list[str]:
+    d = config.data
+    return [
+        f"--config.data.dir={d.dir}",
+        f"--config.data.name={d.name}",
+        f"--config.total_steps={config.total_steps}",
+        f"--config.batch_size={config.batch_size}",
+        f"--config.log_every={config.log_every}",
+        f"--config.checkpoint.every_steps={config.checkpoint.every_steps}",
+        "--config.data.eval_batch_size=8",
+        "--config.model.visual.widths=(8,16)",
+        "--config.model.visual.blocks=(1,1)",
+        "--config.model.visual.strides=(2,2)",
+        "--config.model.audio.hidden=16",
+        "--config.model.audio.num_mel_bins=16",
+        "--config.model.fusion.dim=16",
+        "--config.model.embed_dim=16",
+    ]
+
+
+def _train_command(config, workdir) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "sora_jax.train.cli",
+        "--config",
+        "configs/demo.py",
+        "--workdir",
+        str(workdir),
+        *_flags(config),
+    ]
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_eight_devices_give_the_same_losses_as_one(demo_data, tmp_path):
+    config = small_config(*demo_data)
+    config.total_steps, config.log_every = 6, 3
+    trainer.train(config, tmp_path / "one", devices=jax.devices()[:1])
+    config.mesh.fsdp = 2  # 4 (data) x 2 (fsdp): parameters sharded too
+    trainer.train(config, tmp_path / "eight", devices=jax.devices())
+    one, eight = losses(tmp_path / "one"), losses(tmp_path / "eight")
+    assert sorted(one) == list(range(1, 7))
+    np.testing.assert_allclose([eight[s] for s in one], [one[s] for s in one], rtol=2e-5)
+    assert one[6] < one[1]
+
+
+def test_gradient_accumulation_matches_one_big_batch(demo_data, tmp_path):
+    config = small_config(*demo_data)
+    config.total_steps, config.log_every, config.batch_size = 3, 3, 16
+    config.model.modality_dropout = 0.0
+    config.model.audio.spec_augment = (0, 0, 0, 0)
+    trainer.train(config, tmp_path / "whole")
+    config.accum_steps = 2
+    trainer.train(config, tmp_path / "accumulated")
+    whole, accumulated = losses(tmp_path / "whole"), losses(tmp_path / "accumulated")
+    np.testing.assert_allclose([accumulated[s] for s in whole], list(whole.values()), rtol=1e-4)
+
+
+def _wait_for(predicate, process, timeout=120.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended (code {process.returncode}) before the signal")
+        time.sleep(0.02)
+    raise AssertionError("timed out")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_an_interrupted_run_resumes_with_the_same_losses(demo_data, tmp_path, sig):
+    config = small_config(*demo_data)
+    config.total_steps, config.log_every, config.checkpoint.every_steps = 40, 2, 6
+    reference = tmp_path / "reference"
+    subprocess.run(_train_command(config, reference), check=True, cwd=ROOT, capture_output=True)
+    workdir = tmp_path / "interrupted"
+    process = subprocess.Popen(
+        _train_command(config, workdir),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    metrics = workdir / "metrics.jsonl"
+    ckpts = workdir / "checkpoints"
+    if sig == signal.SIGTERM:
+        _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 8, process)
+    else:  # SIGKILL as soon as there is a checkpoint, possibly mid-write of the next one
+        _wait_for(
+            lambda: ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir()), process
+        )
+    process.send_signal(sig)
+    process.wait(timeout=60)
+    interrupted_at = max(losses(workdir))
+    assert interrupted_at < config.total_steps, "the signal came too late to test anything"
+    if sig == signal.SIGTERM:
+        assert process.returncode == 0
+        manager = ocp.CheckpointManager(ckpts.absolute())
+        assert manager.latest_step() == interrupted_at  # saved on the way out
+    subprocess.run(_train_command(config, workdir), check=True, cwd=ROOT, capture_output=True)
+    resumed, expected = losses(workdir), losses(reference)
+    assert sorted(resumed) == sorted(expected) == list(range(1, 41))
+    np.testing.assert_allclose([resumed[s] for s in expected], list(expected.values()), rtol=1e-6)
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step(demo_data, tmp_path):
+    config = small_config(*demo_data)
+    config.optimizer.update(
+        learning_rate=1e12, grad_clip=0.0, warmup_steps=0, schedule="constant", name="sgd"
+    )
+    config.total_steps, config.log_every, config.checkpoint.every_steps = 40, 4, 2
+    with pytest.raises(trainer.NonFiniteError, match=r"at step (\d+)") as error:
+        trainer.train(config, tmp_path)
+    bad_step = int(error.value.args[0].split("at step ")[1].split(";")[0])
+    saved = ocp.CheckpointManager((tmp_path / "checkpoints").absolute()).all_steps()
+    assert all(step < bad_step for step in saved), (saved, bad_step)
+
+
+def test_bad_configs_fail_before_compiling_and_name_the_key(demo_data, tmp_path):
+    config = small_config(*demo_data)
+    cases = {
+        "--config.model.fusion.kind=bogus": "config.model.fusion.kind",
+        "--config.model.num_classes=7": "config.model.num_classes",
+        "--config.data.fps=25": "config.data.fps",
+        "--config.batch_size=12": "config.batch_size",
+        "--config.model.nonexistent=1": "nonexistent",
+        "--config.total_steps=many": "total_steps",
+    }
+    for flag, key in cases.items():
+        done = subprocess.run(
+            [*_train_command(config, tmp_path / "w"), flag],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode != 0, flag
+        assert key in done.stderr, (flag, done.stderr[-2000:])
+    assert not (tmp_path / "w" / "checkpoints").exists()
+    with pytest.raises(ConfigError, match=r"config\.accum_steps"):
+        config.accum_steps = 3
+        trainer.train(config, tmp_path / "x")
+
+
+def test_checkpoints_keep_the_last_k_plus_the_best(tmp_path):
+    config = small_config("unused", "unused")
+    config.checkpoint.keep = 2
+    manager = checkpoint.make_manager(tmp_path, config)
+    state = {"w": np.arange(4.0)}
+    for step, top1 in zip(range(1, 6), (0.3, 0.9, 0.5, 0.4, 0.2), strict=True):
+        checkpoint.save(manager, step, state, metrics={"top1": top1, "map": top1})
+    manager.wait_until_finished()
+    assert manager.all_steps() == [2, 4, 5]
+    manager.close()
+
+
+def test_sora_eval_reports_all_three_modes_as_json(demo_data, tmp_path):
+    config = small_config(*demo_data)
+    config.total_steps = 4
+    trainer.train(config, tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "sora_jax.train.evaluate", "--workdir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["num_examples"] == 20 and result["step"] == 4
+    for key in ("top1", "top5"):
+        assert 0.0 <= result[key] <= 1.0
+    assert {"top1"} <= set(result["audio_only"]) and {"top1"} <= set(result["video_only"])
+    details = json.loads((tmp_path / "eval_test.json").read_text())
+    assert sum(map(sum, details["confusion_matrix"])) == 20
+    for mode in ("full", "audio_only", "video_only"):
+        assert (tmp_path / f"confusion_test_{mode}.png").stat().st_size > 1000
+
+
+def test_the_demo_config_learns_the_demo_with_both_senses(tmp_path):
+    """The README's claim: fused >= 95%, each sense alone near the 50% ceiling."""
+    from configs import demo
+    from data_prep import builder, layouts
+    from data_prep.synthetic import make_demo_dataset
+    from data_prep.worker import PrepSettings
+
+    raw = make_demo_dataset(tmp_path / "raw")
+    builder.prepare(
+        layouts.discover(raw),
+        tmp_path / "data",
+        "sora_demo",
+        PrepSettings(fps=8.0, short_side=40),
+        workers=2,
+    )
+    config = demo.get_config()
+    config.data.dir = str(tmp_path / "data")
+    result = trainer.train(config, tmp_path / "run")
+    assert result["top1"] >= 0.95, result["top1"]
+    for mode in ("audio_only", "video_only"):
+        assert 0.35 <= result[mode]["top1"] <= 0.65, (mode, result[mode]["top1"])
