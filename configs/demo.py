@@ -73,6 +73,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_every = 0  # 0: evaluate only at the end
     c.checkpoint = dict(every_steps=100, keep=2, best_metric="top1")
 
-    c.distributed = dict(coordinator="", num_processes=0, process_id=-1)
+    # Multi-process runs (see launch/): coordinator "host:port" with num_processes and
+    # process_id, or num_processes=-1 to let JAX detect the cluster (TPU pods, SLURM).
+    c.distributed = dict(
+        coordinator="",
+        num_processes=0,
+        process_id=-1,
+        heartbeat_timeout_s=100,  # a dead peer stops the others after this long
+        cpu_collectives="gloo",  # how CPU-only processes exchange data
+    )
     c.export = dict(platforms=("cpu", "cuda", "tpu"))  # what sora-export compiles for
     return c

@@ -107,6 +107,7 @@ class SoraVideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def build(self) -> None:
         """download_and_prepare with `workers` decoding processes."""
+        tfds.disable_progress_bar()  # ours shows files decoded, with an ETA
         with contextlib.ExitStack() as stack:
             if self._workers > 1:
                 # spawn: workers import only PyAV/NumPy/PIL, never a forked TensorFlow.

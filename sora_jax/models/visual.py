@@ -4,10 +4,13 @@ from collections.abc import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 # Pixels are normalised inside the model so that exported models take raw uint8 frames.
-_PIXEL_MEAN = jnp.array([0.485, 0.456, 0.406]) * 255.0
-_PIXEL_STD = jnp.array([0.229, 0.224, 0.225]) * 255.0
+# (NumPy constants: a jnp array here would start the XLA backend at import time, before
+# jax.distributed.initialize may run.)
+_PIXEL_MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255.0
+_PIXEL_STD = np.array([0.229, 0.224, 0.225], np.float32) * 255.0
 
 
 def normalize_pixels(frames: jnp.ndarray, dtype: jnp.dtype) -> jnp.ndarray:

@@ -29,11 +29,12 @@ def make_manager(
             ),
         ]
     )
+    # Readers (eval, export) open without creating anything; orbax's own read_only mode
+    # would do too, but warns on every open.
     options = ocp.CheckpointManagerOptions(
         preservation_policy=preservation,
         enable_async_checkpointing=not read_only,
         create=not read_only,
-        read_only=read_only,
     )
     directory = pathlib.Path(workdir).absolute() / "checkpoints"
     return ocp.CheckpointManager(directory, options=options)

@@ -20,11 +20,14 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and l
 
 def _main(argv) -> None:
     del argv
+    import jax
+
     from sora_jax.config import ConfigError
     from sora_jax.train import trainer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU here" notes
     config = _CONFIG.value
     trainer.maybe_initialize_distributed(config)
     try:
@@ -32,7 +35,7 @@ def _main(argv) -> None:
     except (ConfigError, FileNotFoundError, trainer.NonFiniteError) as e:
         print(f"sora-train: {e}", file=sys.stderr)
         sys.exit(2)
-    if result:
+    if result and jax.process_index() == 0:
         print(
             f"final eval top1 {result['top1']:.4f} (audio-only "
             f"{result['audio_only']['top1']:.4f}, video-only {result['video_only']['top1']:.4f})"

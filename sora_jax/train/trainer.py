@@ -5,6 +5,7 @@ reading data, logging every `log_every` steps (the only host syncs), checkpointi
 evaluating, and stopping cleanly on SIGTERM or on a non-finite loss.
 """
 
+import hashlib
 import json
 import logging
 import pathlib
@@ -15,6 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 import tqdm
+from jax.experimental import multihost_utils
 
 from sora_jax import config as config_lib
 from sora_jax.data import pipeline
@@ -32,15 +34,39 @@ class NonFiniteError(RuntimeError):
 
 
 def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
-    """Join a multi-process run: from the config, or auto-detected (TPU pods, SLURM).
-    A single process with nothing configured does nothing."""
+    """Join a multi-process run: from the config, or auto-detected (TPU pods, SLURM) with
+    distributed.num_processes=-1. A single process with nothing configured does nothing."""
     d = config.distributed
-    if jax.distributed.is_initialized():
+    if jax.distributed.is_initialized() or not (d.coordinator or d.num_processes == -1):
         return
+    # Only matters for CPU devices (tests, laptops); accelerators use their own links.
+    jax.config.update("jax_cpu_collectives_implementation", d.cpu_collectives)
+    kwargs = {"heartbeat_timeout_seconds": d.heartbeat_timeout_s}
     if d.coordinator:
-        jax.distributed.initialize(d.coordinator, d.num_processes, d.process_id)
-    elif d.num_processes == -1:  # ask JAX to detect the cluster environment
-        jax.distributed.initialize()
+        jax.distributed.initialize(d.coordinator, d.num_processes, d.process_id, **kwargs)
+    else:
+        jax.distributed.initialize(**kwargs)
+
+
+def check_processes_agree(config: ml_collections.ConfigDict, summary) -> None:
+    """Fail, naming the process, if processes were started with different configs or see
+    different datasets (a stale copy on one host): such runs silently diverge."""
+    if jax.process_count() == 1:
+        return
+    as_dict = config.to_dict()
+    as_dict.pop("distributed", None)  # process_id differs by design
+    facts = {"config": json.dumps(as_dict, sort_keys=True, default=str), "dataset": repr(summary)}
+    digest = lambda text: int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big") >> 1
+    mine = np.array([digest(v) for v in facts.values()], np.int32)
+    everyone = np.asarray(multihost_utils.process_allgather(mine))  # [processes, facts]
+    for process, theirs in enumerate(everyone):
+        for i, what in enumerate(facts):
+            if theirs[i] != everyone[0][i]:
+                raise config_lib.ConfigError(
+                    f"process {process} has a different {what} from process 0 (this is "
+                    f"process {jax.process_index()}): start every process with the same "
+                    f"config and the same prepared dataset"
+                )
 
 
 class _Preemption:
@@ -158,6 +184,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, device
     main_process = jax.process_index() == 0
     config_lib.validate(config)
     summary = pipeline.check_dataset(config)
+    check_processes_agree(config, summary)
     mesh, model, tx, rng, abstract, state_sharding = _setup(config, devices)
     if main_process:
         workdir.mkdir(parents=True, exist_ok=True)

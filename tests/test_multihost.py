@@ -1,0 +1,175 @@
+"""Several processes as on several hosts (CPU devices, gloo, jax.distributed on
+127.0.0.1): same losses as one process, clean failure when one dies, FSDP across hosts."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.conftest import small_config
+from tests.test_train import _flags, losses
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "launch"))
+import local as launcher  # noqa: E402
+
+
+def _train_args(config, workdir) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "sora_jax.train.cli",
+        "--config",
+        "configs/demo.py",
+        "--workdir",
+        str(workdir),
+        *_flags(config),
+        "--config.distributed.heartbeat_timeout_s=5",
+    ]
+
+
+def _config(demo_data):
+    config = small_config(*demo_data)
+    config.total_steps, config.log_every, config.checkpoint.every_steps = 24, 1, 4
+    return config
+
+
+@pytest.fixture(scope="module")
+def single_process_losses(demo_data, tmp_path_factory):
+    """The reference: 1 process x 4 devices, same global batch and seed."""
+    workdir = tmp_path_factory.mktemp("single")
+    env = launcher.process_env(4)
+    subprocess.run(
+        _train_args(_config(demo_data), workdir), env=env, cwd=ROOT, check=True, capture_output=True
+    )
+    return losses(workdir)
+
+
+def test_two_processes_give_the_same_losses_as_one(demo_data, tmp_path, single_process_losses):
+    done = subprocess.run(
+        [
+            sys.executable,
+            "launch/local.py",
+            "--processes",
+            "2",
+            "--devices-per-process",
+            "2",
+            "--",
+            *_train_args(_config(demo_data), tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:]
+    multi = losses(tmp_path)
+    assert sorted(multi) == sorted(single_process_losses) == list(range(1, 25))
+    np.testing.assert_allclose(
+        [multi[s] for s in sorted(multi)],
+        [single_process_losses[s] for s in sorted(multi)],
+        rtol=2e-5,
+    )
+    # Both processes wrote their own data-iterator state into every checkpoint.
+    data = tmp_path / "checkpoints" / "24" / "data"
+    assert {p.name for p in data.glob("process_*")} == {
+        "process_0-of-2.json",
+        "process_1-of-2.json",
+    }
+
+
+def test_a_dead_process_stops_the_other_and_a_relaunch_resumes(
+    demo_data, tmp_path, single_process_losses
+):
+    config = _config(demo_data)
+    port = launcher.free_port()
+    env = launcher.process_env(2)
+    commands = launcher.process_commands(_train_args(config, tmp_path), 2, port)
+    logs = [open(tmp_path / f"log{i}.txt", "w") for i in range(2)]  # noqa: SIM115
+    procs = [
+        subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        for cmd, log in zip(commands, logs, strict=True)
+    ]
+    ckpts = tmp_path / "checkpoints"
+    deadline = time.time() + 300
+    while not (ckpts.exists() and any(p.name == "8" for p in ckpts.iterdir())):
+        assert time.time() < deadline and all(p.poll() is None for p in procs), "no progress"
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    procs[0].wait(timeout=120)  # bounded: the heartbeat timeout is 5 s
+    waited = time.time() - killed_at
+    for log in logs:
+        log.close()
+    survivor = (tmp_path / "log0.txt").read_text()
+    assert procs[0].returncode != 0
+    assert waited < 90, waited
+    assert any(word in survivor for word in ("heartbeat", "task", "UNAVAILABLE", "process")), (
+        survivor[-2000:]
+    )
+    # Relaunch both: they resume from the last checkpoint and finish the same curve.
+    done = subprocess.run(
+        [
+            sys.executable,
+            "launch/local.py",
+            "--processes",
+            "2",
+            "--devices-per-process",
+            "2",
+            "--",
+            *_train_args(config, tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "resumed from step" in done.stdout
+    resumed = losses(tmp_path)
+    np.testing.assert_allclose(
+        [resumed[s] for s in range(1, 25)],
+        [single_process_losses[s] for s in range(1, 25)],
+        rtol=2e-5,
+    )
+
+
+def test_parameters_and_optimizer_state_are_split_across_processes(tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            "launch/local.py",
+            "--processes",
+            "2",
+            "--devices-per-process",
+            "2",
+            "--",
+            sys.executable,
+            "tests/multihost_probe.py",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    assert done.returncode == 0, done.stdout[-3000:]
+    reports = [
+        json.loads(line.split("PROBE ", 1)[1])
+        for line in done.stdout.splitlines()
+        if "PROBE " in line
+    ]
+    assert sorted(r["process"] for r in reports) == [0, 1]
+    for r in reports:
+        assert r["devices"] == 4 and r["local_devices"] == 2
+        assert "fsdp" in r["spec"] and "fsdp" in r["mu_spec"]
+        axis = r["spec"].index("fsdp")
+        assert all(s[axis] * 4 == r["global_shape"][axis] for s in r["local_shard_shapes"])
+        assert r["local_bytes"] * 2 == r["global_bytes"]  # each process holds half
+        assert r["mu_local_shard_shapes"] == r["local_shard_shapes"]
