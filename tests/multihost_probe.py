@@ -8,9 +8,9 @@ import jax
 import numpy as np
 
 from configs import demo
+from sora_jax.models import build_model
 from sora_jax.train import sharding, trainer
 from sora_jax.train.state import init_state, make_optimizer
-from sora_jax.models import build_model
 
 
 def main() -> None:
