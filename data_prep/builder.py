@@ -12,6 +12,7 @@ import pathlib
 import re
 import shutil
 import types
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -21,6 +22,9 @@ from data_prep.layouts import Entry
 from data_prep.worker import PrepSettings, prepare_entry
 
 VERSION = "1.0.0"
+
+# One unit of work (a file, a record) -> (report row, example or None if skipped).
+Work = Callable[[object], tuple[dict, dict | None]]
 
 
 def features(class_names: list[str]) -> tfds.features.FeaturesDict:
@@ -40,20 +44,28 @@ def features(class_names: list[str]) -> tfds.features.FeaturesDict:
 
 
 class SoraVideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """Builds any prepared video dataset; `make_builder` names a subclass per dataset."""
+    """Builds any prepared video dataset; `make_builder` names a subclass per dataset.
+
+    `split_items` gives, per split, a function returning that split's work items (files,
+    or records of a TFRecord), and `work` turns one item into (report row, example).
+    """
 
     VERSION = tfds.core.Version(VERSION)
 
     def __init__(
         self,
         *,
-        entries: list[Entry],
+        split_items: dict[str, Callable[[], Iterable]],
+        class_names: list[str],
+        work: Work,
         settings: PrepSettings,
         workers: int = 0,
         fingerprint: str = "",
         **kwargs,
     ):
-        self._entries = entries
+        self._split_items = split_items
+        self._class_names = class_names
+        self._work = work
         self._settings = settings
         self._workers = workers
         self._fingerprint = fingerprint
@@ -62,11 +74,10 @@ class SoraVideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
-        class_names = sorted({label for e in self._entries for label in e.labels})
         return tfds.core.DatasetInfo(
             builder=self,
             description="Video clips prepared by sora-prep (sora_jax).",
-            features=features(class_names),
+            features=features(self._class_names),
             metadata=tfds.core.MetadataDict(
                 prep=dataclasses.asdict(self._settings),
                 sample_rate=16_000,
@@ -76,29 +87,29 @@ class SoraVideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _split_generators(self, dl_manager):
         generators = {}
-        for split in sorted({e.split for e in self._entries}):
-            entries = [e for e in self._entries if e.split == split]
-            # tfds cannot write an empty split, so decode (in this process) up to the
-            # split's first usable file; a split with none is left out, and reported.
+        for split in sorted(self._split_items):
+            items = iter(self._split_items[split]())
+            # tfds cannot write an empty split, so work (in this process) up to the
+            # split's first usable item; a split with none is left out, and reported.
             head = []
-            for entry in entries:
-                head.append(prepare_entry(entry, self._settings))
+            for item in items:
+                head.append(self._work(item))
                 if head[-1][1] is not None:
                     break
-            if head[-1][1] is None:
+            if not head or head[-1][1] is None:
                 self.report.extend(row for row, _ in head)
                 continue
-            generators[split] = self._generate_examples(split, head, entries[len(head) :])
+            generators[split] = self._generate_examples(split, head, items)
         return generators
 
-    def _generate_examples(self, split: str, head: list, rest: list[Entry]):
-        work = functools.partial(prepare_entry, settings=self._settings)
-        results = self._pool.imap(work, rest) if self._pool else map(work, rest)
+    def _generate_examples(self, split: str, head: list, rest: Iterable):
+        results = (
+            self._pool.imap(self._work, rest, chunksize=4) if self._pool else map(self._work, rest)
+        )
         for row, example in tqdm.tqdm(
             itertools.chain(head, results),
-            total=len(head) + len(rest),
             desc=f"decoding {split}",
-            unit="file",
+            unit="clip",
             dynamic_ncols=True,
         ):
             self.report.append(row)
@@ -107,7 +118,7 @@ class SoraVideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def build(self) -> None:
         """download_and_prepare with `workers` decoding processes."""
-        tfds.disable_progress_bar()  # ours shows files decoded, with an ETA
+        tfds.disable_progress_bar()  # ours shows clips decoded and the rate
         with contextlib.ExitStack() as stack:
             if self._workers > 1:
                 # spawn: workers import only PyAV/NumPy/PIL, never a forked TensorFlow.
@@ -131,31 +142,26 @@ def make_builder(name: str, data_dir: str, **kwargs) -> SoraVideoBuilder:
     return cls(data_dir=data_dir, file_format="array_record", **kwargs)
 
 
-def fingerprint(entries: list[Entry], settings: PrepSettings) -> str:
-    """Changes when any input file, label, split or setting does: decides re-use."""
+def fingerprint(facts: Iterable, settings: PrepSettings) -> str:
+    """Changes when any input, label, split or setting does: decides re-use."""
     h = hashlib.sha256(json.dumps(dataclasses.asdict(settings), sort_keys=True).encode())
-    for e in entries:
-        stat = e.path.stat() if e.path.exists() else None
-        h.update(
-            json.dumps(
-                [e.key, e.labels, e.split, stat and stat.st_size, stat and stat.st_mtime_ns]
-            ).encode()
-        )
+    for fact in facts:
+        h.update(json.dumps(fact, default=str).encode())
     return h.hexdigest()
 
 
-def prepare(
-    entries: list[Entry],
-    data_dir: str | pathlib.Path,
-    name: str,
-    settings: PrepSettings,
-    workers: int = 0,
+def file_facts(path: pathlib.Path) -> list:
+    stat = path.stat() if path.exists() else None
+    return [str(path), stat and stat.st_size, stat and stat.st_mtime_ns]
+
+
+def build_if_changed(
+    data_dir: str | pathlib.Path, name: str, digest: str, **builder_kwargs
 ) -> tuple[list[dict], bool]:
-    """Build the dataset unless an identical one exists: (report rows, rebuilt?)."""
+    """Build unless a dataset with the same fingerprint exists: (report rows, rebuilt?)."""
     data_dir = pathlib.Path(data_dir)
     report_path = data_dir / f"{name}_report.json"
     version_dir = data_dir / name / VERSION
-    digest = fingerprint(entries, settings)
     info_path = version_dir / "metadata.json"
     up_to_date = (
         info_path.exists()
@@ -166,11 +172,34 @@ def prepare(
         return json.loads(report_path.read_text()), False
     if version_dir.exists():
         shutil.rmtree(version_dir)  # inputs or settings changed: rebuild from scratch
-    builder = make_builder(
-        name, str(data_dir), entries=entries, settings=settings, workers=workers, fingerprint=digest
-    )
+    builder = make_builder(name, str(data_dir), fingerprint=digest, **builder_kwargs)
     builder.build()
-    order = {e.key: i for i, e in enumerate(entries)}
-    by_path = {str(e.path): e.key for e in entries}
-    report = sorted(builder.report, key=lambda row: order[by_path[row["path"]]])
-    return report, True
+    return builder.report, True
+
+
+def prepare(
+    entries: list[Entry],
+    data_dir: str | pathlib.Path,
+    name: str,
+    settings: PrepSettings,
+    workers: int = 0,
+) -> tuple[list[dict], bool]:
+    """Prepare video files: (report rows in input order, rebuilt?)."""
+    digest = fingerprint(
+        ([e.key, e.labels, e.split, *file_facts(e.path)] for e in entries), settings
+    )
+    splits = sorted({e.split for e in entries})
+    report, rebuilt = build_if_changed(
+        data_dir,
+        name,
+        digest,
+        split_items={
+            s: functools.partial(lambda s: [e for e in entries if e.split == s], s) for s in splits
+        },
+        class_names=sorted({label for e in entries for label in e.labels}),
+        work=functools.partial(prepare_entry, settings=settings),
+        settings=settings,
+        workers=workers,
+    )
+    order = {str(e.path): i for i, e in enumerate(entries)}
+    return sorted(report, key=lambda row: order.get(row["path"], len(order))), rebuilt

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             from data_prep import dmvr
 
             rows, rebuilt = dmvr.prepare(
-                source, out, name, settings, args.dmvr_fps, args.dmvr_sample_rate
+                source, out, name, settings, args.dmvr_fps, args.dmvr_sample_rate, args.workers
             )
         else:
             entries = layouts.discover(

@@ -31,22 +31,41 @@ def test_slurm_script_trains_with_jax_detecting_the_cluster(demo_data, tmp_path)
     config = small_config(*demo_data)
     config.total_steps, config.log_every = 4, 2
     workdir = tmp_path / "run"
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", CONFIG="configs/demo.py",
-               WORKDIR=str(workdir), VENV=str(pathlib.Path(sys.executable).parent.parent),
-               XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    done = subprocess.run(["bash", "launch/slurm.sbatch", *_flags(config)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    env = dict(
+        os.environ,
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        CONFIG="configs/demo.py",
+        WORKDIR=str(workdir),
+        VENV=str(pathlib.Path(sys.executable).parent.parent),
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        JAX_PLATFORMS="cpu",
+    )
+    done = subprocess.run(
+        ["bash", "launch/slurm.sbatch", *_flags(config)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(losses(workdir)) == [1, 2, 3, 4]
     data = workdir / "checkpoints" / "4" / "data"
-    assert {p.name for p in data.glob("process_*")} == {"process_0-of-2.json",
-                                                        "process_1-of-2.json"}
+    assert {p.name for p in data.glob("process_*")} == {
+        "process_0-of-2.json",
+        "process_1-of-2.json",
+    }
 
 
 def test_tpu_pod_script_runs_one_command_on_every_worker():
-    done = subprocess.run(["bash", "launch/tpu_vm_pod.sh", "train", "--config.total_steps=10"],
-                          cwd=ROOT, env=dict(os.environ, DRY_RUN="1", TPU_NAME="pod-a"),
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        ["bash", "launch/tpu_vm_pod.sh", "train", "--config.total_steps=10"],
+        cwd=ROOT,
+        env=dict(os.environ, DRY_RUN="1", TPU_NAME="pod-a"),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     line = done.stdout
     assert line.startswith("gcloud compute tpus tpu-vm ssh pod-a")
     assert "--worker=all" in line
