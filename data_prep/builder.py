@@ -61,8 +61,10 @@ class SoraVideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         settings: PrepSettings,
         workers: int = 0,
         fingerprint: str = "",
+        beam_options: str | None = None,
         **kwargs,
     ):
+        self._beam_options = beam_options
         self._split_items = split_items
         self._class_names = class_names
         self._work = work
@@ -91,15 +93,21 @@ class SoraVideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             items = iter(self._split_items[split]())
             # tfds cannot write an empty split, so work (in this process) up to the
             # split's first usable item; a split with none is left out, and reported.
-            head = []
+            head, head_items = [], []
             for item in items:
+                head_items.append(item)
                 head.append(self._work(item))
                 if head[-1][1] is not None:
                     break
             if not head or head[-1][1] is None:
                 self.report.extend(row for row, _ in head)
                 continue
-            generators[split] = self._generate_examples(split, head, items)
+            if self._beam_options is None:
+                generators[split] = self._generate_examples(split, head, items)
+            else:
+                generators[split] = _BeamSplit(
+                    [*head_items, *items], self._work, self._beam_report_dir / split
+                )
         return generators
 
     def _generate_examples(self, split: str, head: list, rest: Iterable):
@@ -116,9 +124,16 @@ class SoraVideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             if example is not None:
                 yield example["path"], example
 
+    @property
+    def _beam_report_dir(self) -> pathlib.Path:
+        return pathlib.Path(self.data_dir).parent / ".beam_report"
+
     def build(self) -> None:
-        """download_and_prepare with `workers` decoding processes."""
+        """download_and_prepare with `workers` decoding processes, or on Apache Beam."""
         tfds.disable_progress_bar()  # ours shows clips decoded and the rate
+        if self._beam_options is not None:
+            self._build_on_beam()
+            return
         with contextlib.ExitStack() as stack:
             if self._workers > 1:
                 # spawn: workers import only PyAV/NumPy/PIL, never a forked TensorFlow.
@@ -128,6 +143,42 @@ class SoraVideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 download_config=tfds.download.DownloadConfig(verify_ssl=False)
             )
             self._pool = None
+
+    def _build_on_beam(self) -> None:
+        import shlex  # late imports: Beam is an optional extra
+
+        from apache_beam.options.pipeline_options import PipelineOptions
+
+        shutil.rmtree(self._beam_report_dir, ignore_errors=True)
+        options = PipelineOptions(shlex.split(self._beam_options))
+        self.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(beam_options=options)
+        )
+        for path in sorted(self._beam_report_dir.rglob("rows*")):
+            self.report.extend(json.loads(line) for line in path.read_text().splitlines())
+        shutil.rmtree(self._beam_report_dir, ignore_errors=True)
+
+
+def _BeamSplit(items: list, work: Work, report_dir: pathlib.Path):  # noqa: N802 (a transform)
+    """The Beam version of _generate_examples: work on every item in parallel, write the
+    report rows as a side output, and hand tfds the (key, example) pairs."""
+    import apache_beam as beam
+
+    class BuildSplit(beam.PTransform):
+        def expand(self, pipeline):
+            results = pipeline | "items" >> beam.Create(items) | "work" >> beam.Map(work)
+            _ = (
+                results
+                | "rows" >> beam.Map(lambda result: json.dumps(result[0]))
+                | "report" >> beam.io.WriteToText(str(report_dir / "rows"))
+            )
+            return (
+                results
+                | "kept" >> beam.Filter(lambda result: result[1] is not None)
+                | "keyed" >> beam.Map(lambda result: (result[1]["path"], result[1]))
+            )
+
+    return BuildSplit()
 
 
 def make_builder(name: str, data_dir: str, **kwargs) -> SoraVideoBuilder:
@@ -183,8 +234,10 @@ def prepare(
     name: str,
     settings: PrepSettings,
     workers: int = 0,
+    beam_options: str | None = None,
 ) -> tuple[list[dict], bool]:
-    """Prepare video files: (report rows in input order, rebuilt?)."""
+    """Prepare video files: (report rows in input order, rebuilt?). With `beam_options`
+    (a string of Beam pipeline flags; "" runs Beam's DirectRunner) the work runs on Beam."""
     digest = fingerprint(
         ([e.key, e.labels, e.split, *file_facts(e.path)] for e in entries), settings
     )
@@ -200,6 +253,7 @@ def prepare(
         work=functools.partial(prepare_entry, settings=settings),
         settings=settings,
         workers=workers,
+        beam_options=beam_options,
     )
     order = {str(e.path): i for i, e in enumerate(entries)}
     return sorted(report, key=lambda row: order.get(row["path"], len(order))), rebuilt

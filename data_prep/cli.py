@@ -52,6 +52,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--min-frames", type=int, default=8, help="flag (but keep) clips shorter than this"
     )
+    p.add_argument(
+        "--beam",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="OPTIONS",
+        help="run on Apache Beam (pip install '.[beam]'); OPTIONS are Beam pipeline flags, "
+        'e.g. "--runner=DataflowRunner --project=P --region=R"; none: the DirectRunner',
+    )
     return p
 
 
@@ -106,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
             if not entries:
                 print(f"sora-prep: no input files found in {source}", file=sys.stderr)
                 return 2
-            rows, rebuilt = builder.prepare(entries, out, name, settings, args.workers)
+            rows, rebuilt = builder.prepare(
+                entries, out, name, settings, args.workers, beam_options=args.beam
+            )
     except (FileNotFoundError, ValueError) as e:
         print(f"sora-prep: {e}", file=sys.stderr)
         return 2

@@ -28,7 +28,7 @@ def _sequence_example(
     if name:
         ex.context.feature["clip/label/string"].bytes_list.value.append(name.encode())
     frame_list = ex.feature_lists.feature_list["image/encoded"]
-    for i, data in enumerate(frames or [_jpeg(10 + 11 * i) for i in range(num_frames)]):
+    for data in frames or [_jpeg(10 + 11 * i) for i in range(num_frames)]:
         frame_list.feature.add().bytes_list.value.append(data)
     ex.feature_lists.feature_list["WAVEFORM/feature/floats"].feature.add().float_list.value.extend(
         audio

@@ -243,3 +243,35 @@ def test_sora_prep_command_line_contract(tmp_path):
 def test_dataset_names_must_be_snake_case(tmp_path, name):
     with pytest.raises(ValueError, match="snake_case"):
         builder.make_builder(name, str(tmp_path), entries=[], settings=SETTINGS)
+
+
+def test_beam_direct_runner_builds_the_same_dataset_as_the_local_build(tmp_path):
+    source = _tree(
+        tmp_path / "videos",
+        {
+            **{
+                f"train/{c}/{i}.mp4": dict(seconds=1.0, hz=300 + 100 * i)
+                for c in "ab"
+                for i in range(3)
+            },
+            "test/a/0.mkv": dict(seconds=1.5),
+            "test/b/0.mkv": dict(seconds=1.5, audio=False),
+        },
+    )
+    (source / "train" / "a" / "bad.mp4").write_bytes(b"\x00" * 64)
+    entries = layouts.discover(source)
+    local_rows, _ = builder.prepare(entries, tmp_path / "local", "same", SETTINGS)
+    beam_rows, _ = builder.prepare(entries, tmp_path / "beam", "same", SETTINGS, beam_options="")
+    assert beam_rows == local_rows
+    for split in ("train", "test"):
+        local = tfds.data_source("same", split=split, data_dir=str(tmp_path / "local"))
+        beam = tfds.data_source("same", split=split, data_dir=str(tmp_path / "beam"))
+        assert len(local) == len(beam) > 0
+        for i in range(len(local)):
+            a, b = local[i], beam[i]
+            assert a.keys() == b.keys()
+            for key in a:
+                np.testing.assert_array_equal(
+                    np.asarray(a[key], dtype=object), np.asarray(b[key], dtype=object), err_msg=key
+                )
+    assert not (tmp_path / "beam" / ".beam_report").exists()
