@@ -9,7 +9,7 @@ DEMO_RAW := data/demo_raw
 DEMO_DATA := data/prepared
 DEMO_RUN := runs/demo
 
-.PHONY: demo test lint bench clean
+.PHONY: demo demo-data test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "sora_jax needs Python 3.11+"'
@@ -18,10 +18,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $@
 
-# Prepare the built-in demo dataset, train, evaluate, export, and predict on raw files.
-demo: $(STAMP)
+# The built-in demo dataset: real mp4s made with PyAV, prepared into ArrayRecords.
+demo-data: $(STAMP)
 	$(BIN)/sora-prep demo $(DEMO_RAW)
 	$(BIN)/sora-prep $(DEMO_RAW) --out $(DEMO_DATA) --name sora_demo --fps 8 --short-side 40
+
+# Prepare the demo dataset, train, evaluate, export, and predict on raw files.
+demo: demo-data
 	rm -rf $(DEMO_RUN)
 	$(BIN)/sora-train --config configs/demo.py --workdir $(DEMO_RUN) \
 		--config.data.dir=$(DEMO_DATA) --config.data.name=sora_demo
@@ -33,6 +36,15 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n 2 --durations=15 tests
+
+# Every benchmark, results in bench/results/*.json (see BENCHMARKS.md); ~10 min on 2 cores.
+bench: demo-data
+	$(BIN)/python -m pip install --quiet -e ".[test,bench]"
+	$(BIN)/python bench/train_step.py --out bench/results/train_step.json
+	$(BIN)/python bench/peers.py --out bench/results/peers.json
+	$(BIN)/python bench/input_pipeline.py --train-steps 300 --out bench/results/input_pipeline.json
+	$(BIN)/python bench/compile_time.py --out bench/results/compile_time.json
+	$(BIN)/python bench/memory.py --out bench/results/memory.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

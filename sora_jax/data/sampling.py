@@ -51,10 +51,12 @@ def _target(example: dict, spec: ClipSpec) -> np.ndarray:
 
 
 def _decode(example: dict, indices: np.ndarray) -> list[np.ndarray]:
+    """The window's frames as arrays; stored frames are JPEG bytes, decoded once each."""
     cache: dict[int, np.ndarray] = {}
     for i in indices:
+        frame = example["frames"][int(i)]
         if int(i) not in cache:
-            cache[int(i)] = decode_jpeg(example["frames"][int(i)])
+            cache[int(i)] = decode_jpeg(frame) if isinstance(frame, bytes) else frame
     return [cache[int(i)] for i in indices]
 
 

@@ -11,19 +11,22 @@ import logging
 import pathlib
 import signal
 import time
+from typing import NamedTuple
 
 import jax
 import ml_collections
 import numpy as np
+import optax
 import tqdm
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
 from sora_jax import config as config_lib
 from sora_jax.data import pipeline
-from sora_jax.models import build_model
+from sora_jax.models import SoraModel, build_model
 from sora_jax.train import checkpoint, sharding
 from sora_jax.train.evaluate import evaluate
-from sora_jax.train.state import NONFINITE_NAMES, init_state, make_optimizer
+from sora_jax.train.state import NONFINITE_NAMES, TrainState, init_state, make_optimizer
 from sora_jax.train.step import make_train_step
 
 log = logging.getLogger("sora_jax")
@@ -94,7 +97,18 @@ def _check_finite(state) -> None:
         )
 
 
-def _setup(config, devices=None):
+class TrainingSetup(NamedTuple):
+    mesh: Mesh
+    model: SoraModel
+    tx: optax.GradientTransformation
+    rng: jax.Array
+    abstract_state: TrainState  # shapes, dtypes and shardings; no arrays
+    state_sharding: TrainState  # a NamedSharding per array of the state
+
+
+def setup_training(config: ml_collections.ConfigDict, devices=None) -> TrainingSetup:
+    """Mesh, model, optimizer and the sharded layout of the train state, without
+    allocating it: shared by the trainer, evaluation and the benchmarks."""
     mesh = sharding.make_mesh(config.mesh.fsdp, devices)
     config_lib.validate(config, num_devices=mesh.size)
     model = build_model(config.model)
@@ -105,13 +119,13 @@ def _setup(config, devices=None):
     abstract = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding
     )
-    return mesh, model, tx, rng, abstract, state_sharding
+    return TrainingSetup(mesh, model, tx, rng, abstract, state_sharding)
 
 
 def load_for_inference(config, workdir, step=None, devices=None):
     """(model, params, step, mesh, dataset summary) from a work dir's checkpoint."""
     summary = pipeline.check_dataset(config)
-    mesh, model, _, _, abstract, _ = _setup(config, devices)
+    mesh, model, _, _, abstract, _ = setup_training(config, devices)
     manager = checkpoint.make_manager(workdir, config, read_only=True)
     params, step = checkpoint.restore_params(manager, step, abstract)
     return model, params, step, mesh, summary
@@ -123,6 +137,7 @@ class _Logger:
     def __init__(self, workdir: pathlib.Path, total: int, start: int, enabled: bool):
         self.enabled = enabled
         self.jsonl = workdir / "metrics.jsonl"
+        self.throughput = workdir / "throughput.jsonl"  # per log window
         self.writer = None
         self.bar = None
         if enabled:
@@ -143,6 +158,8 @@ class _Logger:
                     + "\n"
                 )
         last = first_step + len(per_step) - 1
+        with self.throughput.open("a") as f:
+            f.write(json.dumps({"step": last, "steps": len(per_step), **extra}) + "\n")
         mean = {k: float(np.mean([m[k] for m in per_step])) for k in per_step[0]}
         for k, v in (mean | extra).items():
             self.writer.scalar(f"train/{k}", v, last)
@@ -185,7 +202,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, device
     config_lib.validate(config)
     summary = pipeline.check_dataset(config)
     check_processes_agree(config, summary)
-    mesh, model, tx, rng, abstract, state_sharding = _setup(config, devices)
+    mesh, model, tx, rng, abstract, state_sharding = setup_training(config, devices)
     if main_process:
         workdir.mkdir(parents=True, exist_ok=True)
         config_lib.save(config, workdir)

@@ -1,0 +1,100 @@
+"""Shared by the bench/ scripts: loading configs, machine facts, JSON output."""
+
+import argparse
+import ast
+import contextlib
+import importlib.util
+import json
+import os
+import pathlib
+import platform
+import time
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def load_config(path: str, overrides: list[str]):
+    """A config file's get_config(), with KEY=VALUE overrides (Python literals)."""
+    spec = importlib.util.spec_from_file_location("bench_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for item in overrides:
+        key, value = item.split("=", 1)
+        with contextlib.suppress(ValueError, SyntaxError):  # else: a plain string
+            value = ast.literal_eval(value)
+        node = config
+        *path, leaf = key.split(".")
+        for part in path:
+            node = node[part]
+        node[leaf] = value
+    return config
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", default="configs/bench_reference.py")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set batch_size=8",
+    )
+    p.add_argument("--out", default=None, help="also write the JSON result here")
+    return p
+
+
+def machine() -> dict:
+    import jax  # late import: some scripts set XLA flags first
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "device": str(jax.devices()[0].device_kind),
+        "platform": jax.devices()[0].platform,
+        "device_count": jax.device_count(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "jax": jax.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def emit(result: dict, out: str | None, table: list[tuple[str, str]]) -> None:
+    """A short table for people, then the JSON object as the last line."""
+    width = max(len(k) for k, _ in table)
+    for key, value in table:
+        print(f"{key:<{width}}  {value}")
+    if out:
+        path = pathlib.Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result))
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
+    """This machine's measured float32 matmul rate (FLOP/s): the denominator of MFU."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    return 2 * n**3 / median_time(lambda: f(a).block_until_ready(), repeats)

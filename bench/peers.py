@@ -1,0 +1,220 @@
+"""The reference model's train step in Flax (this project), PyTorch (eager and
+torch.compile) and Keras, in one run, so the ratios compare like with like.
+
+  pip install -e '.[bench]'     # torch; Keras comes with TensorFlow
+  python bench/peers.py --config configs/bench_reference.py
+
+Every framework trains the same architecture (configs/bench_reference.py) on the same
+random clips: uint8 frames normalised inside, log-mel from the raw waveform, a one-layer
+LSTM, concat fusion, AdamW, softmax cross-entropy, float32. Peers use their idiomatic fast
+paths (PyTorch channels-last, Keras with and without XLA); the faster Keras mode counts.
+Last line: JSON.
+"""
+
+import os
+import sys
+import time
+
+import common
+import numpy as np
+from train_step import measure, random_batch
+
+from sora_jax import config as config_lib
+from sora_jax.models import melspec
+
+MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
+STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
+
+
+def _timed(step, steps: int, warmup: int) -> tuple[float, float]:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times)), 0.0
+
+
+def torch_step(config, batch, compiled: bool, steps: int, warmup: int) -> dict:
+    import torch
+    from torch import nn
+
+    torch.set_num_threads(os.cpu_count())
+    torch.manual_seed(0)
+    m = config.model
+    mel = torch.from_numpy(melspec.mel_matrix(m.audio.num_mel_bins))
+    window = torch.hann_window(melspec.WINDOW, periodic=True)
+
+    class Reference(nn.Module):
+        def __init__(self):
+            super().__init__()
+            layers, cin = [], 3
+            for w in m.visual.widths:
+                layers += [
+                    nn.Conv2d(cin, w, 3, 2, 1),
+                    nn.ReLU(),
+                    nn.Conv2d(w, w, 3, 1, 1),
+                    nn.ReLU(),
+                ]
+                cin = w
+            self.visual = nn.Sequential(*layers)
+            self.lstm = nn.LSTM(m.audio.num_mel_bins, m.audio.hidden, batch_first=True)
+            self.head = nn.Sequential(
+                nn.Linear(cin + m.audio.hidden, m.embed_dim),
+                nn.ReLU(),
+                nn.Linear(m.embed_dim, m.num_classes),
+            )
+            self.register_buffer("mean", torch.from_numpy(MEAN).view(1, 3, 1, 1))
+            self.register_buffer("std", torch.from_numpy(STD).view(1, 3, 1, 1))
+
+        def forward(self, frames, wave):  # frames [B, T, H, W, 3] uint8, wave [B, S] int16
+            B, T, H, W, _ = frames.shape
+            x = frames.reshape(B * T, H, W, 3).permute(0, 3, 1, 2).float()
+            x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+            v = self.visual(x).mean((2, 3)).reshape(B, T, -1).mean(1)
+            w = wave.float() / 32768.0
+            frames_a = w.unfold(1, melspec.WINDOW, melspec.HOP) * window
+            spec = torch.fft.rfft(frames_a, n=melspec.FFT_SIZE).abs() ** 2
+            logmel = (torch.log(spec @ mel + 1e-6) + 4.0) / 4.0
+            a = self.lstm(logmel)[0].mean(1)
+            return self.head(torch.cat([v, a], -1))
+
+    model = Reference().to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(
+        model.parameters(),
+        lr=config.optimizer.learning_rate,
+        weight_decay=config.optimizer.weight_decay,
+    )
+    frames = torch.from_numpy(batch["frames"])
+    wave = torch.from_numpy(batch["audio"])
+    labels = torch.from_numpy(batch["label"]).long()
+    loss_fn = nn.CrossEntropyLoss()
+
+    def train_step():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(frames, wave), labels)
+        loss.backward()
+        opt.step()
+        return loss
+
+    if compiled:
+        train_step = torch.compile(train_step)
+    start = time.perf_counter()
+    train_step()
+    first = time.perf_counter() - start
+    step_s, _ = _timed(lambda: train_step().item(), steps, warmup)
+    return {
+        "framework": "pytorch_compile" if compiled else "pytorch_eager",
+        "version": torch.__version__,
+        "step_ms": step_s * 1e3,
+        "clips_per_s": len(labels) / step_s,
+        "first_step_s": first,
+    }
+
+
+def keras_step(config, batch, jit_compile: bool, steps: int, warmup: int) -> dict:
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(0)
+    m, d = config.model, config.data
+    mel = tf.constant(melspec.mel_matrix(m.audio.num_mel_bins))
+    samples = config_lib.audio_samples(config)
+    L = keras.layers
+
+    def log_mel(wave):
+        w = tf.cast(wave, tf.float32) / 32768.0
+        frames = tf.signal.frame(w, melspec.WINDOW, melspec.HOP)
+        frames = frames * tf.signal.hann_window(melspec.WINDOW, periodic=True)
+        spec = tf.abs(tf.signal.rfft(frames, [melspec.FFT_SIZE])) ** 2
+        return (tf.math.log(tf.matmul(spec, mel) + 1e-6) + 4.0) / 4.0
+
+    frames_in = keras.Input((d.num_frames, d.crop_size, d.crop_size, 3), dtype="uint8")
+    wave_in = keras.Input((samples,), dtype="int16")
+    x = L.Lambda(lambda f: (tf.cast(f, tf.float32) - MEAN) / STD)(frames_in)
+    for w in m.visual.widths:
+        x = L.TimeDistributed(L.Conv2D(w, 3, strides=2, padding="same", activation="relu"))(x)
+        x = L.TimeDistributed(L.Conv2D(w, 3, padding="same", activation="relu"))(x)
+    v = L.GlobalAveragePooling1D()(L.TimeDistributed(L.GlobalAveragePooling2D())(x))
+    a = L.LSTM(m.audio.hidden, return_sequences=True)(L.Lambda(log_mel)(wave_in))
+    a = L.GlobalAveragePooling1D()(a)
+    h = L.Dense(m.embed_dim, activation="relu")(L.Concatenate()([v, a]))
+    model = keras.Model([frames_in, wave_in], L.Dense(m.num_classes)(h))
+    model.compile(
+        optimizer=keras.optimizers.AdamW(
+            config.optimizer.learning_rate, weight_decay=config.optimizer.weight_decay
+        ),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=jit_compile,
+    )
+    x_in, y = [batch["frames"], batch["audio"]], batch["label"]
+    start = time.perf_counter()
+    model.train_on_batch(x_in, y)
+    first = time.perf_counter() - start
+    step_s, _ = _timed(lambda: model.train_on_batch(x_in, y), steps, warmup)
+    return {
+        "framework": "keras_xla" if jit_compile else "keras",
+        "version": keras.__version__,
+        "step_ms": step_s * 1e3,
+        "clips_per_s": len(y) / step_s,
+        "first_step_s": first,
+    }
+
+
+def main(argv=None) -> int:
+    p = common.parser(__doc__)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        help="leave out a peer: pytorch_eager, pytorch_compile, keras, keras_xla",
+    )
+    args = p.parse_args(argv)
+    config = common.load_config(args.config, args.set)
+    batch = random_batch(config, config.batch_size)
+    flax = {"framework": "flax", **measure(config, args.steps, args.warmup)}
+    results = [flax]
+    runs = {
+        "pytorch_eager": lambda: torch_step(config, batch, False, args.steps, args.warmup),
+        "pytorch_compile": lambda: torch_step(config, batch, True, args.steps, args.warmup),
+        "keras": lambda: keras_step(config, batch, False, args.steps, args.warmup),
+        "keras_xla": lambda: keras_step(config, batch, True, args.steps, args.warmup),
+    }
+    for name, run in runs.items():
+        if name in args.skip:
+            continue
+        try:
+            results.append(run())
+        except Exception as e:
+            results.append({"framework": name, "error": f"{type(e).__name__}: {e}"[:500]})
+    ok = [r for r in results if "step_ms" in r]
+    for r in ok:
+        r["flax_speedup"] = r["step_ms"] / flax["step_ms"]  # >1: Flax is faster
+    result = {
+        "benchmark": "peers",
+        "config": args.config,
+        "overrides": args.set,
+        "batch": config.batch_size,
+        "results": results,
+        **common.machine(),
+    }
+    table = [
+        (
+            r["framework"],
+            f"{r['step_ms']:8.1f} ms  {r['clips_per_s']:6.1f} clips/s  "
+            f"flax is {r['flax_speedup']:.2f}x",
+        )
+        for r in ok
+    ]
+    table += [(r["framework"], r["error"]) for r in results if "error" in r]
+    common.emit(result, args.out, table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

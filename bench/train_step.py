@@ -1,0 +1,119 @@
+"""Train-step throughput of a config's model: clips/s, step time, FLOPs and MFU.
+
+  python bench/train_step.py --config configs/bench_reference.py [--set batch_size=32]
+
+Runs the trainer's own jitted step (same shardings, donation and optimizer) on random
+clips over every local device; FLOPs come from XLA's cost analysis of the compiled step,
+and the peak is a float32 matmul measured in the same run. Last line: JSON.
+"""
+
+import sys
+import time
+
+import common
+import jax
+import numpy as np
+
+from sora_jax import config as config_lib
+from sora_jax.data.pipeline import to_global
+from sora_jax.train import sharding
+from sora_jax.train.state import init_state
+from sora_jax.train.step import make_train_step
+from sora_jax.train.trainer import setup_training
+
+
+def random_batch(config, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    d = config.data
+    samples = config_lib.audio_samples(config)
+    return {
+        "frames": rng.integers(
+            0, 256, (batch, d.num_frames, d.crop_size, d.crop_size, 3), np.uint8
+        ),
+        "frame_mask": np.ones((batch, d.num_frames), bool),
+        "audio": rng.integers(-8000, 8000, (batch, samples), np.int16),
+        "audio_len": np.full((batch,), samples, np.int32),
+        "has_video": np.ones(batch, bool),
+        "has_audio": np.ones(batch, bool),
+        "label": rng.integers(0, config.model.num_classes, batch).astype(np.int32),
+    }
+
+
+def flops_of(compiled) -> float:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return float(cost.get("flops", 0.0))
+
+
+def measure(config, steps: int = 20, warmup: int = 3) -> dict:
+    """Time the trainer's step on random clips; FLOPs from XLA's cost analysis."""
+    mesh, model, tx, rng, _, state_sharding = setup_training(config)
+    state = jax.jit(lambda r: init_state(model, tx, config, r), out_shardings=state_sharding)(rng)
+    batch = to_global(random_batch(config, config.batch_size), sharding.batch_sharding(mesh))
+    step = make_train_step(model, tx, config, mesh, state_sharding)
+    start = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    flops = flops_of(compiled)
+    for _ in range(warmup):
+        state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)  # a benchmark syncs every step; the trainer does not
+        times.append(time.perf_counter() - t)
+    step_s = float(np.median(times))
+    return {
+        "batch": config.batch_size,
+        "dtype": config.model.dtype,
+        "clips_per_s": config.batch_size / step_s,
+        "step_ms": step_s * 1e3,
+        "step_ms_p10_p90": [
+            float(np.percentile(times, 10)) * 1e3,
+            float(np.percentile(times, 90)) * 1e3,
+        ],
+        "flops_per_step": flops,
+        "achieved_flops_per_s": flops / step_s,
+        "compile_s": compile_s,
+        "recompiles": step._cache_size() - 1,
+        "final_loss": float(metrics["loss"]),
+    }
+
+
+def main(argv=None) -> int:
+    p = common.parser(__doc__)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    args = p.parse_args(argv)
+    config = common.load_config(args.config, args.set)
+    result = {
+        "benchmark": "train_step",
+        "config": args.config,
+        "overrides": args.set,
+        **measure(config, args.steps, args.warmup),
+    }
+    peak = common.matmul_peak_flops()
+    result.update(
+        peak_matmul_flops_per_s=peak, mfu=result["achieved_flops_per_s"] / peak, **common.machine()
+    )
+    common.emit(
+        result,
+        args.out,
+        [
+            ("clips/s", f"{result['clips_per_s']:.1f}"),
+            ("step", f"{result['step_ms']:.1f} ms (median of {args.steps})"),
+            ("FLOPs/step", f"{result['flops_per_step'] / 1e9:.2f} G"),
+            ("achieved", f"{result['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s"),
+            ("matmul peak", f"{peak / 1e9:.1f} GFLOP/s"),
+            ("MFU", f"{result['mfu']:.1%}"),
+            ("compile", f"{result['compile_s']:.1f} s"),
+            ("device", f"{result['device']} x{result['device_count']}"),
+        ],
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""The benchmark scripts run on a tiny config and print their JSON contract (their
+speed is for BENCHMARKS.md, not for tests)."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = [
+    "--set=batch_size=2",
+    "--set=data.num_frames=2",
+    "--set=data.crop_size=32",
+    "--set=data.audio_samples=4000",
+    "--set=model.audio.hidden=16",
+    "--set=model.visual.widths=(8,8,8,8)",
+    "--set=model.embed_dim=16",
+]
+
+
+def _run(script: str, *args: str, timeout: int = 600) -> dict:
+    done = subprocess.run(
+        [sys.executable, f"bench/{script}", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, XLA_FLAGS=""),
+    )  # one CPU device
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_train_step_prints_the_contract(tmp_path):
+    out = tmp_path / "r.json"
+    result = _run("train_step.py", *TINY, "--steps", "3", "--out", str(out))
+    for key in ("clips_per_s", "step_ms", "flops_per_step", "device", "mfu"):
+        assert key in result, key
+    assert result["flops_per_step"] > 0 and result["recompiles"] == 0
+    assert json.loads(out.read_text()) == result
+
+
+def test_peers_runs_every_installed_framework():
+    skip = (
+        []
+        if importlib.util.find_spec("torch")
+        else ["--skip=pytorch_eager", "--skip=pytorch_compile"]
+    )
+    result = _run("peers.py", *TINY, "--steps", "2", "--warmup", "1", *skip)
+    frameworks = {r["framework"]: r for r in result["results"]}
+    assert not [r for r in frameworks.values() if "error" in r], frameworks
+    assert {"flax", "keras", "keras_xla"} <= set(frameworks)
+    assert all(r["step_ms"] > 0 for r in frameworks.values())
+
+
+def test_peers_pytorch():
+    pytest.importorskip("torch", reason="PyTorch is a bench extra: pip install -e '.[bench]'")
+    result = _run(
+        "peers.py", *TINY, "--steps", "2", "--warmup", "1", "--skip=keras", "--skip=keras_xla"
+    )
+    frameworks = {r["framework"]: r for r in result["results"]}
+    assert {"pytorch_eager", "pytorch_compile"} <= set(frameworks)
+    assert not [r for r in frameworks.values() if "error" in r], frameworks
+
+
+def test_compile_time_and_memory_scripts():
+    compile_result = _run(
+        "compile_time.py", *TINY, "--audio-frames", "50", "200", "--video-frames", "2", "4"
+    )
+    assert set(compile_result["audio_frames_s"]) == {"50", "200"}
+    memory = _run("memory.py", *TINY, "--steps", "1")
+    assert memory["no_remat"]["peak_host_rss_mb"] > 0 and memory["remat"]["step_ms"] > 0
+
+
+def test_input_pipeline_script(demo_data):
+    data_dir, name = demo_data
+    raw = pathlib.Path(data_dir).parent / "raw"
+    result = _run(
+        "input_pipeline.py",
+        "--data-dir",
+        data_dir,
+        "--name",
+        name,
+        "--raw-dir",
+        str(raw),
+        "--examples",
+        "8",
+        "--set=batch_size=8",
+        "--train-steps",
+        "4",
+        "--set=model.visual.widths=(8,8,8)",
+        "--set=log_every=2",
+    )
+    assert result["prepared_clips_per_s_per_core"] > 0
+    assert result["raw_pyav_clips_per_s_per_core"] > 0
+    assert 0 <= result["data_wait_fraction"] <= 1
