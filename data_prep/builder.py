@@ -90,7 +90,8 @@ class SoraVideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _split_generators(self, dl_manager):
         generators = {}
         for split in sorted(self._split_items):
-            items = iter(self._split_items[split]())
+            all_items = self._split_items[split]()
+            items = iter(all_items)
             # tfds cannot write an empty split, so work (in this process) up to the
             # split's first usable item; a split with none is left out, and reported.
             head, head_items = [], []
@@ -103,19 +104,21 @@ class SoraVideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 self.report.extend(row for row, _ in head)
                 continue
             if self._beam_options is None:
-                generators[split] = self._generate_examples(split, head, items)
+                total = len(all_items) if isinstance(all_items, list) else None  # for the ETA
+                generators[split] = self._generate_examples(split, head, items, total)
             else:
                 generators[split] = _BeamSplit(
                     [*head_items, *items], self._work, self._beam_report_dir / split
                 )
         return generators
 
-    def _generate_examples(self, split: str, head: list, rest: Iterable):
+    def _generate_examples(self, split: str, head: list, rest: Iterable, total: int | None):
         results = (
             self._pool.imap(self._work, rest, chunksize=4) if self._pool else map(self._work, rest)
         )
         for row, example in tqdm.tqdm(
             itertools.chain(head, results),
+            total=total,
             desc=f"decoding {split}",
             unit="clip",
             dynamic_ncols=True,

@@ -76,6 +76,8 @@ def test_two_processes_give_the_same_losses_as_one(demo_data, tmp_path, single_p
         [single_process_losses[s] for s in sorted(multi)],
         rtol=2e-5,
     )
+    # Evaluation over both processes counts each of the 20 test clips once.
+    assert json.loads((tmp_path / "eval_test.json").read_text())["num_examples"] == 20
     # Both processes wrote their own data-iterator state into every checkpoint.
     data = tmp_path / "checkpoints" / "24" / "data"
     assert {p.name for p in data.glob("process_*")} == {
@@ -173,3 +175,27 @@ def test_parameters_and_optimizer_state_are_split_across_processes(tmp_path):
         assert all(s[axis] * 4 == r["global_shape"][axis] for s in r["local_shard_shapes"])
         assert r["local_bytes"] * 2 == r["global_bytes"]  # each process holds half
         assert r["mu_local_shard_shapes"] == r["local_shard_shapes"]
+
+
+def test_processes_with_different_configs_fail_naming_the_process(demo_data, tmp_path):
+    config = _config(demo_data)
+    port = launcher.free_port()
+    commands = launcher.process_commands(_train_args(config, tmp_path), 2, port)
+    commands[1].append("--config.seed=7")  # a stale launch script on one host
+    procs = [
+        subprocess.Popen(
+            cmd,
+            env=launcher.process_env(2),
+            cwd=ROOT,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for cmd in commands
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode != 0 for p in procs)
+    assert any("process 1 has a different config from process 0" in out for out in outputs), (
+        outputs[0][-1500:]
+    )
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
