@@ -10,10 +10,11 @@ import sys
 import time
 
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from tests.conftest import small_config
-from tests.test_train import _flags, losses
+from tests.test_train import _train_command, losses
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "launch"))
@@ -21,17 +22,27 @@ import local as launcher  # noqa: E402
 
 
 def _train_args(config, workdir) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "sora_jax.train.cli",
-        "--config",
-        "configs/demo.py",
-        "--workdir",
-        str(workdir),
-        *_flags(config),
-        "--config.distributed.heartbeat_timeout_s=5",
-    ]
+    return [*_train_command(config, workdir), "--config.distributed.heartbeat_timeout_s=5"]
+
+
+def _launch_two(train_args: list[str]) -> subprocess.CompletedProcess:
+    """launch/local.py with 2 processes x 2 CPU devices."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "launch/local.py",
+            "--processes",
+            "2",
+            "--devices-per-process",
+            "2",
+            "--",
+            *train_args,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _config(demo_data):
@@ -52,22 +63,7 @@ def single_process_losses(demo_data, tmp_path_factory):
 
 
 def test_two_processes_give_the_same_losses_as_one(demo_data, tmp_path, single_process_losses):
-    done = subprocess.run(
-        [
-            sys.executable,
-            "launch/local.py",
-            "--processes",
-            "2",
-            "--devices-per-process",
-            "2",
-            "--",
-            *_train_args(_config(demo_data), tmp_path),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = _launch_two(_train_args(_config(demo_data), tmp_path))
     assert done.returncode == 0, done.stdout[-3000:]
     multi = losses(tmp_path)
     assert sorted(multi) == sorted(single_process_losses) == list(range(1, 25))
@@ -116,22 +112,7 @@ def test_a_dead_process_stops_the_other_and_a_relaunch_resumes(
         survivor[-2000:]
     )
     # Relaunch both: they resume from the last checkpoint and finish the same curve.
-    done = subprocess.run(
-        [
-            sys.executable,
-            "launch/local.py",
-            "--processes",
-            "2",
-            "--devices-per-process",
-            "2",
-            "--",
-            *_train_args(config, tmp_path),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = _launch_two(_train_args(config, tmp_path))
     assert done.returncode == 0, done.stdout[-3000:]
     assert "resumed from step" in done.stdout
     resumed = losses(tmp_path)
@@ -199,3 +180,30 @@ def test_processes_with_different_configs_fail_naming_the_process(demo_data, tmp
         outputs[0][-1500:]
     )
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_sigterm_to_one_process_stops_both_at_one_checkpoint(demo_data, tmp_path):
+    config = _config(demo_data)
+    config.total_steps, config.log_every = 200, 2
+    commands = launcher.process_commands(_train_args(config, tmp_path), 2, launcher.free_port())
+    procs = [
+        subprocess.Popen(
+            cmd,
+            env=launcher.process_env(2),
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for cmd in commands
+    ]
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 6):
+        assert time.time() < deadline and all(p.poll() is None for p in procs), "no progress"
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)  # only one host is being preempted
+    codes = [p.wait(timeout=120) for p in procs]
+    assert codes == [0, 0]
+    saved = ocp.CheckpointManager((tmp_path / "checkpoints").absolute()).latest_step()
+    assert saved is not None and saved < 200 and saved % 2 == 0
+    assert max(losses(tmp_path)) == saved  # both stopped right after that step

@@ -73,7 +73,9 @@ def check_processes_agree(config: ml_collections.ConfigDict, summary) -> None:
 
 
 class _Preemption:
-    """SIGTERM sets a flag; the loop saves a checkpoint at the next step and exits."""
+    """SIGTERM sets a flag; the loop saves a checkpoint and exits. With several
+    processes, all must stop at the same step (a checkpoint is collective), so the flag
+    is shared at log steps, which are host syncs anyway."""
 
     def __init__(self):
         self.requested = False
@@ -81,6 +83,14 @@ class _Preemption:
 
     def _handle(self, signum, frame):
         self.requested = True
+
+    def should_stop(self, step: int, at_sync_point: bool) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        if not at_sync_point:
+            return False
+        flags = multihost_utils.process_allgather(np.int32(self.requested))
+        return bool(np.asarray(flags).any())
 
     def restore(self):
         signal.signal(signal.SIGTERM, self._previous)
@@ -268,7 +278,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, device
                     step,
                 )
                 logger.eval(step, result)
-            stop = preemption.requested or manager.reached_preemption(step)
+            stop = preemption.should_stop(step, at_sync_point=step % config.log_every == 0)
+            stop = stop or manager.reached_preemption(step)
             if evaluate_now or stop or step % config.checkpoint.every_steps == 0:
                 _check_finite(state)
                 scores = {k: result[k] for k in ("top1", "map")} if evaluate_now else None
