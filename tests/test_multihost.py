@@ -70,7 +70,7 @@ def test_two_processes_give_the_same_losses_as_one(demo_data, tmp_path, single_p
     np.testing.assert_allclose(
         [multi[s] for s in sorted(multi)],
         [single_process_losses[s] for s in sorted(multi)],
-        rtol=2e-5,
+        rtol=2e-4,  # float drift: all-reduce order differs across process counts
     )
     # Evaluation over both processes counts each of the 20 test clips once.
     assert json.loads((tmp_path / "eval_test.json").read_text())["num_examples"] == 20
@@ -108,9 +108,9 @@ def test_a_dead_process_stops_the_other_and_a_relaunch_resumes(
     survivor = (tmp_path / "log0.txt").read_text()
     assert procs[0].returncode != 0
     assert waited < 90, waited
-    assert any(word in survivor for word in ("heartbeat", "task", "UNAVAILABLE", "process")), (
-        survivor[-2000:]
-    )
+    # JAX's own words: "Terminating process because the JAX distributed service detected
+    # fatal errors. This most likely indicates that another task died".
+    assert "another task died" in survivor, survivor[-2000:]
     # Relaunch both: they resume from the last checkpoint and finish the same curve.
     done = _launch_two(_train_args(config, tmp_path))
     assert done.returncode == 0, done.stdout[-3000:]
@@ -119,7 +119,7 @@ def test_a_dead_process_stops_the_other_and_a_relaunch_resumes(
     np.testing.assert_allclose(
         [resumed[s] for s in range(1, 25)],
         [single_process_losses[s] for s in range(1, 25)],
-        rtol=2e-5,
+        rtol=2e-4,  # float drift: all-reduce order differs across process counts
     )
 
 
