@@ -246,7 +246,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, device
             pending.append(metrics)
             step += 1
             last = step == config.total_steps
-            if step % config.log_every == 0 or last:
+            stop = preemption.should_stop(step, at_sync_point=step % config.log_every == 0)
+            stop = stop or manager.reached_preemption(step)
+            if step % config.log_every == 0 or last or stop:  # stop: log every step run
                 per_step = jax.device_get(pending)  # the one host sync per log interval
                 _check_finite(state)
                 elapsed = time.perf_counter() - window_start
@@ -278,8 +280,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, device
                     step,
                 )
                 logger.eval(step, result)
-            stop = preemption.should_stop(step, at_sync_point=step % config.log_every == 0)
-            stop = stop or manager.reached_preemption(step)
             if evaluate_now or stop or step % config.checkpoint.every_steps == 0:
                 _check_finite(state)
                 scores = {k: result[k] for k in ("top1", "map")} if evaluate_now else None
