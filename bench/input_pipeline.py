@@ -24,7 +24,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def prepared_clips_per_s(config, examples: int) -> float:
     """One core: records already in the dataset -> training clips."""
-    source = pipeline._source(config, config.data.train_split)
+    source = pipeline.data_source(config, config.data.train_split)
     spec = pipeline.clip_spec(config)
     rng = np.random.default_rng(0)
     start = time.perf_counter()

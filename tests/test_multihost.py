@@ -25,7 +25,7 @@ def _train_args(config, workdir) -> list[str]:
     return [*_train_command(config, workdir), "--config.distributed.heartbeat_timeout_s=5"]
 
 
-def _launch_two(train_args: list[str]) -> subprocess.CompletedProcess:
+def _launch_two(train_args: list[str], env=None) -> subprocess.CompletedProcess:
     """launch/local.py with 2 processes x 2 CPU devices."""
     return subprocess.run(
         [
@@ -42,6 +42,7 @@ def _launch_two(train_args: list[str]) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         timeout=600,
+        env=env,
     )
 
 
@@ -124,24 +125,8 @@ def test_a_dead_process_stops_the_other_and_a_relaunch_resumes(
 
 
 def test_parameters_and_optimizer_state_are_split_across_processes(tmp_path):
-    done = subprocess.run(
-        [
-            sys.executable,
-            "launch/local.py",
-            "--processes",
-            "2",
-            "--devices-per-process",
-            "2",
-            "--",
-            sys.executable,
-            "tests/multihost_probe.py",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-    )
+    probe = [sys.executable, "tests/multihost_probe.py"]
+    done = _launch_two(probe, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert done.returncode == 0, done.stdout[-3000:]
     reports = [
         json.loads(line.split("PROBE ", 1)[1])

@@ -9,7 +9,6 @@ examples so that every process runs the same number of steps.
 
 import dataclasses
 import math
-import pathlib
 
 import grain
 import jax
@@ -91,7 +90,8 @@ def _ensure_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def _source(config: ml_collections.ConfigDict, split: str):
+def data_source(config: ml_collections.ConfigDict, split: str):
+    """The tfds ArrayRecord data source of a prepared split (random access)."""
     _ensure_flags_parsed()
     return tfds.data_source(config.data.name, split=split, data_dir=config.data.dir)
 
@@ -112,7 +112,7 @@ def train_dataset(config: ml_collections.ConfigDict, local_batch_size: int) -> g
     gives p and the process count). So the assembled global batch, and the loss curve,
     are the same for any number of processes and any number of worker processes.
     """
-    source = _source(config, config.data.train_split)
+    source = data_source(config, config.data.train_split)
     shard = grain.sharding.ShardByJaxProcess(drop_remainder=True)
     global_batch = local_batch_size * shard.shard_count
     # A finite repeat lets the per-process slice below index the stream; one spare epoch
@@ -156,7 +156,7 @@ def eval_batches_per_process(num_examples: int, local_batch_size: int) -> int:
 
 def eval_dataset(config: ml_collections.ConfigDict, split: str, local_batch_size: int):
     """Multi-view evaluation batches; every example appears once over all processes."""
-    source = _source(config, split)
+    source = data_source(config, split)
     batches = eval_batches_per_process(len(source), local_batch_size)
     per_process = batches * local_batch_size
     shard = _PaddedShard(source, jax.process_index() * per_process, per_process)
@@ -180,7 +180,3 @@ def to_global(local_batch: dict[str, np.ndarray], sharding: jax.sharding.Shardin
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
     )
-
-
-def data_dir_exists(config: ml_collections.ConfigDict) -> bool:
-    return (pathlib.Path(config.data.dir) / config.data.name).exists()

@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils
 
 from sora_jax.data import pipeline
 from sora_jax.train import metrics as metrics_lib
+from sora_jax.train.sharding import batch_sharding
 from sora_jax.train.step import make_eval_step
 
 MODES = ("full", "audio_only", "video_only")
@@ -25,8 +26,6 @@ MODES = ("full", "audio_only", "video_only")
 
 def evaluation_scores(model, params, config: ml_collections.ConfigDict, split: str, mesh):
     """Clip scores for every example of `split` exactly once: {mode: [N, C]}, labels."""
-    from sora_jax.train.sharding import batch_sharding
-
     local_batch = config.data.eval_batch_size // jax.process_count()
     eval_step = make_eval_step(model, config.model.multi_label, mesh)
     sharding = batch_sharding(mesh)
