@@ -90,9 +90,11 @@ def training_data_wait(args, steps: int) -> dict:
     steady = windows[1:] or windows  # the first window includes compilation
     total = sum(w["steps"] * w["step_time_s"] for w in steady)
     wait = sum(w["steps"] * w["step_time_s"] * w["data_wait"] for w in steady)
+    fetch = sum(w["steps"] * w["step_time_s"] * w["input_fetch"] for w in steady)
     return {
         "train_steps": steps,
         "data_wait_fraction": wait / total,
+        "input_fetch_fraction": fetch / total,
         "train_clips_per_s": float(np.mean([w["clips_per_s"] for w in steady])),
     }
 
@@ -141,6 +143,7 @@ def main(argv=None) -> int:
     ]
     if args.train_steps:
         table.append(("training data wait", f"{result['data_wait_fraction']:.1%}"))
+        table.append(("host time fetching", f"{result['input_fetch_fraction']:.1%}"))
     common.emit(result, args.out, table)
     return 0
 

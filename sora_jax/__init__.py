@@ -7,3 +7,13 @@ import os as _os
 # TensorFlow is imported only because tfds reads ArrayRecord datasets through it; its C++
 # start-up chatter (oneDNN notes, absent-GPU warnings) says nothing about this project.
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# XLA:CPU hands convolutions to YNNPACK by default (jaxlib 0.10), where ours ran 2-4x slower
+# than on its Eigen path, their weight gradients most (BENCHMARKS.md, "YNNPACK"); dots stay
+# on YNNPACK. Read when the CPU backend starts, so it must be set before the first JAX
+# computation; a value the user already chose is kept.
+_YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+if _YNN_FLAG not in _os.environ.get("XLA_FLAGS", ""):
+    _os.environ["XLA_FLAGS"] = (
+        f"{_os.environ.get('XLA_FLAGS', '')} {_YNN_FLAG}=individual_dot".strip()
+    )

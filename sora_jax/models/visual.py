@@ -6,6 +6,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from sora_jax.models.conv import Conv
+
 # Pixels are normalised inside the model so that exported models take raw uint8 frames.
 # (NumPy constants: a jnp array here would start the XLA backend at import time, before
 # jax.distributed.initialize may run.)
@@ -51,9 +53,7 @@ class ConvBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x):  # x: [N, H, W, C]
-        conv = lambda w, k, s, name: nn.Conv(
-            w, (k, k), strides=(s, s), padding="SAME", dtype=self.dtype, name=name
-        )
+        conv = lambda w, k, s, name: Conv(w, k, s, self.dtype, name=name)
         y = nn.relu(
             Norm(self.norm, self.dtype, name="norm_a")(
                 conv(self.width, 3, self.stride, "conv_a")(x)

@@ -234,14 +234,21 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, device
     logger = _Logger(workdir, config.total_steps, start, main_process)
     preemption = _Preemption()
     pending: list = []
-    window_start, data_wait = time.perf_counter(), 0.0
+    window_start, data_wait, input_fetch = time.perf_counter(), 0.0, 0.0
     result: dict = {}
     try:
         step = start
         while step < config.total_steps:
             t = time.perf_counter()
             batch = pipeline.to_global(next(iterator), batch_sharding)
-            data_wait += time.perf_counter() - t
+            fetch = time.perf_counter() - t
+            input_fetch += fetch
+            # Dispatch is asynchronous, so fetching mostly overlaps steps still running. The
+            # device waited for this batch only if it had run out of dispatched steps by the
+            # time the batch arrived (`is_ready` does not block): count the whole fetch then,
+            # an upper bound on the device's idle time.
+            if not pending or pending[-1]["loss"].is_ready():
+                data_wait += fetch
             state, metrics = train_step(state, batch)  # asynchronous: no host sync here
             pending.append(metrics)
             step += 1
@@ -259,6 +266,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, device
                         "clips_per_s": len(pending) * config.batch_size / elapsed,
                         "step_time_s": elapsed / len(pending),
                         "data_wait": data_wait / elapsed,
+                        "input_fetch": input_fetch / elapsed,
                     },
                 )
                 if train_step._cache_size() > 1:
@@ -266,7 +274,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, device
                         "train_step compiled %d times: input shapes or shardings changed",
                         train_step._cache_size(),
                     )
-                pending, window_start, data_wait = [], time.perf_counter(), 0.0
+                pending, window_start, data_wait, input_fetch = [], time.perf_counter(), 0.0, 0.0
             evaluate_now = last or (config.eval_every and step % config.eval_every == 0)
             if evaluate_now:
                 result = evaluate(

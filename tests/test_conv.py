@@ -1,0 +1,116 @@
+"""The visual tower's Conv: nn.Conv's parameters and values, its own gradient lowering."""
+
+import os
+import re
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sora_jax.models.conv import Conv
+
+CASES = [  # (N, H, W, in, out, kernel, stride)
+    (2, 8, 8, 3, 5, 3, 2),  # phase path: even sizes, 3x3, stride 2
+    (2, 12, 6, 4, 6, 3, 2),  # phase path, H != W
+    (2, 7, 9, 4, 6, 3, 2),  # odd sizes: lax's own gradient
+    (3, 6, 6, 4, 4, 3, 1),  # stride 1
+    (2, 6, 10, 4, 8, 1, 2),  # 1x1 shortcut projection
+]
+
+
+def _loss(module):
+    # A nonlinear function of the output, so every output pixel gets a different cotangent.
+    return lambda params, x: jnp.sum(jnp.sin(module.apply(params, x).astype(jnp.float32)))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+def test_conv_equals_nn_conv_in_parameters_values_and_gradients(case):
+    n, h, w, cin, cout, k, s = case
+    x = jax.random.normal(jax.random.PRNGKey(0), (n, h, w, cin))
+    ours = Conv(cout, k, s)
+    flax_conv = nn.Conv(cout, (k, k), strides=(s, s), padding="SAME")
+    params = ours.init(jax.random.PRNGKey(1), x)
+    # Same names, shapes and initial values: checkpoints and runs carry over.
+    np.testing.assert_equal(
+        jax.tree.map(np.asarray, params),
+        jax.tree.map(np.asarray, flax_conv.init(jax.random.PRNGKey(1), x)),
+    )
+    params = jax.tree.map(lambda p: p + 0.1, params)  # a nonzero bias
+    np.testing.assert_array_equal(ours.apply(params, x), flax_conv.apply(params, x))
+    ours_grads = jax.grad(_loss(ours), argnums=(0, 1))(params, x)
+    flax_grads = jax.grad(_loss(flax_conv), argnums=(0, 1))(params, x)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+        ours_grads,
+        flax_grads,
+    )
+
+
+def test_bfloat16_gradients_stay_close_to_float32():
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 16, 16, 8))
+    f32, bf16 = Conv(16, 3, 2), Conv(16, 3, 2, dtype=jnp.bfloat16)
+    params = jax.tree.map(lambda p: p + 0.05, f32.init(jax.random.PRNGKey(1), x))
+    exact = jax.grad(_loss(f32), argnums=(0, 1))(params, x)
+    low = jax.grad(_loss(bf16), argnums=(0, 1))(params, x)
+    for a, b in zip(jax.tree.leaves(low), jax.tree.leaves(exact), strict=True):
+        assert a.dtype == b.dtype == jnp.float32  # parameters and inputs keep their dtype
+        assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 2e-2
+
+
+def _conv_ops(hlo_text: str) -> list[str]:
+    return [line for line in hlo_text.splitlines() if "convolution(" in line]
+
+
+def test_strided_input_gradient_has_no_zero_dilated_convolution():
+    """XLA's own input gradient of a stride-2 conv dilates dy with zeros (lhs_dilate);
+    the phase split must replace it, and odd sizes must keep it."""
+    x = jnp.ones((2, 8, 8, 4))
+    model = Conv(8, 3, 2)
+    params = model.init(jax.random.PRNGKey(0), x)
+    input_grad = jax.jit(jax.grad(_loss(model), argnums=1))
+    ops = _conv_ops(input_grad.lower(params, x).as_text(dialect="hlo"))
+    assert ops and not any("lhs_dilate" in op for op in ops)
+    odd = jnp.ones((2, 7, 7, 4))
+    ops = _conv_ops(input_grad.lower(params, odd).as_text(dialect="hlo"))
+    assert any("lhs_dilate" in op for op in ops)
+
+
+def _reduce_windows_over_activations(module, shape) -> list[str]:
+    x = jax.ShapeDtypeStruct(shape, jnp.float32)
+    params = jax.eval_shape(module.init, jax.random.PRNGKey(0), x)
+    compiled = jax.jit(jax.grad(_loss(module))).lower(params, x).compile().as_text()
+    # A sum over the whole [N, H, W, C] activation shows as a rank-4 reduce-window.
+    shapes = re.findall(r"= f32\[([\d,]*)\]\S* reduce-window\(", compiled)
+    return [dims for dims in shapes if dims.count(",") == 3]
+
+
+def test_bias_gradient_is_not_a_reduce_window_over_the_activation():
+    """XLA:CPU turns nn.Conv's bias gradient (a sum over N, H, W) into a slow reduce-window;
+    ours sums over N as a product with ones first, leaving a small [H*W, C] sum."""
+    shape = (64, 32, 32, 8)
+    assert _reduce_windows_over_activations(nn.Conv(8, (3, 3), padding="SAME"), shape)
+    assert not _reduce_windows_over_activations(Conv(8, 3, 1), shape)
+
+
+def _xla_flags_after_import(env_flags: str | None) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    if env_flags is not None:
+        env["XLA_FLAGS"] = env_flags
+    code = "import os, sora_jax; print(os.environ['XLA_FLAGS'])"
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def test_import_routes_convolutions_off_ynnpack_unless_the_user_chose():
+    assert _xla_flags_after_import(None) == "--xla_cpu_experimental_ynn_fusion_type=individual_dot"
+    assert _xla_flags_after_import("--xla_force_host_platform_device_count=2").split() == [
+        "--xla_force_host_platform_device_count=2",
+        "--xla_cpu_experimental_ynn_fusion_type=individual_dot",
+    ]
+    own = "--xla_cpu_experimental_ynn_fusion_type="
+    assert _xla_flags_after_import(own) == own
