@@ -42,6 +42,7 @@ bench: demo-data
 	$(BIN)/python -m pip install --quiet -e ".[test,bench]"
 	$(BIN)/python bench/train_step.py --out bench/results/train_step.json
 	$(BIN)/python bench/peers.py --out bench/results/peers.json
+	$(BIN)/python bench/conv_layers.py --out bench/results/conv_layers.json
 	$(BIN)/python bench/input_pipeline.py --train-steps 300 --out bench/results/input_pipeline.json
 	$(BIN)/python bench/compile_time.py --out bench/results/compile_time.json
 	$(BIN)/python bench/memory.py --out bench/results/memory.json

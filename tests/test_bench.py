@@ -98,3 +98,12 @@ def test_input_pipeline_script(demo_data):
     assert result["prepared_clips_per_s_per_core"] > 0
     assert result["raw_pyav_clips_per_s_per_core"] > 0
     assert 0 <= result["data_wait_fraction"] <= 1
+
+
+def test_conv_layers_times_every_reference_conv_both_ways():
+    result = _run("conv_layers.py", "--frames", "1")
+    assert len(result["layers"]) == 8
+    for row in result["layers"]:
+        for impl in ("ours", "nn_conv"):
+            assert set(row[impl]) == {"forward_ms", "input_grad_ms", "param_grad_ms"}
+            assert all(v > 0 for v in row[impl].values())
