@@ -12,8 +12,7 @@ _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # than on its Eigen path, their weight gradients most (BENCHMARKS.md, "YNNPACK"); dots stay
 # on YNNPACK. Read when the CPU backend starts, so it must be set before the first JAX
 # computation; a value the user already chose is kept.
-_YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
-if _YNN_FLAG not in _os.environ.get("XLA_FLAGS", ""):
-    _os.environ["XLA_FLAGS"] = (
-        f"{_os.environ.get('XLA_FLAGS', '')} {_YNN_FLAG}=individual_dot".strip()
-    )
+YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+YNN_SETTING = f"{YNN_FLAG}=individual_dot"
+if YNN_FLAG not in _os.environ.get("XLA_FLAGS", ""):
+    _os.environ["XLA_FLAGS"] = f"{_os.environ.get('XLA_FLAGS', '')} {YNN_SETTING}".strip()

@@ -14,9 +14,10 @@ import pytest
 from sora_jax.models.conv import Conv
 
 CASES = [  # (N, H, W, in, out, kernel, stride)
-    (2, 8, 8, 3, 5, 3, 2),  # phase path: even sizes, 3x3, stride 2
-    (2, 12, 6, 4, 6, 3, 2),  # phase path, H != W
-    (2, 7, 9, 4, 6, 3, 2),  # odd sizes: lax's own gradient
+    (2, 8, 8, 16, 5, 3, 2),  # phase path: even sizes, 3x3, stride 2, >= 16 channels in
+    (2, 12, 6, 16, 6, 3, 2),  # phase path, H != W
+    (2, 8, 8, 3, 5, 3, 2),  # RGB input: lax's own input gradient
+    (2, 7, 9, 16, 6, 3, 2),  # odd sizes: lax's own input gradient
     (3, 6, 6, 4, 4, 3, 1),  # stride 1
     (2, 6, 10, 4, 8, 1, 2),  # 1x1 shortcut projection
 ]
@@ -51,7 +52,7 @@ def test_conv_equals_nn_conv_in_parameters_values_and_gradients(case):
 
 
 def test_bfloat16_gradients_stay_close_to_float32():
-    x = jax.random.normal(jax.random.PRNGKey(0), (4, 16, 16, 8))
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 16, 16, 16))  # phase path
     f32, bf16 = Conv(16, 3, 2), Conv(16, 3, 2, dtype=jnp.bfloat16)
     params = jax.tree.map(lambda p: p + 0.05, f32.init(jax.random.PRNGKey(1), x))
     exact = jax.grad(_loss(f32), argnums=(0, 1))(params, x)
@@ -67,14 +68,14 @@ def _conv_ops(hlo_text: str) -> list[str]:
 
 def test_strided_input_gradient_has_no_zero_dilated_convolution():
     """XLA's own input gradient of a stride-2 conv dilates dy with zeros (lhs_dilate);
-    the phase split must replace it, and odd sizes must keep it."""
-    x = jnp.ones((2, 8, 8, 4))
+    the phase split must replace it, and odd sizes must keep XLA's."""
+    x = jnp.ones((2, 8, 8, 16))
     model = Conv(8, 3, 2)
     params = model.init(jax.random.PRNGKey(0), x)
     input_grad = jax.jit(jax.grad(_loss(model), argnums=1))
     ops = _conv_ops(input_grad.lower(params, x).as_text(dialect="hlo"))
     assert ops and not any("lhs_dilate" in op for op in ops)
-    odd = jnp.ones((2, 7, 7, 4))
+    odd = jnp.ones((2, 7, 7, 16))
     ops = _conv_ops(input_grad.lower(params, odd).as_text(dialect="hlo"))
     assert any("lhs_dilate" in op for op in ops)
 
