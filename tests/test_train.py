@@ -104,6 +104,11 @@ def test_an_interrupted_run_resumes_with_the_same_losses(demo_data, tmp_path, si
     config.total_steps, config.log_every, config.checkpoint.every_steps = 40, 2, 6
     reference = tmp_path / "reference"
     subprocess.run(_train_command(config, reference), check=True, cwd=ROOT, capture_output=True)
+    windows = [json.loads(x) for x in (reference / "throughput.jsonl").read_text().splitlines()]
+    # Data wait counts only the fetches the device had to wait for: a part of the fetch time,
+    # and at least the first fetch, made before any step was dispatched.
+    assert all(0 <= w["data_wait"] <= w["input_fetch"] <= 1 for w in windows), windows
+    assert windows[0]["data_wait"] > 0
     workdir = tmp_path / "interrupted"
     process = subprocess.Popen(
         _train_command(config, workdir),
