@@ -5,7 +5,7 @@ differently (same mathematics, BENCHMARKS.md has the measurements):
 
 * Input gradient of a stride-2 3x3 convolution. XLA computes it as a convolution over the
   output gradient dilated with zeros, so three quarters of its multiplies are by zero (on
-  the CPU it cost 2-7x the forward pass). Split by the parity of the input pixel instead:
+  the CPU it cost 1.5-7x the forward pass). Split by the parity of the input pixel instead:
   each of the four phases (even/odd row x even/odd column) is a small stride-1 convolution
   of the output gradient with the kernel taps that reach it (2x2, 2x1, 1x2 and 1x1 of the
   3x3 taps: 9 taps, no zeros); the phases are then interleaved.
