@@ -41,6 +41,8 @@ def get_config() -> ml_collections.ConfigDict:
             residual=True,
             temporal_pool="mean",
             remat=False,
+            # auto: oneDNN's convolution kernels on the CPU, XLA's elsewhere; or xla, onednn.
+            conv_backend="auto",
         ),
         audio=dict(
             cell="lstm",

@@ -5,8 +5,10 @@ import pathlib
 
 import ml_collections
 
+from sora_jax.kernels import onednn
 from sora_jax.models import DTYPES, FUSIONS
 from sora_jax.models.audio import CELLS
+from sora_jax.models.conv import BACKENDS as CONV_BACKENDS
 
 
 class ConfigError(ValueError):
@@ -33,6 +35,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _one_of(config, "model.audio.cell", CELLS)
     _one_of(config, "model.visual.norm", ("none", "group", "layer"))
     _one_of(config, "model.visual.temporal_pool", ("mean", "max", "attention"))
+    conv_backend = m.visual.get("conv_backend", "auto")  # absent from older saved configs
+    _check(
+        conv_backend in CONV_BACKENDS,
+        "model.visual.conv_backend",
+        f"{conv_backend!r} is not one of {CONV_BACKENDS}",
+    )
+    if conv_backend == "onednn":
+        why_not = onednn.unavailable_reason()
+        _check(why_not is None, "model.visual.conv_backend", f"'onednn' cannot run: {why_not}")
     _one_of(config, "optimizer.name", ("adamw", "sgd"))
     _one_of(config, "optimizer.schedule", ("cosine", "constant"))
     v = m.visual

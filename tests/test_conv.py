@@ -1,4 +1,5 @@
-"""The visual tower's Conv: nn.Conv's parameters and values, its own gradient lowering."""
+"""The visual tower's Conv: nn.Conv's parameters, values and gradients on both backends,
+and the XLA backend's own gradient lowering (test_onednn_conv.py has the oneDNN side)."""
 
 import os
 import re
@@ -28,11 +29,12 @@ def _loss(module):
     return lambda params, x: jnp.sum(jnp.sin(module.apply(params, x).astype(jnp.float32)))
 
 
+@pytest.mark.parametrize("backend", ["xla", "onednn"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
-def test_conv_equals_nn_conv_in_parameters_values_and_gradients(case):
+def test_conv_equals_nn_conv_in_parameters_values_and_gradients(case, backend):
     n, h, w, cin, cout, k, s = case
     x = jax.random.normal(jax.random.PRNGKey(0), (n, h, w, cin))
-    ours = Conv(cout, k, s)
+    ours = Conv(cout, k, s, backend=backend)
     flax_conv = nn.Conv(cout, (k, k), strides=(s, s), padding="SAME")
     params = ours.init(jax.random.PRNGKey(1), x)
     # Same names, shapes and initial values: checkpoints and runs carry over.
@@ -41,7 +43,12 @@ def test_conv_equals_nn_conv_in_parameters_values_and_gradients(case):
         jax.tree.map(np.asarray, flax_conv.init(jax.random.PRNGKey(1), x)),
     )
     params = jax.tree.map(lambda p: p + 0.1, params)  # a nonzero bias
-    np.testing.assert_array_equal(ours.apply(params, x), flax_conv.apply(params, x))
+    if backend == "xla":  # XLA's own forward convolution: the very same numbers
+        np.testing.assert_array_equal(ours.apply(params, x), flax_conv.apply(params, x))
+    else:  # oneDNN's kernel sums in another order
+        np.testing.assert_allclose(
+            ours.apply(params, x), flax_conv.apply(params, x), rtol=1e-5, atol=1e-5
+        )
     ours_grads = jax.grad(_loss(ours), argnums=(0, 1))(params, x)
     flax_grads = jax.grad(_loss(flax_conv), argnums=(0, 1))(params, x)
     jax.tree.map(
@@ -51,9 +58,11 @@ def test_conv_equals_nn_conv_in_parameters_values_and_gradients(case):
     )
 
 
-def test_bfloat16_gradients_stay_close_to_float32():
+@pytest.mark.parametrize("backend", ["xla", "onednn"])
+def test_bfloat16_gradients_stay_close_to_float32(backend):
     x = jax.random.normal(jax.random.PRNGKey(0), (4, 16, 16, 16))  # phase path
-    f32, bf16 = Conv(16, 3, 2), Conv(16, 3, 2, dtype=jnp.bfloat16)
+    f32 = Conv(16, 3, 2, backend=backend)
+    bf16 = Conv(16, 3, 2, dtype=jnp.bfloat16, backend=backend)
     params = jax.tree.map(lambda p: p + 0.05, f32.init(jax.random.PRNGKey(1), x))
     exact = jax.grad(_loss(f32), argnums=(0, 1))(params, x)
     low = jax.grad(_loss(bf16), argnums=(0, 1))(params, x)
@@ -70,7 +79,7 @@ def test_strided_input_gradient_has_no_zero_dilated_convolution():
     """XLA's own input gradient of a stride-2 conv dilates dy with zeros (lhs_dilate);
     the phase split must replace it, and odd sizes must keep XLA's."""
     x = jnp.ones((2, 8, 8, 16))
-    model = Conv(8, 3, 2)
+    model = Conv(8, 3, 2, backend="xla")
     params = model.init(jax.random.PRNGKey(0), x)
     input_grad = jax.jit(jax.grad(_loss(model), argnums=1))
     ops = _conv_ops(input_grad.lower(params, x).as_text(dialect="hlo"))
@@ -94,7 +103,7 @@ def test_bias_gradient_is_not_a_reduce_window_over_the_activation():
     ours sums over N as a product with ones first, leaving a small [H*W, C] sum."""
     shape = (64, 32, 32, 8)
     assert _reduce_windows_over_activations(nn.Conv(8, (3, 3), padding="SAME"), shape)
-    assert not _reduce_windows_over_activations(Conv(8, 3, 1), shape)
+    assert not _reduce_windows_over_activations(Conv(8, 3, 1, backend="xla"), shape)
 
 
 def _xla_flags_after_import(env_flags: str | None) -> str:

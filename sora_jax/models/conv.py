@@ -1,7 +1,15 @@
-"""The visual tower's convolution: `nn.Conv`'s mathematics, with gradients XLA:CPU runs faster.
+"""The visual tower's convolution: `nn.Conv`'s mathematics, lowered to run fast on the CPU.
 
-The forward pass and the weight gradient are XLA's own. Two gradients are lowered
-differently (same mathematics, BENCHMARKS.md has the measurements):
+Two backends compute the same convolution (BENCHMARKS.md has the measurements):
+
+* `onednn` (the default on the CPU, `auto`): forward pass, input gradient and weight+bias
+  gradient are oneDNN's kernels called as XLA custom calls (sora_jax/kernels), the kernels
+  PyTorch runs on the CPU; XLA:CPU's own weight gradient ran 2-4x slower, and only oneDNN
+  uses AMX for bfloat16. A custom call is opaque to XLA's partitioner, so under a mesh each
+  device runs it on its own rows of the batch (`shard_map`) and weight gradients are summed
+  across devices, as XLA would have done.
+* `xla` (accelerators, exported models, or `model.visual.conv_backend='xla'`): XLA's
+  forward pass and weight gradient. Two gradients are lowered differently from XLA's:
 
 * Input gradient of a stride-2 3x3 convolution. XLA computes it as a convolution over the
   output gradient dilated with zeros, so three quarters of its multiplies are by zero (on
@@ -14,13 +22,18 @@ differently (same mathematics, BENCHMARKS.md has the measurements):
   batch, then a small sum, reads the gradient once at full speed.
 """
 
+from collections.abc import Callable
 from functools import partial
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
+from sora_jax.kernels import onednn
+
+BACKENDS = ("auto", "xla", "onednn")
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 # For a 3x3 kernel, stride 2, SAME padding and even input size, padding is (0, 1) and
@@ -67,18 +80,56 @@ def _bias_grad(dy: jax.Array) -> jax.Array:
     return per_pixel.reshape(-1, dy.shape[-1]).sum(axis=0).astype(dy.dtype)  # [H*W*O] -> [O]
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3,))
-def conv2d(x: jax.Array, w: jax.Array, b: jax.Array, stride: int) -> jax.Array:
+def conv2d(
+    x: jax.Array, w: jax.Array, b: jax.Array, stride: int, backend: str = "auto"
+) -> jax.Array:
     """SAME-padded 2-D convolution plus bias: x [N, H, W, I], w [k, k, I, O], b [O] ->
-    [N, ceil(H/s), ceil(W/s), O]. Equals `nn.Conv`'s; only the gradients are lowered apart."""
+    [N, ceil(H/s), ceil(W/s), O]. Equals `nn.Conv`'s whatever the backend."""
+    if resolve_backend(backend, x) == "onednn":
+        return _conv2d_onednn(x, w, b, stride)
+    return _conv2d_xla(x, w, b, stride)
+
+
+def resolve_backend(backend: str, x: jax.Array) -> str:
+    """`auto` -> `onednn` where it can run (the CPU, float32/bfloat16, static shapes, the
+    kernel built), else `xla`; `onednn` where it cannot is an error, not a silent fallback."""
+    if backend not in BACKENDS:
+        raise ValueError(f"conv backend {backend!r} is not one of {BACKENDS}")
+    if backend == "xla":
+        return "xla"
+    platform = jax.default_backend()
+    why_not = None
+    if platform != "cpu":
+        why_not = f"the oneDNN kernels run on the CPU, not on {platform}"
+    elif x.dtype not in onednn.DTYPES:
+        why_not = f"the oneDNN kernels take float32 or bfloat16, not {x.dtype}"
+    elif not all(isinstance(d, int) for d in x.shape):
+        why_not = f"the oneDNN kernels need static shapes, not {x.shape}"
+    if why_not is None and not onednn.available():
+        if backend == "auto":
+            onednn.warn_unavailable_once()
+            return "xla"
+        why_not = onednn.unavailable_reason()
+    if why_not is None:
+        return "onednn"
+    if backend == "onednn":
+        raise ValueError(f"conv backend 'onednn': {why_not}")
+    return "xla"
+
+
+# ---- XLA ----
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _conv2d_xla(x: jax.Array, w: jax.Array, b: jax.Array, stride: int) -> jax.Array:
     return _conv(x, w, stride) + b
 
 
-def _conv2d_fwd(x, w, b, stride):
-    return conv2d(x, w, b, stride), (x, w)
+def _conv2d_xla_fwd(x, w, b, stride):
+    return _conv2d_xla(x, w, b, stride), (x, w)
 
 
-def _conv2d_bwd(stride, residuals, dy):
+def _conv2d_xla_bwd(stride, residuals, dy):
     x, w = residuals
     _, vjp = jax.vjp(lambda x_, w_: _conv(x_, w_, stride), x, w)
     if _takes_phase_path(x, w, stride):
@@ -88,7 +139,70 @@ def _conv2d_bwd(stride, residuals, dy):
     return dx, dw, _bias_grad(dy)
 
 
-conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+_conv2d_xla.defvjp(_conv2d_xla_fwd, _conv2d_xla_bwd)
+
+
+# ---- oneDNN ----
+
+
+def _same_pads(x: jax.Array, w: jax.Array, stride: int) -> list[tuple[int, int]]:
+    return lax.padtype_to_pads(x.shape[1:3], w.shape[:2], (stride, stride), "SAME")
+
+
+def _per_batch_shard(fn: Callable, batched_in: tuple, batched_out: tuple, rows: int) -> Callable:
+    """fn on each device's rows of the batch under the tracing mesh (the train and eval
+    steps set it); outputs that are not per-row (weight gradients) are summed over devices.
+
+    This project's mesh is all data parallelism (train/sharding.py), so the batch is the
+    only sharded dimension. Without a mesh, on one device or with rows that do not divide
+    evenly, fn runs as is and XLA gathers its operands: slower, never wrong.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or rows % mesh.size:
+        return fn
+    axes = mesh.axis_names
+    spec = lambda batched: P(axes) if batched else P()
+
+    def on_shard(*args):
+        outs = fn(*args)
+        return tuple(o if b else lax.psum(o, axes) for o, b in zip(outs, batched_out, strict=True))
+
+    return jax.shard_map(
+        on_shard,
+        mesh=mesh,
+        in_specs=tuple(map(spec, batched_in)),
+        out_specs=tuple(map(spec, batched_out)),
+        check_vma=False,
+    )
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _conv2d_onednn(x: jax.Array, w: jax.Array, b: jax.Array, stride: int) -> jax.Array:
+    pads = _same_pads(x, w, stride)
+    out_hw = tuple(-(-size // stride) for size in x.shape[1:3])
+    forward = lambda x, w, b: (onednn.conv_forward(x, w, b, stride, pads, out_hw),)
+    (y,) = _per_batch_shard(forward, (True, False, False), (True,), x.shape[0])(x, w, b)
+    return y
+
+
+def _conv2d_onednn_fwd(x, w, b, stride):
+    return _conv2d_onednn(x, w, b, stride), (x, w)
+
+
+def _conv2d_onednn_bwd(stride, residuals, dy):
+    x, w = residuals
+    pads = _same_pads(x, w, stride)
+
+    def backward(x, w, dy):  # x [n, H, W, I], w [k, k, I, O], dy [n, Ho, Wo, O]
+        dx = onednn.conv_backward_data(dy, w, stride, pads, x.shape[1:3])
+        dw, db = onednn.conv_backward_weights(x, dy, stride, pads, w.shape[:2])
+        return dx, dw, db
+
+    rows = x.shape[0]
+    return _per_batch_shard(backward, (True, False, True), (True, False, False), rows)(x, w, dy)
+
+
+_conv2d_onednn.defvjp(_conv2d_onednn_fwd, _conv2d_onednn_bwd)
 
 
 class Conv(nn.Module):
@@ -100,6 +214,7 @@ class Conv(nn.Module):
     stride: int = 1
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    backend: str = "auto"  # one of BACKENDS
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:  # x: [N, H, W, C]
@@ -112,4 +227,4 @@ class Conv(nn.Module):
         )
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        return conv2d(x, kernel, bias, self.stride)
+        return conv2d(x, kernel, bias, self.stride, self.backend)

@@ -68,6 +68,7 @@ def build_model(model_config: ml_collections.ConfigDict) -> SoraModel:
             temporal_pool=vis.temporal_pool,
             remat=vis.remat,
             dtype=dtype,
+            conv_backend=vis.get("conv_backend", "auto"),  # configs saved before the key
         ),
         audio=AudioEncoder(
             hidden=aud.hidden,

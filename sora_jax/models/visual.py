@@ -50,10 +50,11 @@ class ConvBlock(nn.Module):
     norm: str = "none"
     residual: bool = False
     dtype: jnp.dtype = jnp.float32
+    conv_backend: str = "auto"
 
     @nn.compact
     def __call__(self, x):  # x: [N, H, W, C]
-        conv = lambda w, k, s, name: Conv(w, k, s, self.dtype, name=name)
+        conv = lambda w, k, s, name: Conv(w, k, s, self.dtype, backend=self.conv_backend, name=name)
         y = nn.relu(
             Norm(self.norm, self.dtype, name="norm_a")(
                 conv(self.width, 3, self.stride, "conv_a")(x)
@@ -106,6 +107,7 @@ class VisualTower(nn.Module):
     temporal_pool: str = "mean"
     remat: bool = False  # recompute stage activations in the backward pass to save memory
     dtype: jnp.dtype = jnp.float32
+    conv_backend: str = "auto"  # conv.BACKENDS: oneDNN kernels on the CPU, else XLA's
 
     @nn.compact
     def __call__(self, frames, frame_mask):  # frames: [B, T, H, W, 3], frame_mask: [B, T]
@@ -122,6 +124,7 @@ class VisualTower(nn.Module):
                     self.norm,
                     self.residual,
                     self.dtype,
+                    self.conv_backend,
                     name=f"stage{stage}_block{i}",
                 )(x)
         seq = jnp.mean(x, axis=(1, 2)).reshape((B, T, -1))  # global average over space

@@ -54,6 +54,10 @@ def make_train_step(
         jax.jit, donate_argnums=(0,), out_shardings=(state_sharding, NamedSharding(mesh, P()))
     )
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # see models/conv.py
+            return _train_step(state, batch)
+
+    def _train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(base_rng, state.step)
         if accum == 1:
             (loss, accuracy), grads = grad_fn(state.params, batch, rng)
@@ -111,6 +115,10 @@ def make_eval_step(model: SoraModel, multi_label: bool, mesh):
 
     @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, P()))
     def eval_step(params, batch: dict) -> dict:
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # see models/conv.py
+            return _eval_step(params, batch)
+
+    def _eval_step(params, batch: dict) -> dict:
         B, V = batch["frames"].shape[:2]
         flat = {k: batch[k].reshape(B * V, *batch[k].shape[2:]) for k in MODEL_INPUTS}
         scores = {}
