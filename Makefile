@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m sora_jax.kernels.build  # oneDNN CPU kernels (else built on first use)
 	touch $@
 
 # The built-in demo dataset: real mp4s made with PyAV, prepared into ArrayRecords.
@@ -37,12 +38,14 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n 2 --durations=15 tests
 
-# Every benchmark, results in bench/results/*.json (see BENCHMARKS.md); ~10 min on 2 cores.
+# Every benchmark, results in bench/results/*.json (see BENCHMARKS.md); ~13 min on 2 cores.
 bench: demo-data
 	$(BIN)/python -m pip install --quiet -e ".[test,bench]"
 	$(BIN)/python bench/train_step.py --out bench/results/train_step.json
 	$(BIN)/python bench/peers.py --out bench/results/peers.json
+	$(BIN)/python bench/peers.py --set model.dtype=bfloat16 --out bench/results/peers_bf16.json
 	$(BIN)/python bench/conv_layers.py --out bench/results/conv_layers.json
+	$(BIN)/python bench/conv_layers.py --dtype bfloat16 --out bench/results/conv_layers_bf16.json
 	$(BIN)/python bench/input_pipeline.py --train-steps 300 --out bench/results/input_pipeline.json
 	$(BIN)/python bench/compile_time.py --out bench/results/compile_time.json
 	$(BIN)/python bench/memory.py --out bench/results/memory.json

@@ -6,9 +6,10 @@ torch.compile) and Keras, in one run, so the ratios compare like with like.
 
 Every framework trains the same architecture (configs/bench_reference.py) on the same
 random clips: uint8 frames normalised inside, log-mel from the raw waveform, a one-layer
-LSTM, concat fusion, AdamW, softmax cross-entropy, float32. Peers use their idiomatic fast
-paths (PyTorch channels-last, Keras with and without XLA); the faster Keras mode counts.
-Last line: JSON.
+LSTM, concat fusion, AdamW, softmax cross-entropy, in the config's compute dtype
+(`--set model.dtype=bfloat16`: float32 parameters, bfloat16 compute, which is PyTorch's
+CPU autocast and Keras's `mixed_bfloat16` policy). Peers use their idiomatic fast paths
+(PyTorch channels-last, Keras with and without XLA). Last line: JSON.
 """
 
 import os
@@ -93,9 +94,12 @@ def torch_step(config, batch, compiled: bool, steps: int, warmup: int) -> dict:
     labels = torch.from_numpy(batch["label"]).long()
     loss_fn = nn.CrossEntropyLoss()
 
+    low_precision = config.model.dtype == "bfloat16"
+
     def train_step():
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(frames, wave), labels)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low_precision):
+            loss = loss_fn(model(frames, wave).float(), labels)
         loss.backward()
         opt.step()
         return loss
@@ -109,6 +113,7 @@ def torch_step(config, batch, compiled: bool, steps: int, warmup: int) -> dict:
     return {
         "framework": "pytorch_compile" if compiled else "pytorch_eager",
         "version": torch.__version__,
+        "dtype": config.model.dtype,
         "step_ms": step_s * 1e3,
         "clips_per_s": len(labels) / step_s,
         "first_step_s": first,
@@ -125,6 +130,8 @@ def keras_step(config, batch, jit_compile: bool, steps: int, warmup: int) -> dic
     import tensorflow as tf
 
     keras.utils.set_random_seed(0)
+    policy = "mixed_bfloat16" if config.model.dtype == "bfloat16" else "float32"
+    keras.mixed_precision.set_global_policy(policy)
     m, d = config.model, config.data
     mel = tf.constant(melspec.mel_matrix(m.audio.num_mel_bins))
     samples = config_lib.audio_samples(config)
@@ -147,7 +154,8 @@ def keras_step(config, batch, jit_compile: bool, steps: int, warmup: int) -> dic
     a = L.LSTM(m.audio.hidden, return_sequences=True)(L.Lambda(log_mel)(wave_in))
     a = L.GlobalAveragePooling1D()(a)
     h = L.Dense(m.embed_dim, activation="relu")(L.Concatenate()([v, a]))
-    model = keras.Model([frames_in, wave_in], L.Dense(m.num_classes)(h))
+    logits = L.Dense(m.num_classes, dtype="float32")(h)  # the loss in float32, as the others
+    model = keras.Model([frames_in, wave_in], logits)
     model.compile(
         optimizer=keras.optimizers.AdamW(
             config.optimizer.learning_rate, weight_decay=config.optimizer.weight_decay
@@ -163,6 +171,7 @@ def keras_step(config, batch, jit_compile: bool, steps: int, warmup: int) -> dic
     return {
         "framework": "keras_xla" if jit_compile else "keras",
         "version": keras.__version__,
+        "dtype": config.model.dtype,
         "step_ms": step_s * 1e3,
         "clips_per_s": len(y) / step_s,
         "first_step_s": first,

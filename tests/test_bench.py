@@ -100,10 +100,27 @@ def test_input_pipeline_script(demo_data):
     assert 0 <= result["data_wait_fraction"] <= 1
 
 
-def test_conv_layers_times_every_reference_conv_both_ways():
-    result = _run("conv_layers.py", "--frames", "1")
-    assert len(result["layers"]) == 8
+def test_peers_bfloat16():
+    result = _run(
+        "peers.py",
+        *TINY,
+        "--set=model.dtype=bfloat16",
+        *("--steps", "2", "--warmup", "1", "--skip=pytorch_compile", "--skip=keras_xla"),
+    )
+    frameworks = {r["framework"]: r for r in result["results"]}
+    assert not [r for r in frameworks.values() if "error" in r], frameworks
+    assert frameworks["flax"]["dtype"] == frameworks["keras"]["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_conv_layers_times_every_reference_conv_every_way(dtype):
+    result = _run("conv_layers.py", "--frames", "1", "--dtype", dtype)
+    assert len(result["layers"]) == 8 and result["dtype"] == dtype
+    impls = ["onednn", "xla", "nn_conv"] + (
+        ["pytorch"] if importlib.util.find_spec("torch") else []
+    )
     for row in result["layers"]:
-        for impl in ("ours", "nn_conv"):
+        assert [k for k in row if k != "layer"] == impls
+        for impl in impls:
             assert set(row[impl]) == {"forward_ms", "input_grad_ms", "param_grad_ms"}
             assert all(v > 0 for v in row[impl].values())
