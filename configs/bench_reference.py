@@ -39,6 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
         bidirectional=False,
         num_mel_bins=64,
         spec_augment=(0, 0, 0, 0),
+        unroll=4,
     )
     c.model.fusion.update(kind="concat")
     c.optimizer.update(

@@ -60,6 +60,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     )
     _check(m.num_classes >= 2, "model.num_classes", f"{m.num_classes} < 2")
     _check(0.0 <= m.modality_dropout < 1.0, "model.modality_dropout", "must be in [0, 1)")
+    _check(m.audio.get("unroll", 1) >= 1, "model.audio.unroll", "must be >= 1")
     _check(
         len(m.audio.spec_augment) == 4,
         "model.audio.spec_augment",

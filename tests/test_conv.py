@@ -71,6 +71,25 @@ def test_bfloat16_gradients_stay_close_to_float32(backend):
         assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 2e-2
 
 
+@pytest.mark.parametrize("backend", ["xla", "onednn"])
+def test_fused_relu_equals_conv_then_relu(backend):
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 12, 12, 16))
+    fused = Conv(8, 3, 2, backend=backend, relu=True)
+    flax_conv = nn.Conv(8, (3, 3), strides=(2, 2), padding="SAME")
+    reference = nn.Sequential([flax_conv, nn.relu])
+    params = fused.init(jax.random.PRNGKey(1), x)
+    ref_params = {"params": {"layers_0": params["params"]}}
+    y = fused.apply(params, x)
+    assert 0 < float(jnp.mean(y > 0)) < 1  # the ReLU cuts somewhere
+    np.testing.assert_allclose(y, reference.apply(ref_params, x), rtol=1e-5, atol=1e-6)
+    grads = jax.grad(_loss(fused), argnums=(0, 1))(params, x)
+    ref_grads = jax.grad(_loss(reference), argnums=(0, 1))(ref_params, x)
+    ref_grads = ({"params": ref_grads[0]["params"]["layers_0"]}, ref_grads[1])
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), grads, ref_grads
+    )
+
+
 def _conv_ops(hlo_text: str) -> list[str]:
     return [line for line in hlo_text.splitlines() if "convolution(" in line]
 

@@ -134,12 +134,15 @@ def _flax_reference_rnn(encoder_params, mel, lengths, cell, hidden, bidirectiona
     return np.concatenate(outputs, axis=-1)
 
 
+@pytest.mark.parametrize("unroll", [1, 4])  # 4: 23 and 13 frames leave remainders
 @pytest.mark.parametrize(
     "cell,bidirectional", [("lstm", False), ("gru", False), ("lstm", True), ("gru", True)]
 )
-def test_scanned_cells_match_flax_cells_step_by_step(cell, bidirectional):
+def test_scanned_cells_match_flax_cells_step_by_step(cell, bidirectional, unroll):
     hidden, mels = 12, 16
-    encoder = AudioEncoder(hidden=hidden, cell=cell, bidirectional=bidirectional, num_mel_bins=mels)
+    encoder = AudioEncoder(
+        hidden=hidden, cell=cell, bidirectional=bidirectional, num_mel_bins=mels, unroll=unroll
+    )
     rng = np.random.default_rng(1)
     wave = jnp.asarray(rng.normal(0, 0.3, (2, 4000)).astype(np.float32))
     lengths = jnp.array([4000, 2500], jnp.int32)
@@ -245,9 +248,11 @@ def test_tiny_model_overfits_a_batch_of_eight_clips():
     assert float(loss) < 0.1 * float(first), (float(first), float(loss))
 
 
-def test_audio_branch_is_scanned_not_unrolled():
-    """The compiled program is the same size for 100 and 1600 log-mel frames."""
-    encoder = AudioEncoder(hidden=16, num_mel_bins=16, layers=2, bidirectional=True)
+@pytest.mark.parametrize("unroll", [1, 4])
+def test_audio_branch_is_scanned_not_unrolled(unroll):
+    """The compiled program is the same size for 100 and 1600 log-mel frames (a scan of
+    `unroll` steps per iteration, not a loop unrolled over time)."""
+    encoder = AudioEncoder(hidden=16, num_mel_bins=16, layers=2, bidirectional=True, unroll=unroll)
 
     def program_lines(num_frames):
         samples = 400 + (num_frames - 1) * 160

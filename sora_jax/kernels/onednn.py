@@ -57,10 +57,14 @@ def _padding_attrs(stride: int, pads: tuple[tuple[int, int], tuple[int, int]]) -
     return {k: np.int64(v) for k, v in {**values, "pad_r": right}.items()}
 
 
-def conv_forward(x: jax.Array, w: jax.Array, b: jax.Array, stride: int, pads, out_hw):
-    """x [N, H, W, I], w [KH, KW, I, O], b [O] -> y [N, *out_hw, O] (conv + bias)."""
+def conv_forward(
+    x: jax.Array, w: jax.Array, b: jax.Array, stride: int, pads, out_hw, relu: bool = False
+):
+    """x [N, H, W, I], w [KH, KW, I, O], b [O] -> y [N, *out_hw, O]: conv + bias, then
+    max(., 0) if `relu` (fused into the kernel)."""
     out = jax.ShapeDtypeStruct((x.shape[0], *out_hw, w.shape[3]), x.dtype)
-    return jax.ffi.ffi_call(_TARGETS[0], out)(x, w, b, **_padding_attrs(stride, pads))
+    attrs = {**_padding_attrs(stride, pads), "relu": bool(relu)}
+    return jax.ffi.ffi_call(_TARGETS[0], out)(x, w, b, **attrs)
 
 
 def conv_backward_data(dy: jax.Array, w: jax.Array, stride: int, pads, in_hw):

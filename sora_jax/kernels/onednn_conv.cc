@@ -3,8 +3,9 @@
 // XLA:CPU lowers a convolution's weight gradient as a convolution whose "kernel" is the
 // whole output map, after transposing the activations so the frame axis is minor; that
 // ran 2-4x slower than oneDNN's JIT kernels (BENCHMARKS.md). These three handlers are the
-// forward pass, the input gradient and the weight+bias gradient of one SAME or explicitly
-// padded convolution in oneDNN, on XLA's own row-major buffers:
+// forward pass (optionally with the ReLU that follows it fused in), the input gradient and
+// the weight+bias gradient of one explicitly padded convolution in oneDNN, on XLA's own
+// row-major buffers:
 //   x [N, H, W, I] (nhwc), w [KH, KW, I, O] (hwio), b [O], y [N, Ho, Wo, O] (nhwc).
 // Activations stay in XLA's layout; only the small kernel is reordered to and from
 // oneDNN's blocked layout. Primitives are built once per shape and kept.
@@ -36,11 +37,12 @@ struct Geometry {
   int64_t n, h, w, i, o, kh, kw, ho, wo;
   int64_t stride_h, stride_w, pad_t, pad_b, pad_l, pad_r;
   memory::data_type dtype;
+  bool relu = false;  // forward only: y = max(conv(x) + b, 0)
 
   std::string Key(Kind kind) const {
     std::string key;
     for (int64_t v : {int64_t(kind), n, h, w, i, o, kh, kw, ho, wo, stride_h, stride_w, pad_t,
-                      pad_b, pad_l, pad_r, int64_t(dtype)}) {
+                      pad_b, pad_l, pad_r, int64_t(dtype), int64_t(relu)}) {
       key += std::to_string(v) + ",";
     }
     return key;
@@ -76,7 +78,13 @@ std::unique_ptr<Plan> MakePlan(const Geometry& g, Kind kind) {
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   auto plan = std::make_unique<Plan>();
-  auto forward = ForwardDesc(g, attr);
+  dnnl::primitive_attr forward_attr = attr;
+  if (g.relu) {  // applied to the accumulator in registers: no extra pass over y
+    dnnl::post_ops relu;
+    relu.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+    forward_attr.set_post_ops(relu);
+  }
+  auto forward = ForwardDesc(g, kind == Kind::kForward ? forward_attr : attr);
   memory::desc scratchpad;
   if (kind == Kind::kForward) {
     plan->conv = dnnl::convolution_forward(forward);
@@ -206,10 +214,11 @@ ffi::ErrorOr<Geometry> MakeGeometry(ffi::AnyBuffer::Dimensions x, ffi::AnyBuffer
 
 ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer b,
                    ffi::Result<ffi::AnyBuffer> y, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
-                   int64_t pl, int64_t pr) {
+                   int64_t pl, int64_t pr, bool relu) {
   auto g = MakeGeometry(x.dimensions(), w.dimensions(), y->dimensions(), x.element_type(), sh,
                         sw, pt, pb, pl, pr);
   if (g.has_error()) return g.error();
+  g->relu = relu;
   return Run(Kind::kForward, *g, x.untyped_data(), w.untyped_data(), b.untyped_data(),
              y->untyped_data());
 }
@@ -240,7 +249,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SoraConvForward, Forward,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>() SORA_CONV_ATTRS);
+                                  .Ret<ffi::AnyBuffer>() SORA_CONV_ATTRS.Attr<bool>("relu"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SoraConvBackwardData, BackwardData,
                               ffi::Ffi::Bind()

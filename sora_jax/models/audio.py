@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 
 from sora_jax.models import melspec
+from sora_jax.models.bias import Dense
 
 # A fixed standardisation of log-mel values (about -14 for silence, +9 for a full-scale
 # tone): keeps the recurrent gates out of saturation at initialisation, and being a
@@ -104,6 +105,10 @@ class AudioEncoder(nn.Module):
     bidirectional: bool = False
     num_mel_bins: int = 64
     spec_augment: tuple[int, int, int, int] = (0, 0, 0, 0)  # time masks, width, freq masks, width
+    # Time steps per iteration of the scan: the small per-step matmuls are dominated by
+    # per-iteration overhead on the CPU (4: 5% faster reference step); same results, and
+    # the compiled program still does not grow with the audio length.
+    unroll: int = 1
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -120,13 +125,14 @@ class AudioEncoder(nn.Module):
             for reverse in directions:
                 suffix = f"{layer}_{'bwd' if reverse else 'fwd'}"
                 # One matmul for every time step at once, outside the scan.
-                gates = nn.Dense(
+                gates = Dense(  # nn.Dense with a fast bias gradient (bias.py)
                     gates_per_unit * self.hidden, dtype=self.dtype, name=f"input_proj_{suffix}"
                 )(x)  # [B, F, G*H]
                 rnn = nn.RNN(
                     cell_cls(self.hidden, dtype=self.dtype, name=f"cell_{suffix}"),
                     reverse=reverse,
                     keep_order=True,
+                    unroll=self.unroll,
                     name=f"rnn_{suffix}",
                 )
                 outputs.append(rnn(gates, seq_lengths=frame_lengths))

@@ -17,9 +17,7 @@ Two backends compute the same convolution (BENCHMARKS.md has the measurements):
   each of the four phases (even/odd row x even/odd column) is a small stride-1 convolution
   of the output gradient with the kernel taps that reach it (2x2, 2x1, 1x2 and 1x1 of the
   3x3 taps: 9 taps, no zeros); the phases are then interleaved.
-* Bias gradient. XLA:CPU rewrites a large sum into a `reduce-window`, which ran at about
-  1 GB/s (50 ms for one [128, 56, 56, 32] activation); a matrix-vector product over the
-  batch, then a small sum, reads the gradient once at full speed.
+* Bias gradient: `bias.bias_grad`, not XLA:CPU's slow `reduce-window` for large sums.
 """
 
 from collections.abc import Callable
@@ -32,6 +30,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from sora_jax.kernels import onednn
+from sora_jax.models.bias import bias_grad
 
 BACKENDS = ("auto", "xla", "onednn")
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -73,21 +72,21 @@ def _input_grad_by_phase(dy: jax.Array, w: jax.Array) -> jax.Array:
     return dx.transpose(0, 1, 3, 2, 4, 5).reshape(n, 2 * ho, 2 * wo, -1)
 
 
-def _bias_grad(dy: jax.Array) -> jax.Array:
-    """dy [N, H, W, O] -> [O]: a product with ones over N, then a sum over H*W."""
-    ones = jnp.ones((dy.shape[0],), dy.dtype)
-    per_pixel = jnp.dot(ones, dy.reshape(dy.shape[0], -1), preferred_element_type=jnp.float32)
-    return per_pixel.reshape(-1, dy.shape[-1]).sum(axis=0).astype(dy.dtype)  # [H*W*O] -> [O]
-
-
 def conv2d(
-    x: jax.Array, w: jax.Array, b: jax.Array, stride: int, backend: str = "auto"
+    x: jax.Array,
+    w: jax.Array,
+    b: jax.Array,
+    stride: int,
+    backend: str = "auto",
+    relu: bool = False,
 ) -> jax.Array:
     """SAME-padded 2-D convolution plus bias: x [N, H, W, I], w [k, k, I, O], b [O] ->
-    [N, ceil(H/s), ceil(W/s), O]. Equals `nn.Conv`'s whatever the backend."""
+    [N, ceil(H/s), ceil(W/s), O], then max(., 0) if `relu`. Equals `nn.Conv`'s (and
+    `nn.relu`'s) whatever the backend; oneDNN applies the ReLU inside the kernel."""
     if resolve_backend(backend, x) == "onednn":
-        return _conv2d_onednn(x, w, b, stride)
-    return _conv2d_xla(x, w, b, stride)
+        return _conv2d_onednn(x, w, b, stride, relu)
+    y = _conv2d_xla(x, w, b, stride)
+    return nn.relu(y) if relu else y  # XLA fuses it into the next operation itself
 
 
 def resolve_backend(backend: str, x: jax.Array) -> str:
@@ -136,7 +135,7 @@ def _conv2d_xla_bwd(stride, residuals, dy):
         dx, dw = _input_grad_by_phase(dy, w).astype(x.dtype), vjp(dy)[1]
     else:
         dx, dw = vjp(dy)
-    return dx, dw, _bias_grad(dy)
+    return dx, dw, bias_grad(dy)
 
 
 _conv2d_xla.defvjp(_conv2d_xla_fwd, _conv2d_xla_bwd)
@@ -176,21 +175,26 @@ def _per_batch_shard(fn: Callable, batched_in: tuple, batched_out: tuple, rows: 
     )
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _conv2d_onednn(x: jax.Array, w: jax.Array, b: jax.Array, stride: int) -> jax.Array:
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _conv2d_onednn(x: jax.Array, w: jax.Array, b: jax.Array, stride: int, relu: bool):
     pads = _same_pads(x, w, stride)
     out_hw = tuple(-(-size // stride) for size in x.shape[1:3])
-    forward = lambda x, w, b: (onednn.conv_forward(x, w, b, stride, pads, out_hw),)
+    forward = lambda x, w, b: (onednn.conv_forward(x, w, b, stride, pads, out_hw, relu),)
     (y,) = _per_batch_shard(forward, (True, False, False), (True,), x.shape[0])(x, w, b)
     return y
 
 
-def _conv2d_onednn_fwd(x, w, b, stride):
-    return _conv2d_onednn(x, w, b, stride), (x, w)
+def _conv2d_onednn_fwd(x, w, b, stride, relu):
+    y = _conv2d_onednn(x, w, b, stride, relu)
+    # After a ReLU the output says where the gradient passes; it is the next layer's
+    # input, kept anyway, so this residual costs no memory.
+    return y, (x, w, y if relu else None)
 
 
-def _conv2d_onednn_bwd(stride, residuals, dy):
-    x, w = residuals
+def _conv2d_onednn_bwd(stride, relu, residuals, dy):
+    x, w, y = residuals
+    if relu:
+        dy = jnp.where(y > 0, dy, jnp.zeros_like(dy))
     pads = _same_pads(x, w, stride)
 
     def backward(x, w, dy):  # x [n, H, W, I], w [k, k, I, O], dy [n, Ho, Wo, O]
@@ -215,6 +219,7 @@ class Conv(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     backend: str = "auto"  # one of BACKENDS
+    relu: bool = False  # max(., 0) after the bias, inside the oneDNN kernel
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:  # x: [N, H, W, C]
@@ -227,4 +232,4 @@ class Conv(nn.Module):
         )
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        return conv2d(x, kernel, bias, self.stride, self.backend)
+        return conv2d(x, kernel, bias, self.stride, self.backend, self.relu)

@@ -77,6 +77,7 @@ def build_model(model_config: ml_collections.ConfigDict) -> SoraModel:
             bidirectional=aud.bidirectional,
             num_mel_bins=aud.num_mel_bins,
             spec_augment=tuple(aud.spec_augment),
+            unroll=aud.get("unroll", 1),  # absent from configs saved before the key
             dtype=dtype,
         ),
         fusion=FusionHead(

@@ -43,7 +43,11 @@ class Norm(nn.Module):
 
 
 class ConvBlock(nn.Module):
-    """3x3 conv (stride s) -> norm -> ReLU -> 3x3 conv -> norm [+ shortcut] -> ReLU."""
+    """3x3 conv (stride s) -> norm -> ReLU -> 3x3 conv -> norm [+ shortcut] -> ReLU.
+
+    Without a norm a ReLU that directly follows a conv is computed by the conv (`relu`),
+    which the oneDNN kernels fuse: one pass over the activation fewer.
+    """
 
     width: int
     stride: int
@@ -54,20 +58,26 @@ class ConvBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x):  # x: [N, H, W, C]
-        conv = lambda w, k, s, name: Conv(w, k, s, self.dtype, backend=self.conv_backend, name=name)
-        y = nn.relu(
-            Norm(self.norm, self.dtype, name="norm_a")(
-                conv(self.width, 3, self.stride, "conv_a")(x)
+        def conv(width, k, stride, name, relu=False):
+            return Conv(
+                width, k, stride, self.dtype, backend=self.conv_backend, relu=relu, name=name
             )
-        )
-        y = Norm(self.norm, self.dtype, name="norm_b")(conv(self.width, 3, 1, "conv_b")(y))
+
+        norm = lambda name: Norm(self.norm, self.dtype, name=name)
+        fuse_a = self.norm == "none"
+        y = norm("norm_a")(conv(self.width, 3, self.stride, "conv_a", relu=fuse_a)(x))
+        if not fuse_a:
+            y = nn.relu(y)
+        fuse_b = self.norm == "none" and not self.residual
+        y = norm("norm_b")(conv(self.width, 3, 1, "conv_b", relu=fuse_b)(y))
         if self.residual:
             shortcut = x
             if x.shape[-1] != self.width or self.stride != 1:
-                shortcut = conv(self.width, 1, self.stride, "shortcut_proj")(x)
-                shortcut = Norm(self.norm, self.dtype, name="shortcut_norm")(shortcut)
+                shortcut = norm("shortcut_norm")(
+                    conv(self.width, 1, self.stride, "shortcut_proj")(x)
+                )
             y = y + shortcut
-        return nn.relu(y)
+        return y if fuse_b else nn.relu(y)
 
 
 class TemporalPool(nn.Module):
