@@ -18,7 +18,7 @@ if YNN_FLAG not in _os.environ.get("XLA_FLAGS", ""):
     _os.environ["XLA_FLAGS"] = f"{_os.environ.get('XLA_FLAGS', '')} {YNN_SETTING}".strip()
 
 # Reuse XLA's per-step host buffers instead of faulting in fresh pages every step
-# (host_memory.py; ~10% of a CPU step).
+# (host_memory.py; 4-9% of a CPU step).
 from sora_jax import host_memory as _host_memory  # noqa: E402
 
 HOST_MALLOC_TUNED = _host_memory.keep_freed_memory()

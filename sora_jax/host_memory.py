@@ -3,10 +3,11 @@
 XLA:CPU allocates each step's temporary buffers as one block (477 MB for the reference
 model) from whichever glibc arena the calling thread has. A block that large cannot live
 in a thread's arena, so glibc maps fresh pages for it every step and unmaps them after:
-116,000 page faults and ~0.2 s of kernel time per step, ~10% of the step
-(BENCHMARKS.md). With one arena, no mmap for large blocks and no trimming, freed blocks
-stay in the heap and the next step reuses them: no faults. The cost is that the process
-keeps its peak heap (as jemalloc or tcmalloc, the usual cures, also do).
+116,000 page faults and ~0.2 s of kernel time per step; without them the reference step
+ran 4-9% faster (BENCHMARKS.md). With one arena, no mmap for large blocks and no
+trimming, freed blocks stay in the heap and the next step reuses them: no faults. The
+cost is that the process keeps its peak heap (as jemalloc or tcmalloc, the usual cures,
+also do).
 
 Applied on `import sora_jax`, before XLA starts its threads. Left alone when the user
 chose an allocator (LD_PRELOAD) or glibc malloc settings (MALLOC_* or GLIBC_TUNABLES),

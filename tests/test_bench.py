@@ -44,12 +44,14 @@ def test_train_step_prints_the_contract(tmp_path):
     assert json.loads(out.read_text()) == result
 
 
+def _skip_missing_torch() -> list[str]:
+    if importlib.util.find_spec("torch"):
+        return []
+    return ["--skip=pytorch_eager", "--skip=pytorch_compile"]
+
+
 def test_peers_runs_every_installed_framework():
-    skip = (
-        []
-        if importlib.util.find_spec("torch")
-        else ["--skip=pytorch_eager", "--skip=pytorch_compile"]
-    )
+    skip = _skip_missing_torch()
     result = _run("peers.py", *TINY, "--steps", "2", "--warmup", "1", *skip)
     frameworks = {r["framework"]: r for r in result["results"]}
     assert not [r for r in frameworks.values() if "error" in r], frameworks
@@ -106,6 +108,7 @@ def test_peers_bfloat16():
         *TINY,
         "--set=model.dtype=bfloat16",
         *("--steps", "2", "--warmup", "1", "--skip=pytorch_compile", "--skip=keras_xla"),
+        *_skip_missing_torch(),
     )
     frameworks = {r["framework"]: r for r in result["results"]}
     assert not [r for r in frameworks.values() if "error" in r], frameworks
