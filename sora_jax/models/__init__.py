@@ -1,6 +1,6 @@
 """Pure-functional Flax modules of the Sora audio-visual model."""
 
-from sora_jax.models.audio import AudioEncoder, HoistedGRUCell, HoistedLSTMCell
+from sora_jax.models.audio import AudioEncoder, HoistedGRUCell, LSTMRecurrence
 from sora_jax.models.fusion import FUSIONS, FusionHead
 from sora_jax.models.sora import DTYPES, SoraModel, build_model, dummy_inputs
 from sora_jax.models.visual import VisualTower
@@ -11,7 +11,7 @@ __all__ = [
     "AudioEncoder",
     "FusionHead",
     "HoistedGRUCell",
-    "HoistedLSTMCell",
+    "LSTMRecurrence",
     "SoraModel",
     "VisualTower",
     "build_model",

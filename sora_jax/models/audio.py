@@ -3,9 +3,11 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen.recurrent import flip_sequences
 
 from sora_jax.models import melspec
 from sora_jax.models.bias import Dense
+from sora_jax.models.lstm import lstm_sequence
 
 # A fixed standardisation of log-mel values (about -14 for silence, +9 for a full-scale
 # tone): keeps the recurrent gates out of saturation at initialisation, and being a
@@ -14,34 +16,34 @@ _LOG_MEL_CENTER = -4.0
 _LOG_MEL_SCALE = 4.0
 
 
-class HoistedLSTMCell(nn.RNNCellBase):
-    """An LSTM step whose input projection was computed for all steps beforehand.
+class _Kernel(nn.Module):
+    """A weight named and initialised as `nn.Dense`'s kernel (checkpoints carry over)."""
 
-    Equivalent to `flax.linen.LSTMCell` (gate order i, f, g, o), but the input matmul is
-    one large [B*F, M] x [M, 4H] product outside the scan; only `h @ W_h` stays inside.
-    """
+    shape: tuple[int, int]
+
+    @nn.compact
+    def __call__(self) -> jax.Array:
+        return self.param("kernel", nn.initializers.lecun_normal(), self.shape, jnp.float32)
+
+
+class LSTMRecurrence(nn.Module):
+    """The LSTM over a sequence whose input projection was computed for all steps
+    beforehand: only `h @ W_h` is left per step, and the backward pass computes the
+    recurrent weight gradient once for all steps (lstm.py). Equivalent to
+    `flax.linen.LSTMCell` scanned by `nn.RNN` (gate order i, f, g, o)."""
 
     features: int
+    unroll: int = 1
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, carry, input_gates):  # input_gates: [B, 4H] = x_t @ W_x + b
-        c, h = carry
-        recurrent = nn.Dense(4 * self.features, use_bias=False, dtype=self.dtype, name="recurrent")
-        gates = input_gates.astype(jnp.float32) + recurrent(h).astype(jnp.float32)
-        i, f, g, o = jnp.split(gates, 4, axis=-1)
-        c = nn.sigmoid(f) * c + nn.sigmoid(i) * jnp.tanh(g)
-        h = nn.sigmoid(o) * jnp.tanh(c)
-        return (c, h), h
-
-    @nn.nowrap
-    def initialize_carry(self, rng, input_shape):
-        zeros = jnp.zeros((*input_shape[:-1], self.features), jnp.float32)
-        return zeros, zeros
-
-    @property
-    def num_feature_axes(self) -> int:
-        return 1
+    def __call__(self, input_gates, seq_lengths, reverse: bool = False):  # [B, F, 4H], [B]
+        w_h = _Kernel((self.features, 4 * self.features), name="recurrent")()
+        if reverse:  # each clip's own frames reversed in place; padding stays at the end
+            input_gates = flip_sequences(input_gates, seq_lengths, 1, time_major=False)
+        hs = lstm_sequence(jnp.swapaxes(input_gates, 0, 1), w_h, self.dtype, self.unroll)
+        hs = jnp.swapaxes(hs, 0, 1)  # [B, F, H]
+        return flip_sequences(hs, seq_lengths, 1, time_major=False) if reverse else hs
 
 
 class HoistedGRUCell(nn.RNNCellBase):
@@ -72,7 +74,7 @@ class HoistedGRUCell(nn.RNNCellBase):
         return 1
 
 
-CELLS = {"lstm": (HoistedLSTMCell, 4), "gru": (HoistedGRUCell, 3)}
+CELLS = {"lstm": 4, "gru": 3}  # gates per hidden unit
 
 
 def spec_augment(rng, mel, time_masks: int, time_width: int, freq_masks: int, freq_width: int):
@@ -117,7 +119,7 @@ class AudioEncoder(nn.Module):
         if train and any(self.spec_augment):
             mel = spec_augment(self.make_rng("dropout"), mel, *self.spec_augment)
         frame_lengths = jnp.minimum(melspec.frame_lengths(lengths), mel.shape[1])  # [B]
-        cell_cls, gates_per_unit = CELLS[self.cell]
+        gates_per_unit = CELLS[self.cell]
         directions = (False, True) if self.bidirectional else (False,)
         x = mel.astype(self.dtype)  # [B, F, M]
         for layer in range(self.layers):
@@ -128,14 +130,21 @@ class AudioEncoder(nn.Module):
                 gates = Dense(  # nn.Dense with a fast bias gradient (bias.py)
                     gates_per_unit * self.hidden, dtype=self.dtype, name=f"input_proj_{suffix}"
                 )(x)  # [B, F, G*H]
-                rnn = nn.RNN(
-                    cell_cls(self.hidden, dtype=self.dtype, name=f"cell_{suffix}"),
-                    reverse=reverse,
-                    keep_order=True,
-                    unroll=self.unroll,
-                    name=f"rnn_{suffix}",
-                )
-                outputs.append(rnn(gates, seq_lengths=frame_lengths))
+                if self.cell == "lstm":
+                    recurrence = LSTMRecurrence(
+                        self.hidden, self.unroll, self.dtype, name=f"cell_{suffix}"
+                    )
+                    out = recurrence(gates, frame_lengths, reverse)
+                else:
+                    rnn = nn.RNN(
+                        HoistedGRUCell(self.hidden, dtype=self.dtype, name=f"cell_{suffix}"),
+                        reverse=reverse,
+                        keep_order=True,
+                        unroll=self.unroll,
+                        name=f"rnn_{suffix}",
+                    )
+                    out = rnn(gates, seq_lengths=frame_lengths)
+                outputs.append(out)  # [B, F, H]
             x = jnp.concatenate(outputs, axis=-1).astype(self.dtype)  # [B, F, H * directions]
         frame_mask = jnp.arange(x.shape[1])[None, :] < frame_lengths[:, None]  # [B, F]
         seq = jnp.where(frame_mask[..., None], x, 0)
