@@ -51,6 +51,7 @@ def model_flops(config, state, batch) -> float:
     same mathematics, but XLA cannot see inside the oneDNN custom calls that run on CPU."""
     config = copy.deepcopy(config)
     config.model.visual.conv_backend = "xla"
+    config.model.audio.lstm_backend = "xla"
     mesh, model, tx, _, _, state_sharding = setup_training(config)
     step = make_train_step(model, tx, config, mesh, state_sharding)
     return flops_of(step.lower(state, batch).compile())

@@ -52,6 +52,8 @@ def get_config() -> ml_collections.ConfigDict:
             num_mel_bins=32,
             spec_augment=(1, 8, 1, 4),  # time masks, max width, mel masks, max width
             unroll=4,  # time steps per scan iteration (less loop overhead, same results)
+            # auto: the LSTM loop as one oneDNN-backed call on the CPU, XLA's scan elsewhere.
+            lstm_backend="auto",
         ),
         fusion=dict(kind="gated", dim=64, heads=4),
         multi_label=False,

@@ -8,7 +8,6 @@ import ml_collections
 from sora_jax.kernels import onednn
 from sora_jax.models import DTYPES, FUSIONS
 from sora_jax.models.audio import CELLS
-from sora_jax.models.conv import BACKENDS as CONV_BACKENDS
 
 
 class ConfigError(ValueError):
@@ -35,15 +34,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _one_of(config, "model.audio.cell", CELLS)
     _one_of(config, "model.visual.norm", ("none", "group", "layer"))
     _one_of(config, "model.visual.temporal_pool", ("mean", "max", "attention"))
-    conv_backend = m.visual.get("conv_backend", "auto")  # absent from older saved configs
-    _check(
-        conv_backend in CONV_BACKENDS,
-        "model.visual.conv_backend",
-        f"{conv_backend!r} is not one of {CONV_BACKENDS}",
-    )
-    if conv_backend == "onednn":
-        why_not = onednn.unavailable_reason()
-        _check(why_not is None, "model.visual.conv_backend", f"'onednn' cannot run: {why_not}")
+    for key, group in (("conv_backend", m.visual), ("lstm_backend", m.audio)):
+        where = f"model.{'visual' if group is m.visual else 'audio'}.{key}"
+        backend = group.get(key, "auto")  # absent from older saved configs
+        _check(backend in onednn.BACKENDS, where, f"{backend!r} is not one of {onednn.BACKENDS}")
+        if backend == "onednn":
+            why_not = onednn.unavailable_reason()
+            _check(why_not is None, where, f"'onednn' cannot run: {why_not}")
     _one_of(config, "optimizer.name", ("adamw", "sgd"))
     _one_of(config, "optimizer.schedule", ("cosine", "constant"))
     v = m.visual

@@ -152,5 +152,5 @@ def test_without_a_compiler_auto_falls_back_to_xla_and_onednn_is_a_config_error(
     # Ones through SAME padding (0, 1): per axis 3+3+3+2 taps reach the image, so the sum
     # is 11 x 11 taps x 4 inputs x 4 outputs x 2 clips.
     assert "SUM 3872.0" in out
-    assert "oneDNN convolutions unavailable, using XLA's" in result.stderr
+    assert "oneDNN kernels unavailable, using XLA's" in result.stderr
     assert "CONFIG config.model.visual.conv_backend: 'onednn' cannot run: no C++" in out

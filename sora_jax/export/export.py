@@ -190,9 +190,11 @@ def export(
     config = config_lib.load(workdir)
     if data_dir:
         config.data.dir = data_dir
-    # The artifacts hold XLA's own convolutions, not the oneDNN custom calls that train on
-    # the CPU (models/conv.py): they must run on every platform without sora_jax.
+    # The artifacts hold XLA's own convolutions and LSTM scan, not the oneDNN custom calls
+    # that train on the CPU (models/conv.py, lstm.py): they must run on every platform
+    # without sora_jax.
     config.model.visual.conv_backend = "xla"
+    config.model.audio.lstm_backend = "xla"
     model, params, step, _, summary = trainer.load_for_inference(config, workdir, step)
     params = jax.device_get(params)
     platforms = tuple(dict.fromkeys(("cpu", *config.get("export", {}).get("platforms", ()))))

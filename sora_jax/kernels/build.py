@@ -1,4 +1,5 @@
-"""Compile onednn_conv.cc against jaxlib's FFI headers and the oneDNN wheel, once per version.
+"""Compile the oneDNN kernels (*.cc here) against jaxlib's FFI headers and the oneDNN wheel,
+once per version, into one shared library.
 
 The shared library goes to a cache directory named by a hash of everything it depends on
 (source, compiler flags, jaxlib and oneDNN versions), so a new jaxlib or an edited kernel
@@ -20,7 +21,9 @@ import tempfile
 
 import jax
 
-SOURCE = pathlib.Path(__file__).with_name("onednn_conv.cc")
+HERE = pathlib.Path(__file__).parent
+SOURCES = (HERE / "onednn_conv.cc", HERE / "onednn_lstm.cc")
+HEADERS = (HERE / "onednn_common.h",)
 ONEDNN_RUNTIME = "onednn-cpu-gomp"  # libdnnl.so.3, CPU only, OpenMP threads
 ONEDNN_HEADERS = "onednn-devel-cpu-gomp"  # its headers (same version)
 FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-Wno-return-type")
@@ -70,8 +73,9 @@ def _inputs() -> tuple[pathlib.Path, pathlib.Path, str]:
 def library_path() -> pathlib.Path:
     """Where this source and these versions build to (whether or not built yet)."""
     _, _, versions = _inputs()
-    digest = hashlib.sha256(SOURCE.read_bytes() + versions.encode()).hexdigest()[:16]
-    return cache_dir() / f"onednn_conv-{digest}.so"
+    code = b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
+    digest = hashlib.sha256(code + versions.encode()).hexdigest()[:16]
+    return cache_dir() / f"onednn_kernels-{digest}.so"
 
 
 def build(verbose: bool = False) -> pathlib.Path:
@@ -93,7 +97,7 @@ def build(verbose: bool = False) -> pathlib.Path:
                 *FLAGS,
                 f"-I{jax.ffi.include_dir()}",
                 f"-I{include}",
-                str(SOURCE),
+                *map(str, SOURCES),
                 str(library),
                 f"-Wl,-rpath,{library.parent}",
                 "-o",
@@ -108,7 +112,7 @@ def build(verbose: bool = False) -> pathlib.Path:
                     f"no C++ compiler {compiler!r} (set CXX, or install g++)"
                 ) from None
             if result.returncode != 0:
-                raise BuildError(f"compiling {SOURCE.name} failed:\n{result.stderr[-4000:]}")
+                raise BuildError(f"compiling the oneDNN kernels failed:\n{result.stderr[-4000:]}")
             os.replace(out, target)  # atomic: readers never see half a library
     return target
 

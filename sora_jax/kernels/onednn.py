@@ -12,14 +12,19 @@ The library is built on first use (build.py); `available()` says whether it coul
 import ctypes
 import functools
 import logging
+from collections.abc import Callable
 
 import jax
 import numpy as np
+from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from sora_jax.kernels import build
 
+BACKENDS = ("auto", "xla", "onednn")
 DTYPES = (np.dtype("float32"), np.dtype(jax.numpy.bfloat16))
 _TARGETS = ("SoraConvForward", "SoraConvBackwardData", "SoraConvBackwardWeights")
+_LSTM_TARGETS = ("SoraLstmForward", "SoraLstmBackward")
 
 
 @functools.cache
@@ -29,7 +34,7 @@ def _load() -> str | None:
         library = ctypes.CDLL(str(build.build()))
     except (build.BuildError, OSError) as error:
         return str(error)
-    for name in _TARGETS:
+    for name in (*_TARGETS, *_LSTM_TARGETS):
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)), "cpu")
     return None
 
@@ -46,8 +51,68 @@ def available() -> bool:
 @functools.cache
 def warn_unavailable_once() -> None:
     logging.warning(
-        "oneDNN convolutions unavailable, using XLA's (slower on the CPU): %s",
-        unavailable_reason(),
+        "oneDNN kernels unavailable, using XLA's (slower on the CPU): %s", unavailable_reason()
+    )
+
+
+def resolve(backend: str, x: jax.Array, what: str) -> str:
+    """A `what` backend setting for input x -> "onednn" or "xla".
+
+    `auto` -> `onednn` where it can run (the CPU, float32/bfloat16, static shapes, the
+    kernels built), else `xla`; `onednn` where it cannot is an error, not a silent fallback.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"{what} backend {backend!r} is not one of {BACKENDS}")
+    if backend == "xla":
+        return "xla"
+    platform = jax.default_backend()
+    why_not = None
+    if platform != "cpu":
+        why_not = f"the oneDNN kernels run on the CPU, not on {platform}"
+    elif x.dtype not in DTYPES:
+        why_not = f"the oneDNN kernels take float32 or bfloat16, not {x.dtype}"
+    elif not all(isinstance(d, int) for d in x.shape):
+        why_not = f"the oneDNN kernels need static shapes, not {x.shape}"
+    if why_not is None and not available():
+        if backend == "auto":
+            warn_unavailable_once()
+            return "xla"
+        why_not = unavailable_reason()
+    if why_not is None:
+        return "onednn"
+    if backend == "onednn":
+        raise ValueError(f"{what} backend 'onednn': {why_not}")
+    return "xla"
+
+
+def shard_over_batch(
+    fn: Callable, batched_in: tuple, batched_out: tuple, rows: int, axis: int = 0
+) -> Callable:
+    """fn on each device's rows of the batch (axis `axis` of the batched arguments and
+    results) under the tracing mesh (the train and eval steps set it); results that are
+    not per-row (weight gradients) are summed over devices.
+
+    A custom call is opaque to XLA's partitioner. This project's mesh is all data
+    parallelism (train/sharding.py), so the batch is the only sharded dimension. Without a
+    mesh, on one device or with rows that do not divide evenly, fn runs as is and XLA
+    gathers its operands: slower, never wrong.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or rows % mesh.size:
+        return fn
+    axes = mesh.axis_names
+    spec = lambda batched: P(*[None] * axis, axes) if batched else P()
+
+    def on_shard(*args):
+        outs = fn(*args)
+        return tuple(o if b else lax.psum(o, axes) for o, b in zip(outs, batched_out, strict=True))
+
+    return jax.shard_map(
+        on_shard,
+        mesh=mesh,
+        in_specs=tuple(map(spec, batched_in)),
+        out_specs=tuple(map(spec, batched_out)),
+        check_vma=False,
     )
 
 
@@ -78,3 +143,19 @@ def conv_backward_weights(x: jax.Array, dy: jax.Array, stride: int, pads, kernel
     dw = jax.ShapeDtypeStruct((*kernel_hw, x.shape[3], dy.shape[3]), x.dtype)
     db = jax.ShapeDtypeStruct((dy.shape[3],), x.dtype)
     return jax.ffi.ffi_call(_TARGETS[2], (dw, db))(x, dy, **_padding_attrs(stride, pads))
+
+
+def lstm_forward(input_gates: jax.Array, w_h: jax.Array):
+    """input_gates [T, B, 4H] (x_t @ W_x + b), w_h [H, 4H] in the compute dtype -> float32
+    h [T, B, H], gate activations [T, B, 4H] and cell states [T, B, H]."""
+    steps, batch, width = input_gates.shape
+    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, np.float32)
+    outs = (f32(steps, batch, width // 4), f32(steps, batch, width), f32(steps, batch, width // 4))
+    return jax.ffi.ffi_call(_LSTM_TARGETS[0], outs)(input_gates, w_h)
+
+
+def lstm_backward(dh: jax.Array, activations: jax.Array, c: jax.Array, w_h: jax.Array):
+    """dh [T, B, H] (float32) and the forward pass's residuals -> the gradient of the gate
+    pre-activations [T, B, 4H], float32."""
+    out = jax.ShapeDtypeStruct(activations.shape, np.float32)
+    return jax.ffi.ffi_call(_LSTM_TARGETS[1], out)(dh, activations, c, w_h)

@@ -12,13 +12,10 @@
 #include <cstdint>
 #include <exception>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <unordered_map>
-#include <vector>
 
-#include "oneapi/dnnl/dnnl.hpp"
-#include "xla/ffi/api/ffi.h"
+#include "onednn_common.h"
 
 namespace ffi = xla::ffi;
 using dnnl::memory;
@@ -26,10 +23,7 @@ using tag = dnnl::memory::format_tag;
 
 namespace {
 
-dnnl::engine& Engine() {
-  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
-  return engine;
-}
+using sora::Engine;
 
 enum class Kind { kForward, kBackwardData, kBackwardWeights };
 
@@ -40,12 +34,8 @@ struct Geometry {
   bool relu = false;  // forward only: y = max(conv(x) + b, 0)
 
   std::string Key(Kind kind) const {
-    std::string key;
-    for (int64_t v : {int64_t(kind), n, h, w, i, o, kh, kw, ho, wo, stride_h, stride_w, pad_t,
-                      pad_b, pad_l, pad_r, int64_t(dtype), int64_t(relu)}) {
-      key += std::to_string(v) + ",";
-    }
-    return key;
+    return sora::Key(int64_t(kind), n, h, w, i, o, kh, kw, ho, wo, stride_h, stride_w, pad_t,
+                     pad_b, pad_l, pad_r, int64_t(dtype), int64_t(relu));
   }
   memory::desc Src() const { return {{n, i, h, w}, dtype, tag::nhwc}; }
   memory::desc Dst() const { return {{n, o, ho, wo}, dtype, tag::nhwc}; }
@@ -118,36 +108,8 @@ std::unique_ptr<Plan> MakePlan(const Geometry& g, Kind kind) {
 }
 
 const Plan& GetPlan(const Geometry& g, Kind kind) {
-  static std::mutex mutex;
-  static auto* plans = new std::unordered_map<std::string, std::unique_ptr<Plan>>();
-  std::string key = g.Key(kind);
-  std::lock_guard<std::mutex> lock(mutex);
-  auto it = plans->find(key);
-  if (it == plans->end()) it = plans->emplace(key, MakePlan(g, kind)).first;
-  return *it->second;
-}
-
-// Scratch memory reused by every call on this thread: the oneDNN scratchpad and the
-// kernel in oneDNN's layout. Grown, never shrunk, so steady-state calls do not allocate.
-struct ThreadScratch {
-  std::vector<char> scratchpad, weights;
-  static char* Grow(std::vector<char>& buffer, size_t bytes) {
-    if (buffer.size() < bytes) buffer.resize(bytes);
-    return buffer.data();
-  }
-};
-thread_local ThreadScratch scratch;
-
-ffi::ErrorOr<memory::data_type> DnnlType(ffi::DataType type) {
-  switch (type) {
-    case ffi::DataType::F32:
-      return memory::data_type::f32;
-    case ffi::DataType::BF16:
-      return memory::data_type::bf16;
-    default:
-      return ffi::Unexpected(
-          ffi::Error::InvalidArgument("oneDNN convolution: only float32 and bfloat16"));
-  }
+  static auto* plans = new sora::PlanCache<Plan>();
+  return plans->Get(g.Key(kind), [&] { return MakePlan(g, kind); });
 }
 
 ffi::Error Run(Kind kind, Geometry g, void* x, void* w, void* b, void* y) {
@@ -158,16 +120,13 @@ ffi::Error Run(Kind kind, Geometry g, void* x, void* w, void* b, void* y) {
     memory user_weights(g.UserWeights(), engine, w);
     memory weights = user_weights;
     if (plan.needs_reorder) {
-      weights = memory(plan.weights, engine,
-                       ThreadScratch::Grow(scratch.weights, plan.weights.get_size()));
+      weights = sora::Scratch().Memory(1, plan.weights);
       if (kind != Kind::kBackwardWeights) {
         plan.weights_reorder.execute(stream, user_weights, weights);
       }
     }
     std::unordered_map<int, memory> args{
-        {DNNL_ARG_SCRATCHPAD,
-         memory({{int64_t(plan.scratchpad_bytes)}, memory::data_type::u8, tag::x}, engine,
-                ThreadScratch::Grow(scratch.scratchpad, plan.scratchpad_bytes))}};
+        {DNNL_ARG_SCRATCHPAD, sora::Scratch().Memory(0, sora::Bytes(plan.scratchpad_bytes))}};
     if (kind == Kind::kForward) {
       args.insert({{DNNL_ARG_SRC, memory(g.Src(), engine, x)},
                    {DNNL_ARG_WEIGHTS, weights},
@@ -202,7 +161,7 @@ ffi::ErrorOr<Geometry> MakeGeometry(ffi::AnyBuffer::Dimensions x, ffi::AnyBuffer
     return ffi::Unexpected(
         ffi::Error::InvalidArgument("oneDNN convolution: expects rank-4 NHWC/HWIO arrays"));
   }
-  auto dtype = DnnlType(type);
+  auto dtype = sora::DnnlType(type, "oneDNN convolution");
   if (dtype.has_error()) return ffi::Unexpected(dtype.error());
   return Geometry{x[0], x[1], x[2], x[3], w[3], w[0], w[1], y[1], y[2],
                   stride_h, stride_w, pad_t, pad_b, pad_l, pad_r, *dtype};

@@ -20,19 +20,17 @@ Two backends compute the same convolution (BENCHMARKS.md has the measurements):
 * Bias gradient: `bias.bias_grad`, not XLA:CPU's slow `reduce-window` for large sums.
 """
 
-from collections.abc import Callable
 from functools import partial
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import PartitionSpec as P
 
 from sora_jax.kernels import onednn
 from sora_jax.models.bias import bias_grad
 
-BACKENDS = ("auto", "xla", "onednn")
+BACKENDS = onednn.BACKENDS
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 # For a 3x3 kernel, stride 2, SAME padding and even input size, padding is (0, 1) and
@@ -90,30 +88,8 @@ def conv2d(
 
 
 def resolve_backend(backend: str, x: jax.Array) -> str:
-    """`auto` -> `onednn` where it can run (the CPU, float32/bfloat16, static shapes, the
-    kernel built), else `xla`; `onednn` where it cannot is an error, not a silent fallback."""
-    if backend not in BACKENDS:
-        raise ValueError(f"conv backend {backend!r} is not one of {BACKENDS}")
-    if backend == "xla":
-        return "xla"
-    platform = jax.default_backend()
-    why_not = None
-    if platform != "cpu":
-        why_not = f"the oneDNN kernels run on the CPU, not on {platform}"
-    elif x.dtype not in onednn.DTYPES:
-        why_not = f"the oneDNN kernels take float32 or bfloat16, not {x.dtype}"
-    elif not all(isinstance(d, int) for d in x.shape):
-        why_not = f"the oneDNN kernels need static shapes, not {x.shape}"
-    if why_not is None and not onednn.available():
-        if backend == "auto":
-            onednn.warn_unavailable_once()
-            return "xla"
-        why_not = onednn.unavailable_reason()
-    if why_not is None:
-        return "onednn"
-    if backend == "onednn":
-        raise ValueError(f"conv backend 'onednn': {why_not}")
-    return "xla"
+    """`auto` -> `onednn` where it can run, else `xla` (onednn.resolve)."""
+    return onednn.resolve(backend, x, "conv")
 
 
 # ---- XLA ----
@@ -148,39 +124,12 @@ def _same_pads(x: jax.Array, w: jax.Array, stride: int) -> list[tuple[int, int]]
     return lax.padtype_to_pads(x.shape[1:3], w.shape[:2], (stride, stride), "SAME")
 
 
-def _per_batch_shard(fn: Callable, batched_in: tuple, batched_out: tuple, rows: int) -> Callable:
-    """fn on each device's rows of the batch under the tracing mesh (the train and eval
-    steps set it); outputs that are not per-row (weight gradients) are summed over devices.
-
-    This project's mesh is all data parallelism (train/sharding.py), so the batch is the
-    only sharded dimension. Without a mesh, on one device or with rows that do not divide
-    evenly, fn runs as is and XLA gathers its operands: slower, never wrong.
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1 or rows % mesh.size:
-        return fn
-    axes = mesh.axis_names
-    spec = lambda batched: P(axes) if batched else P()
-
-    def on_shard(*args):
-        outs = fn(*args)
-        return tuple(o if b else lax.psum(o, axes) for o, b in zip(outs, batched_out, strict=True))
-
-    return jax.shard_map(
-        on_shard,
-        mesh=mesh,
-        in_specs=tuple(map(spec, batched_in)),
-        out_specs=tuple(map(spec, batched_out)),
-        check_vma=False,
-    )
-
-
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _conv2d_onednn(x: jax.Array, w: jax.Array, b: jax.Array, stride: int, relu: bool):
     pads = _same_pads(x, w, stride)
     out_hw = tuple(-(-size // stride) for size in x.shape[1:3])
     forward = lambda x, w, b: (onednn.conv_forward(x, w, b, stride, pads, out_hw, relu),)
-    (y,) = _per_batch_shard(forward, (True, False, False), (True,), x.shape[0])(x, w, b)
+    (y,) = onednn.shard_over_batch(forward, (True, False, False), (True,), x.shape[0])(x, w, b)
     return y
 
 
@@ -202,8 +151,8 @@ def _conv2d_onednn_bwd(stride, relu, residuals, dy):
         dw, db = onednn.conv_backward_weights(x, dy, stride, pads, w.shape[:2])
         return dx, dw, db
 
-    rows = x.shape[0]
-    return _per_batch_shard(backward, (True, False, True), (True, False, False), rows)(x, w, dy)
+    sharded = onednn.shard_over_batch(backward, (True, False, True), (True, False, False), len(x))
+    return sharded(x, w, dy)
 
 
 _conv2d_onednn.defvjp(_conv2d_onednn_fwd, _conv2d_onednn_bwd)

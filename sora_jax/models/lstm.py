@@ -7,6 +7,16 @@ carries the gate gradients back through time and stacks them; the weight gradien
 then one large matmul over every step at once, as cuDNN and oneDNN do. Same mathematics
 as `flax.linen.LSTMCell` (gate order i, f, g, o), same dtypes: the recurrent product in the
 compute dtype, gates and state in float32.
+
+Two backends run the loops over time (BENCHMARKS.md has the measurements):
+* `xla`: `lax.scan`. Each step is a dozen small XLA operations dispatched one by one; on
+  the CPU that overhead, not the arithmetic, set the cost (~130 us a step at the reference
+  shapes).
+* `onednn` (the default on the CPU, `auto`): each loop is one custom call
+  (sora_jax/kernels/onednn_lstm.cc) running every step in place: a oneDNN matmul with the
+  weights packed once, then the gate arithmetic in one vectorised pass. In bfloat16 oneDNN
+  accumulates the recurrent product in float32 without rounding it to bfloat16 first,
+  as XLA does: a rounding difference, not a different model.
 """
 
 from functools import partial
@@ -14,6 +24,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from sora_jax.kernels import onednn
 
 F32 = jnp.float32
 
@@ -23,16 +35,31 @@ def _split(gates: jax.Array) -> tuple[jax.Array, ...]:
 
 
 def lstm_sequence(
-    input_gates: jax.Array, w_h: jax.Array, dtype: jnp.dtype, unroll: int = 1
+    input_gates: jax.Array,
+    w_h: jax.Array,
+    dtype: jnp.dtype,
+    unroll: int = 1,
+    backend: str = "xla",
 ) -> jax.Array:
     """input_gates [T, B, 4H] (x_t @ W_x + b, time-major), w_h [H, 4H] -> h [T, B, H]
-    (float32), from a zero initial state."""
-    return _lstm(input_gates, w_h, jnp.dtype(dtype), unroll)
+    (float32), from a zero initial state. `backend`: one of onednn.BACKENDS."""
+    backend = onednn.resolve(backend, input_gates, "lstm")
+    return _lstm(input_gates, w_h, jnp.dtype(dtype), unroll, backend)
 
 
-def _forward(input_gates, w_h, dtype, unroll):
+def _per_device(fn, batched_in: tuple, batched_out: tuple, rows: int):
+    return onednn.shard_over_batch(fn, batched_in, batched_out, rows, axis=1)
+
+
+def _forward(input_gates, w_h, dtype, unroll, backend="xla"):
     batch, hidden = input_gates.shape[1], w_h.shape[0]
     w = w_h.astype(dtype)
+    if backend == "onednn":
+        hs, activations, cs = _per_device(
+            onednn.lstm_forward, (True, False), (True, True, True), batch
+        )(input_gates, w)
+        h_prevs = jnp.concatenate([jnp.zeros_like(hs[:1]), hs[:-1]])
+        return hs, (activations, cs, h_prevs)
 
     def step(carry, gx):  # carry: c, h [B, H] float32; gx [B, 4H]
         c_prev, h_prev = carry
@@ -49,19 +76,35 @@ def _forward(input_gates, w_h, dtype, unroll):
     return hs, (activations, cs, h_prevs)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _lstm(input_gates, w_h, dtype, unroll):
-    return _forward(input_gates, w_h, dtype, unroll)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _lstm(input_gates, w_h, dtype, unroll, backend):
+    return _forward(input_gates, w_h, dtype, unroll, backend)[0]
 
 
-def _lstm_fwd(input_gates, w_h, dtype, unroll):
-    hs, saved = _forward(input_gates, w_h, dtype, unroll)
+def _lstm_fwd(input_gates, w_h, dtype, unroll, backend):
+    hs, saved = _forward(input_gates, w_h, dtype, unroll, backend)
     dtype_of_gates = jnp.zeros((0,), input_gates.dtype)  # residuals must be arrays
     return hs, (*saved, w_h, dtype_of_gates)
 
 
-def _lstm_bwd(dtype, unroll, residuals, dhs):
+def _lstm_bwd(dtype, unroll, backend, residuals, dhs):
     activations, cs, h_prevs, w_h, dtype_of_gates = residuals
+    if backend == "onednn":
+        backward = lambda *args: (onednn.lstm_backward(*args),)
+        (d_gates,) = _per_device(backward, (True, True, True, False), (True,), dhs.shape[1])(
+            dhs.astype(F32), activations, cs, w_h.astype(dtype)
+        )
+    else:
+        d_gates = _scan_backward(dtype, unroll, activations, cs, w_h, dhs)
+    # The recurrent weight gradient of every step in one product over (T, B).
+    dw_h = jnp.einsum(
+        "tbh,tbg->hg", h_prevs.astype(dtype), d_gates.astype(dtype), preferred_element_type=F32
+    )
+    return d_gates.astype(dtype_of_gates.dtype), dw_h.astype(w_h.dtype)
+
+
+def _scan_backward(dtype, unroll, activations, cs, w_h, dhs):
+    """The gate gradients [T, B, 4H] (float32), carried back through time by lax.scan."""
     c_prevs = jnp.concatenate([jnp.zeros_like(cs[:1]), cs[:-1]])  # [T, B, H]
     w_t = w_h.astype(dtype).T  # [4H, H]
 
@@ -86,12 +129,7 @@ def _lstm_bwd(dtype, unroll, residuals, dhs):
 
     zeros = jnp.zeros_like(dhs[0])
     xs = (dhs, activations, cs, c_prevs)
-    _, d_gates = lax.scan(step, (zeros, zeros), xs, reverse=True, unroll=unroll)  # [T, B, 4H]
-    # The recurrent weight gradient of every step in one product over (T, B).
-    dw_h = jnp.einsum(
-        "tbh,tbg->hg", h_prevs.astype(dtype), d_gates.astype(dtype), preferred_element_type=F32
-    )
-    return d_gates.astype(dtype_of_gates.dtype), dw_h.astype(w_h.dtype)
+    return lax.scan(step, (zeros, zeros), xs, reverse=True, unroll=unroll)[1]
 
 
 _lstm.defvjp(_lstm_fwd, _lstm_bwd)

@@ -78,6 +78,7 @@ def build_model(model_config: ml_collections.ConfigDict) -> SoraModel:
             num_mel_bins=aud.num_mel_bins,
             spec_augment=tuple(aud.spec_augment),
             unroll=aud.get("unroll", 1),  # absent from configs saved before the key
+            lstm_backend=aud.get("lstm_backend", "auto"),  # likewise
             dtype=dtype,
         ),
         fusion=FusionHead(
