@@ -248,11 +248,19 @@ def test_tiny_model_overfits_a_batch_of_eight_clips():
     assert float(loss) < 0.1 * float(first), (float(first), float(loss))
 
 
-@pytest.mark.parametrize("unroll", [1, 4])
-def test_audio_branch_is_scanned_not_unrolled(unroll):
+@pytest.mark.parametrize("unroll, backend", [(1, "xla"), (4, "xla"), (1, "onednn")])
+def test_audio_branch_is_scanned_not_unrolled(unroll, backend):
     """The compiled program is the same size for 100 and 1600 log-mel frames (a scan of
-    `unroll` steps per iteration, not a loop unrolled over time)."""
-    encoder = AudioEncoder(hidden=16, num_mel_bins=16, layers=2, bidirectional=True, unroll=unroll)
+    `unroll` steps per iteration, or one custom call per loop, never a loop unrolled over
+    time)."""
+    encoder = AudioEncoder(
+        hidden=16,
+        num_mel_bins=16,
+        layers=2,
+        bidirectional=True,
+        unroll=unroll,
+        lstm_backend=backend,
+    )
 
     def program_lines(num_frames):
         samples = 400 + (num_frames - 1) * 160
@@ -260,7 +268,8 @@ def test_audio_branch_is_scanned_not_unrolled(unroll):
         lengths = jnp.full((2,), samples, jnp.int32)
         params = jax.eval_shape(lambda: encoder.init(jax.random.key(0), wave, lengths))
         hlo = jax.jit(lambda p, w, n: encoder.apply(p, w, n)).lower(params, wave, lengths).as_text()
-        return len(hlo.splitlines()), hlo.count("stablehlo.while")
+        return len(hlo.splitlines()), hlo.count("stablehlo.while"), hlo.count("SoraLstmForward")
 
     assert program_lines(100) == program_lines(1600)
-    assert program_lines(100)[1] >= 4  # one loop per layer and direction
+    _, loops, calls = program_lines(100)
+    assert (loops, calls) == ((0, 4) if backend == "onednn" else (4, 0))  # per layer, direction
