@@ -24,7 +24,10 @@ def get_config() -> ml_collections.ConfigDict:
         flip=True,
         eval_temporal_views=2,
         eval_spatial_views=1,  # 1 (centre) or 3 (both ends and centre of the long side)
-        workers=0,  # grain worker processes per host; 0 decodes in the training process
+        # grain worker processes per host (0: decode in the training process). Two keep the
+        # demo's data wait near 1% on a 2-core CPU; in-process reader threads compete with
+        # the training step for the interpreter and the cores (BENCHMARKS.md).
+        workers=2,
         eval_batch_size=32,
     )
 

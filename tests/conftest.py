@@ -30,7 +30,8 @@ def small_config(data_dir: str, name: str):
     from configs import demo
 
     c = demo.get_config()
-    c.data.update(dir=data_dir, name=name, eval_batch_size=8)
+    # In-process decoding: worker start-up would dominate runs this short.
+    c.data.update(dir=data_dir, name=name, eval_batch_size=8, workers=0)
     c.model.visual.update(widths=(8, 16), blocks=(1, 1), strides=(2, 2))
     c.model.audio.update(hidden=16, num_mel_bins=16)
     c.model.fusion.update(dim=16)

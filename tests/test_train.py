@@ -37,6 +37,7 @@ def _flags(config) -> list[str]:
         f"--config.log_every={config.log_every}",
         f"--config.checkpoint.every_steps={config.checkpoint.every_steps}",
         "--config.data.eval_batch_size=8",
+        f"--config.data.workers={d.workers}",
         "--config.model.visual.widths=(8,16)",
         "--config.model.visual.blocks=(1,1)",
         "--config.model.visual.strides=(2,2)",

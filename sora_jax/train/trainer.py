@@ -300,6 +300,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, device
         preemption.restore()
         logger.close()
         manager.close()
+        iterator.close()  # stops grain's workers and frees the batches they read ahead
     if result and main_process:
         (workdir / f"eval_{config.data.eval_split}.json").write_text(json.dumps(result, indent=1))
     return result
