@@ -107,9 +107,9 @@ class AudioEncoder(nn.Module):
     bidirectional: bool = False
     num_mel_bins: int = 64
     spec_augment: tuple[int, int, int, int] = (0, 0, 0, 0)  # time masks, width, freq masks, width
-    # Time steps per iteration of the scan: the small per-step matmuls are dominated by
-    # per-iteration overhead on the CPU (4: 5% faster reference step); same results, and
-    # the compiled program still does not grow with the audio length.
+    # Time steps per iteration of XLA's scan (the `xla` LSTM backend, and the GRU): the
+    # small per-step matmuls are dominated by per-iteration overhead (4: 5% faster CPU
+    # reference step); same results, and the program still does not grow with the audio.
     unroll: int = 1
     lstm_backend: str = "auto"  # onednn.BACKENDS (lstm.py)
     dtype: jnp.dtype = jnp.float32
