@@ -52,6 +52,16 @@ def _config(demo_data):
     return config
 
 
+def _assert_same_curve(got: dict, want: dict) -> None:
+    """The same loss curve up to float drift. The all-reduce order differs across process
+    counts, so the last bits differ from step 1 and training amplifies them: 1e-6 at first,
+    up to ~3e-4 by step 20 in some runs. Wrong data or sharding differs by >1e-2 at once."""
+    steps = sorted(want)
+    early, late = steps[:12], steps[12:]
+    np.testing.assert_allclose([got[s] for s in early], [want[s] for s in early], rtol=2e-4)
+    np.testing.assert_allclose([got[s] for s in late], [want[s] for s in late], rtol=2e-3)
+
+
 @pytest.fixture(scope="module")
 def single_process_losses(demo_data, tmp_path_factory):
     """The reference: 1 process x 4 devices, same global batch and seed."""
@@ -68,11 +78,7 @@ def test_two_processes_give_the_same_losses_as_one(demo_data, tmp_path, single_p
     assert done.returncode == 0, done.stdout[-3000:]
     multi = losses(tmp_path)
     assert sorted(multi) == sorted(single_process_losses) == list(range(1, 25))
-    np.testing.assert_allclose(
-        [multi[s] for s in sorted(multi)],
-        [single_process_losses[s] for s in sorted(multi)],
-        rtol=2e-4,  # float drift: all-reduce order differs across process counts
-    )
+    _assert_same_curve(multi, single_process_losses)
     # Evaluation over both processes counts each of the 20 test clips once.
     assert json.loads((tmp_path / "eval_test.json").read_text())["num_examples"] == 20
     # Both processes wrote their own data-iterator state into every checkpoint.
@@ -117,11 +123,7 @@ def test_a_dead_process_stops_the_other_and_a_relaunch_resumes(
     assert done.returncode == 0, done.stdout[-3000:]
     assert "resumed from step" in done.stdout
     resumed = losses(tmp_path)
-    np.testing.assert_allclose(
-        [resumed[s] for s in range(1, 25)],
-        [single_process_losses[s] for s in range(1, 25)],
-        rtol=2e-4,  # float drift: all-reduce order differs across process counts
-    )
+    _assert_same_curve(resumed, single_process_losses)
 
 
 def test_parameters_and_optimizer_state_are_split_across_processes(tmp_path):
