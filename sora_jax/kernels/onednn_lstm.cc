@@ -184,31 +184,38 @@ void RunMatmul(const Matmul& mm, dnnl::stream& stream, const void* lhs, const me
                 sora::Scratch().Memory(0, sora::Bytes(mm.scratchpad_bytes))}});
 }
 
-ffi::Error CheckShapes(ffi::AnyBuffer::Dimensions gates, ffi::AnyBuffer::Dimensions w_h) {
-  if (gates.size() != 3 || w_h.size() != 2 || w_h[1] != 4 * w_h[0] || gates[2] != w_h[1]) {
-    return ffi::Error::InvalidArgument("oneDNN LSTM: expects gates [T, B, 4H], w_h [H, 4H]");
+// The loop's sizes and the recurrent product's dtype, from a [T, B, 4H] gate-shaped buffer
+// and w_h [H, 4H]; an error naming what is wrong otherwise.
+struct Loop {
+  int64_t steps, batch, hidden, width;
+  dt dtype;
+};
+
+ffi::ErrorOr<Loop> LoopOf(const ffi::AnyBuffer& gates, const ffi::AnyBuffer& w_h) {
+  auto g = gates.dimensions(), w = w_h.dimensions();
+  if (g.size() != 3 || w.size() != 2 || w[1] != 4 * w[0] || g[2] != w[1]) {
+    return ffi::Unexpected(
+        ffi::Error::InvalidArgument("oneDNN LSTM: expects gates [T, B, 4H], w_h [H, 4H]"));
   }
-  return ffi::Error::Success();
+  auto dtype = sora::DnnlType(w_h.element_type(), "oneDNN LSTM");
+  if (dtype.has_error()) return ffi::Unexpected(dtype.error());
+  return Loop{g[0], g[1], w[0], w[1], *dtype};
 }
 
 ffi::Error Forward(ffi::AnyBuffer input_gates, ffi::AnyBuffer w_h,
                    ffi::Result<ffi::AnyBuffer> h_out, ffi::Result<ffi::AnyBuffer> acts_out,
                    ffi::Result<ffi::AnyBuffer> c_out) {
-  if (auto error = CheckShapes(input_gates.dimensions(), w_h.dimensions()); error.failure()) {
-    return error;
-  }
-  auto dtype = sora::DnnlType(w_h.element_type(), "oneDNN LSTM");
-  if (dtype.has_error()) return dtype.error();
+  auto loop = LoopOf(input_gates, w_h);
+  if (loop.has_error()) return loop.error();
   auto gates_type = sora::DnnlType(input_gates.element_type(), "oneDNN LSTM");
   if (gates_type.has_error()) return gates_type.error();
-  const int64_t steps = input_gates.dimensions()[0], batch = input_gates.dimensions()[1];
-  const int64_t hidden = w_h.dimensions()[0], width = 4 * hidden;
+  const auto [steps, batch, hidden, width, dtype] = *loop;
   auto* h = static_cast<float*>(h_out->untyped_data());
   auto* acts = static_cast<float*>(acts_out->untyped_data());
   auto* c = static_cast<float*>(c_out->untyped_data());
   try {
     SingleThreaded single_threaded;
-    const Matmul& mm = GetMatmul(batch, hidden, width, *dtype, false, true);
+    const Matmul& mm = GetMatmul(batch, hidden, width, dtype, false, true);
     dnnl::stream stream(Engine());
     memory w = PackWeights(mm, stream, w_h.untyped_data());
     std::vector<uint16_t> h_low;
@@ -222,9 +229,9 @@ ffi::Error Forward(ffi::AnyBuffer input_gates, ffi::AnyBuffer w_h,
         const auto* src = static_cast<const uint16_t*>(input_gates.untyped_data()) + t * n;
         for (size_t k = 0; k < n; ++k) a[k] = FromBf16(src[k]);
       }
-      const float* h_prev = t ? h + (t - 1) * batch * hidden : nullptr;
-      if (h_prev) {  // a += h_{t-1} @ W_h
-        RunMatmul(mm, stream, AsOperand(h_prev, batch * hidden, *dtype, h_low), w, a);
+      if (t > 0) {  // a += h_{t-1} @ W_h
+        const float* h_prev = h + (t - 1) * batch * hidden;
+        RunMatmul(mm, stream, AsOperand(h_prev, batch * hidden, dtype, h_low), w, a);
         stream.wait();
       }
       ForwardGates(batch, hidden, a, t ? c + (t - 1) * batch * hidden : zero_state.data(),
@@ -238,20 +245,16 @@ ffi::Error Forward(ffi::AnyBuffer input_gates, ffi::AnyBuffer w_h,
 
 ffi::Error Backward(ffi::AnyBuffer dh_out, ffi::AnyBuffer acts_in, ffi::AnyBuffer c_in,
                     ffi::AnyBuffer w_h, ffi::Result<ffi::AnyBuffer> d_gates_out) {
-  if (auto error = CheckShapes(acts_in.dimensions(), w_h.dimensions()); error.failure()) {
-    return error;
-  }
-  auto dtype = sora::DnnlType(w_h.element_type(), "oneDNN LSTM");
-  if (dtype.has_error()) return dtype.error();
-  const int64_t steps = acts_in.dimensions()[0], batch = acts_in.dimensions()[1];
-  const int64_t hidden = w_h.dimensions()[0], width = 4 * hidden;
+  auto loop = LoopOf(acts_in, w_h);
+  if (loop.has_error()) return loop.error();
+  const auto [steps, batch, hidden, width, dtype] = *loop;
   const auto* dh_in = static_cast<const float*>(dh_out.untyped_data());
   const auto* acts = static_cast<const float*>(acts_in.untyped_data());
   const auto* c = static_cast<const float*>(c_in.untyped_data());
   auto* d_gates = static_cast<float*>(d_gates_out->untyped_data());
   try {
     SingleThreaded single_threaded;
-    const Matmul& mm = GetMatmul(batch, width, hidden, *dtype, true, false);
+    const Matmul& mm = GetMatmul(batch, width, hidden, dtype, true, false);
     dnnl::stream stream(Engine());
     memory w = PackWeights(mm, stream, w_h.untyped_data());
     std::vector<float> dh(batch * hidden), dh_next(batch * hidden, 0.f), dc(batch * hidden, 0.f);
@@ -265,7 +268,7 @@ ffi::Error Backward(ffi::AnyBuffer dh_out, ffi::AnyBuffer acts_in, ffi::AnyBuffe
                     t ? c + (t - 1) * batch * hidden : zero_state.data(), dh.data(), dc.data(),
                     d);
       if (t) {  // dh_{t-1} = d_gates @ W_h^T
-        RunMatmul(mm, stream, AsOperand(d, batch * width, *dtype, d_low), w, dh_next.data());
+        RunMatmul(mm, stream, AsOperand(d, batch * width, dtype, d_low), w, dh_next.data());
         stream.wait();
       }
     }
