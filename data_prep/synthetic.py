@@ -17,6 +17,7 @@ def write_video(
     audio_codec: str = "aac",
     audio_layout: str | None = None,
     frame_times: np.ndarray | None = None,  # seconds; irregular times make a VFR video
+    display_rotation: int = 0,  # counterclockwise degrees, as a phone's portrait video
 ) -> None:
     """Encode frames (and audio) into `path`; the container follows the file extension."""
     path = pathlib.Path(path)
@@ -25,6 +26,8 @@ def write_video(
         v = out.add_stream(video_codec, rate=rate)
         v.height, v.width = frames.shape[1:3]
         v.pix_fmt = "yuv420p"
+        if display_rotation:
+            v.set_display_rotation(display_rotation)
         if frame_times is not None:
             v.codec_context.time_base = fractions.Fraction(1, 1000)
         if audio is not None:

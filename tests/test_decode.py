@@ -78,6 +78,25 @@ def test_portrait_video_keeps_its_orientation(tmp_path):
     assert not clip.has_audio and clip.audio.size == 0
 
 
+@pytest.mark.parametrize("degrees,corner", [(90, (1, 0)), (-90, (0, 1)), (180, (1, 1))])
+def test_display_rotation_is_applied_as_a_player_shows_it(tmp_path, degrees, corner):
+    """A 64x32 landscape picture, red in its top-left quadrant, stored with a display
+    rotation: decoded upright, with the red quadrant where the rotation takes it."""
+    from data_prep.synthetic import write_video
+
+    frames = np.zeros((4, 32, 64, 3), np.uint8)
+    frames[:, :16, :32] = (255, 0, 0)
+    path = tmp_path / f"rotated_{degrees}.mp4"
+    write_video(path, frames, 4.0, display_rotation=degrees)
+    clip = decode_video(path, fps=4.0, short_side=0)
+    height, width = (64, 32) if degrees % 180 else (32, 64)
+    assert clip.frames.shape == (4, height, width, 3)
+    red = clip.frames[0, ..., 0] > 128
+    row, col = (height // 2) * corner[0], (width // 2) * corner[1]
+    assert red[row : row + height // 2, col : col + width // 2].mean() > 0.95
+    assert red.mean() == pytest.approx(0.25, abs=0.02)
+
+
 def test_bad_inputs_raise_decode_errors_with_reasons(tmp_path):
     empty = tmp_path / "empty.mp4"
     empty.write_bytes(b"")

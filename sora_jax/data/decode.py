@@ -50,14 +50,6 @@ def _resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     return max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2)
 
 
-def _rotation(stream) -> int:
-    """Display rotation in degrees (phone videos store portrait as rotated landscape)."""
-    try:
-        return round(stream.side_data.get("DISPLAYMATRIX", 0)) if stream.side_data else 0
-    except (AttributeError, TypeError, ValueError):
-        return 0
-
-
 def decode_video(
     path: str | os.PathLike, fps: float, short_side: int, max_seconds: float = 0.0
 ) -> DecodedVideo:
@@ -81,7 +73,6 @@ def decode_video(
         video = container.streams.video[0]
         audio = container.streams.audio[0] if container.streams.audio else None
         video.thread_type = "AUTO"
-        rotation = _rotation(video)
         resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
         frames, chunks = [], []
         previous, previous_rgb, start = None, None, None
@@ -131,9 +122,12 @@ def decode_video(
         if remaining:
             last = rgb(previous)
             frames.extend([last] * remaining)
-    frames = np.stack(frames)
-    if rotation % 360:
-        frames = np.rot90(frames, k=round(rotation / 90) % 4, axes=(1, 2))
+    frames = np.stack(frames)  # [T, H, W, 3] as stored
+    # Phones store portrait video as landscape plus a display matrix; PyAV reports its
+    # rotation per frame, counterclockwise degrees (a multiple of 90 in practice).
+    rotation = round(previous.rotation / 90) % 4
+    if rotation:
+        frames = np.rot90(frames, k=rotation, axes=(1, 2))  # as a player shows it
     wave = np.concatenate(chunks).astype(np.int16) if chunks else np.zeros(0, np.int16)
     if max_seconds:
         wave = wave[: int(max_seconds * SAMPLE_RATE)]
