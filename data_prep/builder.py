@@ -11,6 +11,7 @@ import multiprocessing
 import pathlib
 import re
 import shutil
+import tempfile
 import types
 from collections.abc import Callable, Iterable
 
@@ -146,9 +147,10 @@ class SoraVideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 # spawn: workers import only PyAV/NumPy/PIL, never a forked TensorFlow.
                 context = multiprocessing.get_context("spawn")
                 self._pool = stack.enter_context(context.Pool(self._workers))
-            self.download_and_prepare(
-                download_config=tfds.download.DownloadConfig(verify_ssl=False)
-            )
+            # Nothing is downloaded; a scratch download dir keeps DATA_DIR free of tfds's
+            # otherwise empty `downloads/` folder.
+            scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="sora_prep_"))
+            self.download_and_prepare(download_dir=scratch)
             self._pool = None
 
     def _build_on_beam(self) -> None:
@@ -158,9 +160,11 @@ class SoraVideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
         shutil.rmtree(self._beam_report_dir, ignore_errors=True)
         options = PipelineOptions(shlex.split(self._beam_options))
-        self.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(beam_options=options)
-        )
+        with tempfile.TemporaryDirectory(prefix="sora_prep_") as scratch:
+            self.download_and_prepare(
+                download_dir=scratch,
+                download_config=tfds.download.DownloadConfig(beam_options=options),
+            )
         for path in sorted(self._beam_report_dir.rglob("rows*")):
             self.report.extend(json.loads(line) for line in path.read_text().splitlines())
         shutil.rmtree(self._beam_report_dir, ignore_errors=True)

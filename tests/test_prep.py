@@ -224,6 +224,8 @@ def test_sora_prep_command_line_contract(tmp_path):
     assert "12 kept, 1 skipped" in done.stdout and "broken.mp4" in done.stdout
     report = json.loads((tmp_path / "data" / "tiny_report.json").read_text())
     assert len(report) == 13  # 4 classes x (2 train + 1 test) + 1
+    # The dataset and its report, nothing else (tfds would leave an empty downloads/).
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["tiny", "tiny_report.json"]
     bad = subprocess.run(
         [
             sys.executable,
