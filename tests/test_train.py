@@ -233,3 +233,28 @@ def test_the_demo_config_learns_the_demo_with_both_senses(tmp_path):
     assert result["top1"] >= 0.95, result["top1"]
     for mode in ("audio_only", "video_only"):
         assert 0.35 <= result[mode]["top1"] <= 0.65, (mode, result[mode]["top1"])
+
+
+def test_inference_restores_only_the_parameters_it_evaluates(demo_data, tmp_path):
+    config = small_config(*demo_data)
+    config.total_steps = 4
+    config.optimizer.ema_decay = 0.5
+    trainer.train(config, tmp_path)
+    _, _, _, _, abstract, _ = trainer.setup_training(config)
+    full = checkpoint.restore(checkpoint.make_manager(tmp_path, config, True), 4, abstract)
+
+    def restored(use_ema, abstract=abstract):
+        manager = checkpoint.make_manager(tmp_path, config, read_only=True)
+        return checkpoint.restore_params(manager, None, abstract, use_ema)
+
+    for use_ema, expected in ((True, full.ema_params), (False, full.params)):
+        params, step = restored(use_ema)
+        assert step == 4
+        jax.tree.map(np.testing.assert_array_equal, params, expected)
+    assert not jax.tree.all(jax.tree.map(np.array_equal, full.params, full.ema_params))
+    # The optimizer state is never read: an abstract state with another optimizer's
+    # state (SGD's momentum instead of Adam's moments) restores the same parameters.
+    config.optimizer.name = "sgd"
+    _, _, _, _, other, _ = trainer.setup_training(config)
+    assert jax.tree.structure(other.opt_state) != jax.tree.structure(abstract.opt_state)
+    jax.tree.map(np.testing.assert_array_equal, restored(True, other)[0], full.ema_params)

@@ -49,13 +49,16 @@ def save(
     manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
 
+def _abstract(abstract_state):
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), abstract_state
+    )
+
+
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state, iterator=None):
     """The state at `step`, laid out as `abstract_state`'s shardings say; the iterator,
     if given, is moved to where it was when that checkpoint was written."""
-    target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), abstract_state
-    )
-    items = {"state": ocp.args.StandardRestore(target)}
+    items = {"state": ocp.args.StandardRestore(_abstract(abstract_state))}
     if iterator is not None:
         items["data"] = grain.checkpoint.CheckpointRestore(iterator)
     return manager.restore(step, args=ocp.args.Composite(**items))["state"]
@@ -64,10 +67,20 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state, iterator=
 def restore_params(
     manager: ocp.CheckpointManager, step: int | None, abstract_state, use_ema: bool = True
 ):
-    """Only the parameters to evaluate (the EMA ones when the run kept them)."""
+    """Only the parameters to evaluate (the EMA ones when the run kept them): the
+    optimizer state (twice the parameters' size with Adam) and the other copy of the
+    parameters are never read, so a changed optimizer config does not matter either.
+    `manager` must be one that only restores this way (orbax binds a manager to one
+    handler per item), as `make_manager(read_only=True)`."""
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {manager.directory}")
-    state = restore(manager, step, abstract_state)
-    params = state.ema_params if use_ema and state.ema_params is not None else state.params
-    return params, step
+    wanted = "ema_params" if use_ema and abstract_state.ema_params is not None else "params"
+    target = {wanted: _abstract(getattr(abstract_state, wanted))}
+    restore_args = jax.tree.map(
+        lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), target
+    )
+    # partial_restore: read the one subtree in `target`, whatever else the state holds.
+    item = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+    restored = manager.restore(step, args=ocp.args.Composite(state=item))["state"]
+    return restored[wanted], step
