@@ -241,7 +241,8 @@ def test_inference_restores_only_the_parameters_it_evaluates(demo_data, tmp_path
     config.optimizer.ema_decay = 0.5
     trainer.train(config, tmp_path)
     _, _, _, _, abstract, _ = trainer.setup_training(config)
-    full = checkpoint.restore(checkpoint.make_manager(tmp_path, config, True), 4, abstract)
+    reader = checkpoint.make_manager(tmp_path, config, read_only=True)
+    full = checkpoint.restore(reader, 4, abstract)
 
     def restored(use_ema, abstract=abstract):
         manager = checkpoint.make_manager(tmp_path, config, read_only=True)
