@@ -28,6 +28,7 @@ from sora_jax.train import checkpoint, sharding
 from sora_jax.train.evaluate import evaluate
 from sora_jax.train.state import NONFINITE_NAMES, TrainState, init_state, make_optimizer
 from sora_jax.train.step import make_train_step
+from sora_jax.train.tensorboard import ScalarWriter
 
 log = logging.getLogger("sora_jax")
 
@@ -151,9 +152,7 @@ class _Logger:
         self.writer = None
         self.bar = None
         if enabled:
-            from flax.metrics import tensorboard
-
-            self.writer = tensorboard.SummaryWriter(str(workdir / "tensorboard"))
+            self.writer = ScalarWriter(workdir / "tensorboard")
             self.bar = tqdm.tqdm(
                 total=total, initial=start, desc="train", unit="step", dynamic_ncols=True
             )
