@@ -17,6 +17,7 @@ import sys
 import time
 
 import common
+import jax
 import numpy as np
 from train_step import measure, random_batch
 
@@ -45,9 +46,12 @@ def torch_step(config, batch, compiled: bool, steps: int, warmup: int) -> dict:
 
     torch.set_num_threads(os.cpu_count())
     torch.manual_seed(0)
+    # The device Flax runs on, when this PyTorch build has it: a GPU run compares GPUs.
+    on_gpu = jax.devices()[0].platform == "gpu" and torch.cuda.is_available()
+    device = torch.device("cuda" if on_gpu else "cpu")
     m = config.model
-    mel = torch.from_numpy(melspec.mel_matrix(m.audio.num_mel_bins))
-    window = torch.hann_window(melspec.WINDOW, periodic=True)
+    mel = torch.from_numpy(melspec.mel_matrix(m.audio.num_mel_bins)).to(device)
+    window = torch.hann_window(melspec.WINDOW, periodic=True, device=device)
 
     class Reference(nn.Module):
         def __init__(self):
@@ -83,22 +87,22 @@ def torch_step(config, batch, compiled: bool, steps: int, warmup: int) -> dict:
             a = self.lstm(logmel)[0].mean(1)
             return self.head(torch.cat([v, a], -1))
 
-    model = Reference().to(memory_format=torch.channels_last)
+    model = Reference().to(device, memory_format=torch.channels_last)
     opt = torch.optim.AdamW(
         model.parameters(),
         lr=config.optimizer.learning_rate,
         weight_decay=config.optimizer.weight_decay,
     )
-    frames = torch.from_numpy(batch["frames"])
-    wave = torch.from_numpy(batch["audio"])
-    labels = torch.from_numpy(batch["label"]).long()
+    frames = torch.from_numpy(batch["frames"]).to(device)
+    wave = torch.from_numpy(batch["audio"]).to(device)
+    labels = torch.from_numpy(batch["label"]).long().to(device)
     loss_fn = nn.CrossEntropyLoss()
 
     low_precision = config.model.dtype == "bfloat16"
 
     def train_step():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low_precision):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=low_precision):
             loss = loss_fn(model(frames, wave).float(), labels)
         loss.backward()
         opt.step()
@@ -113,6 +117,7 @@ def torch_step(config, batch, compiled: bool, steps: int, warmup: int) -> dict:
     return {
         "framework": "pytorch_compile" if compiled else "pytorch_eager",
         "version": torch.__version__,
+        "device": "gpu" if on_gpu else "cpu",
         "dtype": config.model.dtype,
         "step_ms": step_s * 1e3,
         "clips_per_s": len(labels) / step_s,
@@ -171,6 +176,7 @@ def keras_step(config, batch, jit_compile: bool, steps: int, warmup: int) -> dic
     return {
         "framework": "keras_xla" if jit_compile else "keras",
         "version": keras.__version__,
+        "device": "gpu" if tf.config.list_logical_devices("GPU") else "cpu",
         "dtype": config.model.dtype,
         "step_ms": step_s * 1e3,
         "clips_per_s": len(y) / step_s,
@@ -191,7 +197,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     config = common.load_config(args.config, args.set)
     batch = random_batch(config, config.batch_size)
-    flax = {"framework": "flax", **measure(config, args.steps, args.warmup)}
+    flax = {
+        "framework": "flax",
+        "device": jax.devices()[0].platform,
+        **measure(config, args.steps, args.warmup),
+    }
     results = [flax]
     runs = {
         "pytorch_eager": lambda: torch_step(config, batch, False, args.steps, args.warmup),
@@ -219,7 +229,7 @@ def main(argv=None) -> int:
     }
     table = [
         (
-            r["framework"],
+            f"{r['framework']} ({r['device']})",
             f"{r['step_ms']:8.1f} ms  {r['clips_per_s']:6.1f} clips/s  "
             f"flax is {r['flax_speedup']:.2f}x",
         )

@@ -57,6 +57,8 @@ def test_peers_runs_every_installed_framework():
     assert not [r for r in frameworks.values() if "error" in r], frameworks
     assert {"flax", "keras", "keras_xla"} <= set(frameworks)
     assert all(r["step_ms"] > 0 for r in frameworks.values())
+    # Each peer says where it ran; here every one runs where Flax does, on the CPU.
+    assert {r["device"] for r in frameworks.values()} == {"cpu"}
 
 
 def test_peers_pytorch():
