@@ -73,7 +73,7 @@ def demo_clip(
     seconds: float = 2.0,
     size: int = 48,
     sample_rate: int = 22_050,
-):
+) -> tuple[np.ndarray, np.ndarray]:
     """One demo clip: an object moving over a noisy background, and a tone in noise."""
     n = round(fps * seconds)
     frames = np.empty((n, size, size, 3), np.uint8)

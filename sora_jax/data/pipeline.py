@@ -9,6 +9,7 @@ examples so that every process runs the same number of steps.
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 import grain
 import jax
@@ -90,7 +91,7 @@ def _ensure_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def data_source(config: ml_collections.ConfigDict, split: str):
+def data_source(config: ml_collections.ConfigDict, split: str) -> Sequence[dict]:
     """The tfds ArrayRecord data source of a prepared split (random access)."""
     _ensure_flags_parsed()
     return tfds.data_source(config.data.name, split=split, data_dir=config.data.dir)
@@ -154,7 +155,9 @@ def eval_batches_per_process(num_examples: int, local_batch_size: int) -> int:
     return max(1, math.ceil(num_examples / jax.process_count() / local_batch_size))
 
 
-def eval_dataset(config: ml_collections.ConfigDict, split: str, local_batch_size: int):
+def eval_dataset(
+    config: ml_collections.ConfigDict, split: str, local_batch_size: int
+) -> grain.IterDataset:
     """Multi-view evaluation batches; every example appears once over all processes."""
     source = data_source(config, split)
     batches = eval_batches_per_process(len(source), local_batch_size)

@@ -18,19 +18,28 @@ import pathlib
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import orbax.checkpoint as ocp
 
 import sora_jax
 from sora_jax import config as config_lib
 
+if TYPE_CHECKING:  # annotations only: exporting imports the trainer lazily, when it runs
+    from sora_jax.data.pipeline import DatasetSummary
+    from sora_jax.models import SoraModel
+
 ARTIFACTS = {"model.jax": jnp.int16, "model_float.jax": jnp.float32}
 INPUT_ORDER = ("frames", "frame_mask", "audio", "audio_len", "has_video", "has_audio")
 
 
-def input_specs(config, audio_dtype, batch="b") -> dict[str, jax.ShapeDtypeStruct]:
+def input_specs(
+    config: ml_collections.ConfigDict, audio_dtype: jnp.dtype, batch: int | str = "b"
+) -> dict[str, jax.ShapeDtypeStruct]:
     """The exported inputs, with a symbolic batch dimension."""
     (b,) = jax.export.symbolic_shape(batch)
     d = config.data
@@ -45,7 +54,13 @@ def input_specs(config, audio_dtype, batch="b") -> dict[str, jax.ShapeDtypeStruc
     }
 
 
-def export_inference(model, params, config, audio_dtype, platforms) -> jax.export.Exported:
+def export_inference(
+    model: "SoraModel",
+    params: dict,
+    config: ml_collections.ConfigDict,
+    audio_dtype: jnp.dtype,
+    platforms: Sequence[str],
+) -> jax.export.Exported:
     def infer(params, inputs):
         out = model.apply({"params": params}, inputs)
         return {"logits": out["logits"], "embedding": out["embedding"]}
@@ -76,7 +91,13 @@ def code_version() -> dict:
     }
 
 
-def model_card(config, summary, step, workdir: pathlib.Path, platforms) -> dict:
+def model_card(
+    config: ml_collections.ConfigDict,
+    summary: "DatasetSummary",
+    step: int,
+    workdir: pathlib.Path,
+    platforms: Sequence[str],
+) -> dict:
     d = config.data
     metrics = None
     eval_file = workdir / f"eval_{d.eval_split}.json"

@@ -116,15 +116,24 @@ def shard_over_batch(
     )
 
 
-def _padding_attrs(stride: int, pads: tuple[tuple[int, int], tuple[int, int]]) -> dict:
+Pads = tuple[tuple[int, int], tuple[int, int]]  # ((top, bottom), (left, right))
+
+
+def _padding_attrs(stride: int, pads: Pads) -> dict:
     (top, bottom), (left, right) = pads
     values = dict(stride_h=stride, stride_w=stride, pad_t=top, pad_b=bottom, pad_l=left)
     return {k: np.int64(v) for k, v in {**values, "pad_r": right}.items()}
 
 
 def conv_forward(
-    x: jax.Array, w: jax.Array, b: jax.Array, stride: int, pads, out_hw, relu: bool = False
-):
+    x: jax.Array,
+    w: jax.Array,
+    b: jax.Array,
+    stride: int,
+    pads: Pads,
+    out_hw: tuple[int, int],
+    relu: bool = False,
+) -> jax.Array:
     """x [N, H, W, I], w [KH, KW, I, O], b [O] -> y [N, *out_hw, O]: conv + bias, then
     max(., 0) if `relu` (fused into the kernel)."""
     out = jax.ShapeDtypeStruct((x.shape[0], *out_hw, w.shape[3]), x.dtype)
@@ -132,20 +141,24 @@ def conv_forward(
     return jax.ffi.ffi_call(_TARGETS[0], out)(x, w, b, **attrs)
 
 
-def conv_backward_data(dy: jax.Array, w: jax.Array, stride: int, pads, in_hw):
+def conv_backward_data(
+    dy: jax.Array, w: jax.Array, stride: int, pads: Pads, in_hw: tuple[int, int]
+) -> jax.Array:
     """dy [N, Ho, Wo, O], w [KH, KW, I, O] -> dx [N, *in_hw, I]."""
     out = jax.ShapeDtypeStruct((dy.shape[0], *in_hw, w.shape[2]), dy.dtype)
     return jax.ffi.ffi_call(_TARGETS[1], out)(dy, w, **_padding_attrs(stride, pads))
 
 
-def conv_backward_weights(x: jax.Array, dy: jax.Array, stride: int, pads, kernel_hw):
+def conv_backward_weights(
+    x: jax.Array, dy: jax.Array, stride: int, pads: Pads, kernel_hw: tuple[int, int]
+) -> tuple[jax.Array, jax.Array]:
     """x [N, H, W, I], dy [N, Ho, Wo, O] -> (dw [*kernel_hw, I, O], db [O])."""
     dw = jax.ShapeDtypeStruct((*kernel_hw, x.shape[3], dy.shape[3]), x.dtype)
     db = jax.ShapeDtypeStruct((dy.shape[3],), x.dtype)
     return jax.ffi.ffi_call(_TARGETS[2], (dw, db))(x, dy, **_padding_attrs(stride, pads))
 
 
-def lstm_forward(input_gates: jax.Array, w_h: jax.Array):
+def lstm_forward(input_gates: jax.Array, w_h: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """input_gates [T, B, 4H] (x_t @ W_x + b), w_h [H, 4H] in the compute dtype -> float32
     h [T, B, H], gate activations [T, B, 4H] and cell states [T, B, H]."""
     steps, batch, width = input_gates.shape
@@ -154,7 +167,7 @@ def lstm_forward(input_gates: jax.Array, w_h: jax.Array):
     return jax.ffi.ffi_call(_LSTM_TARGETS[0], outs)(input_gates, w_h)
 
 
-def lstm_backward(dh: jax.Array, activations: jax.Array, c: jax.Array, w_h: jax.Array):
+def lstm_backward(dh: jax.Array, activations: jax.Array, c: jax.Array, w_h: jax.Array) -> jax.Array:
     """dh [T, B, H] (float32) and the forward pass's residuals -> the gradient of the gate
     pre-activations [T, B, 4H], float32."""
     out = jax.ShapeDtypeStruct(activations.shape, np.float32)

@@ -77,7 +77,14 @@ class HoistedGRUCell(nn.RNNCellBase):
 CELLS = {"lstm": 4, "gru": 3}  # gates per hidden unit
 
 
-def spec_augment(rng, mel, time_masks: int, time_width: int, freq_masks: int, freq_width: int):
+def spec_augment(
+    rng: jax.Array,
+    mel: jax.Array,  # [B, F, M]
+    time_masks: int,
+    time_width: int,
+    freq_masks: int,
+    freq_width: int,
+) -> jax.Array:
     """SpecAugment: zero (the standardised mean) random bands of time and of mel bins."""
     B, F, M = mel.shape
     keep = jnp.ones((B, F, M), bool)

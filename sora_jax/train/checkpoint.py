@@ -6,12 +6,15 @@ readable latest one. Kept: the last `keep` checkpoints plus the best by `best_me
 """
 
 import pathlib
+from typing import Any
 
 import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
+
+from sora_jax.train.state import TrainState
 
 
 def make_manager(
@@ -41,7 +44,11 @@ def make_manager(
 
 
 def save(
-    manager: ocp.CheckpointManager, step: int, state, iterator=None, metrics: dict | None = None
+    manager: ocp.CheckpointManager,
+    step: int,
+    state: Any,  # a pytree: the TrainState
+    iterator: grain.DatasetIterator | None = None,
+    metrics: dict | None = None,
 ) -> None:
     items = {"state": ocp.args.StandardSave(state)}
     if iterator is not None:
@@ -49,13 +56,18 @@ def save(
     manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
 
-def _abstract(abstract_state):
+def _abstract(abstract_state: Any) -> Any:
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), abstract_state
     )
 
 
-def restore(manager: ocp.CheckpointManager, step: int, abstract_state, iterator=None):
+def restore(
+    manager: ocp.CheckpointManager,
+    step: int,
+    abstract_state: TrainState,
+    iterator: grain.DatasetIterator | None = None,
+) -> TrainState:
     """The state at `step`, laid out as `abstract_state`'s shardings say; the iterator,
     if given, is moved to where it was when that checkpoint was written."""
     items = {"state": ocp.args.StandardRestore(_abstract(abstract_state))}
@@ -65,8 +77,11 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state, iterator=
 
 
 def restore_params(
-    manager: ocp.CheckpointManager, step: int | None, abstract_state, use_ema: bool = True
-):
+    manager: ocp.CheckpointManager,
+    step: int | None,
+    abstract_state: TrainState,
+    use_ema: bool = True,
+) -> tuple[dict, int]:
     """Only the parameters to evaluate (the EMA ones when the run kept them): the
     optimizer state (twice the parameters' size with Adam) and the other copy of the
     parameters are never read, so a changed optimizer config does not matter either.

@@ -10,13 +10,16 @@ import argparse
 import json
 import pathlib
 import sys
+from collections.abc import Sequence
 
 import jax
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
 from sora_jax.data import pipeline
+from sora_jax.models import SoraModel
 from sora_jax.train import metrics as metrics_lib
 from sora_jax.train.sharding import batch_sharding
 from sora_jax.train.step import make_eval_step
@@ -24,7 +27,9 @@ from sora_jax.train.step import make_eval_step
 MODES = ("full", "audio_only", "video_only")
 
 
-def evaluation_scores(model, params, config: ml_collections.ConfigDict, split: str, mesh):
+def evaluation_scores(
+    model: SoraModel, params: dict, config: ml_collections.ConfigDict, split: str, mesh: Mesh
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Clip scores for every example of `split` exactly once: {mode: [N, C]}, labels."""
     local_batch = config.data.eval_batch_size // jax.process_count()
     eval_step = make_eval_step(model, config.model.multi_label, mesh)
@@ -51,7 +56,16 @@ def evaluation_scores(model, params, config: ml_collections.ConfigDict, split: s
     return result, np.concatenate(labels)[keep][order]
 
 
-def evaluate(model, params, config, split, mesh, class_names, out_dir=None, step=None) -> dict:
+def evaluate(
+    model: SoraModel,
+    params: dict,
+    config: ml_collections.ConfigDict,
+    split: str,
+    mesh: Mesh,
+    class_names: Sequence[str],
+    out_dir: str | pathlib.Path | None = None,
+    step: int | None = None,
+) -> dict:
     """Metrics for all three input modes; PNG confusion matrices if `out_dir` is given."""
     scores, labels = evaluation_scores(model, params, config, split, mesh)
     results = {}

@@ -1,6 +1,7 @@
 """Classification metrics on host NumPy arrays, and the confusion-matrix picture."""
 
 import pathlib
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -32,7 +33,7 @@ def confusion_matrix(predictions: np.ndarray, labels: np.ndarray, num_classes: i
 
 
 def classification_report(
-    scores: np.ndarray, labels: np.ndarray, class_names, multi_label: bool
+    scores: np.ndarray, labels: np.ndarray, class_names: Sequence[str], multi_label: bool
 ) -> dict:
     """top-1, top-5, mAP and per-class accuracy for one set of clip scores."""
     n, c = scores.shape
@@ -62,7 +63,9 @@ def classification_report(
     }
 
 
-def save_confusion_png(matrix, class_names, path: str | pathlib.Path, title: str) -> None:
+def save_confusion_png(
+    matrix: np.ndarray, class_names: Sequence[str], path: str | pathlib.Path, title: str
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -4,6 +4,8 @@ Mesh axes: `data` (pure data parallelism) x `fsdp` (data parallelism whose param
 and optimizer state are split across devices). Batches split over both axes.
 """
 
+from typing import Any
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
@@ -34,7 +36,7 @@ def param_spec(shape: tuple[int, ...], fsdp: int) -> P:
     return P(*spec)
 
 
-def tree_shardings(abstract_tree, mesh: Mesh):
+def tree_shardings(abstract_tree: Any, mesh: Mesh) -> Any:
     """NamedShardings for every array of a (params / optimizer / train state) tree."""
     fsdp = mesh.shape["fsdp"]
     return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(x.shape, fsdp)), abstract_tree)

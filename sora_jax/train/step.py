@@ -1,12 +1,13 @@
 """The train and eval steps: pure functions of (state, batch), jitted once with shardings."""
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sora_jax.models import SoraModel
@@ -16,7 +17,7 @@ from sora_jax.train.state import TrainState, learning_rate_schedule
 MODEL_INPUTS = ("frames", "frame_mask", "audio", "audio_len", "has_video", "has_audio")
 
 
-def classification_loss(logits, labels, multi_label: bool):
+def classification_loss(logits: jax.Array, labels: jax.Array, multi_label: bool) -> jax.Array:
     """Mean softmax cross-entropy (integer labels) or sigmoid BCE (multi-hot labels)."""
     if multi_label:
         return optax.sigmoid_binary_cross_entropy(logits, labels).sum(-1).mean()
@@ -27,9 +28,9 @@ def make_train_step(
     model: SoraModel,
     tx: optax.GradientTransformation,
     config: ml_collections.ConfigDict,
-    mesh,
-    state_sharding,
-):
+    mesh: Mesh,
+    state_sharding: TrainState,  # a NamedSharding per array of the state
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """train_step(state, batch) -> (state, metrics), compiled once for these shardings."""
     accum = config.accum_steps
     multi_label = config.model.multi_label
@@ -109,7 +110,7 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(model: SoraModel, multi_label: bool, mesh):
+def make_eval_step(model: SoraModel, multi_label: bool, mesh: Mesh) -> Callable[[dict, dict], dict]:
     """eval_step(params, batch) -> per-clip scores [B, C] for full, audio-only and
     video-only inputs, averaged over the views of each clip."""
 

@@ -2,8 +2,9 @@
 
 `flax.metrics.tensorboard` imports all of TensorFlow to write a few scalars: 2.3 s of
 start-up and 480 MB of host memory (measured here) in every training process, and
-TensorFlow's start-up log lines. The event file is a TFRecord file of `Event` protos; the `tensorboard`
-package has both the protos and the record framing, without TensorFlow.
+TensorFlow's start-up log lines. The event file is a TFRecord file of `Event` protos;
+the `tensorboard` package has both the protos and the record framing, without
+TensorFlow.
 """
 
 import itertools

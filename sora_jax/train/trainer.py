@@ -11,6 +11,7 @@ import logging
 import pathlib
 import signal
 import time
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -52,7 +53,9 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
         jax.distributed.initialize(**kwargs)
 
 
-def check_processes_agree(config: ml_collections.ConfigDict, summary) -> None:
+def check_processes_agree(
+    config: ml_collections.ConfigDict, summary: pipeline.DatasetSummary
+) -> None:
     """Fail, naming the process, if processes were started with different configs or see
     different datasets (a stale copy on one host): such runs silently diverge."""
     if jax.process_count() == 1:
@@ -117,7 +120,9 @@ class TrainingSetup(NamedTuple):
     state_sharding: TrainState  # a NamedSharding per array of the state
 
 
-def setup_training(config: ml_collections.ConfigDict, devices=None) -> TrainingSetup:
+def setup_training(
+    config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
+) -> TrainingSetup:
     """Mesh, model, optimizer and the sharded layout of the train state, without
     allocating it: shared by the trainer, evaluation and the benchmarks."""
     mesh = sharding.make_mesh(config.mesh.fsdp, devices)
@@ -133,7 +138,12 @@ def setup_training(config: ml_collections.ConfigDict, devices=None) -> TrainingS
     return TrainingSetup(mesh, model, tx, rng, abstract, state_sharding)
 
 
-def load_for_inference(config, workdir, step=None, devices=None):
+def load_for_inference(
+    config: ml_collections.ConfigDict,
+    workdir: str | pathlib.Path,
+    step: int | None = None,
+    devices: Sequence[jax.Device] | None = None,
+) -> tuple[SoraModel, dict, int, Mesh, pipeline.DatasetSummary]:
     """(model, params, step, mesh, dataset summary) from a work dir's checkpoint."""
     summary = pipeline.check_dataset(config)
     mesh, model, _, _, abstract, _ = setup_training(config, devices)
@@ -204,7 +214,11 @@ class _Logger:
             self.writer.close()
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, devices=None) -> dict:
+def train(
+    config: ml_collections.ConfigDict,
+    workdir: str | pathlib.Path,
+    devices: Sequence[jax.Device] | None = None,
+) -> dict:
     """Train (resuming from `workdir` if it holds checkpoints) and evaluate at the end."""
     workdir = pathlib.Path(workdir)
     main_process = jax.process_index() == 0
