@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 from sora_jax import config as config_lib
 from sora_jax.kernels import build, onednn
-from sora_jax.models.conv import conv2d, resolve_backend
+from sora_jax.models.conv import conv2d
 from sora_jax.train.sharding import BATCH_AXES, make_mesh
 
 TARGETS = ("SoraConvForward", "SoraConvBackwardData", "SoraConvBackwardWeights")
@@ -53,9 +53,9 @@ def test_backends_lower_to_their_own_operations():
         assert target not in xla_hlo
     assert "convolution(" not in onednn_hlo and "convolution(" in xla_hlo
     # `auto` picks oneDNN on the CPU for float32 and bfloat16.
-    assert resolve_backend("auto", x) == "onednn"
-    assert resolve_backend("auto", x.astype(jnp.bfloat16)) == "onednn"
-    assert resolve_backend("auto", x.astype(jnp.float16)) == "xla"
+    assert onednn.resolve("auto", x, "conv") == "onednn"
+    assert onednn.resolve("auto", x.astype(jnp.bfloat16), "conv") == "onednn"
+    assert onednn.resolve("auto", x.astype(jnp.float16), "conv") == "xla"
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -126,12 +126,12 @@ def test_without_a_compiler_auto_falls_back_to_xla_and_onednn_is_a_config_error(
         from configs import demo
         from sora_jax import config as config_lib
         from sora_jax.kernels import onednn
-        from sora_jax.models.conv import conv2d, resolve_backend
+        from sora_jax.models.conv import conv2d
 
         x = jnp.ones((2, 8, 8, 4))
         w, b = jnp.ones((3, 3, 4, 4)), jnp.zeros((4,))
         print("REASON", onednn.unavailable_reason())
-        print("AUTO", resolve_backend("auto", x))
+        print("AUTO", onednn.resolve("auto", x, "conv"))
         y = jax.jit(lambda x: conv2d(x, w, b, 2))(x)
         print("SUM", float(y.sum()))
         config = demo.get_config()

@@ -30,7 +30,6 @@ from jax import lax
 from sora_jax.kernels import onednn
 from sora_jax.models.bias import bias_grad
 
-BACKENDS = onednn.BACKENDS
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 # For a 3x3 kernel, stride 2, SAME padding and even input size, padding is (0, 1) and
@@ -81,15 +80,10 @@ def conv2d(
     """SAME-padded 2-D convolution plus bias: x [N, H, W, I], w [k, k, I, O], b [O] ->
     [N, ceil(H/s), ceil(W/s), O], then max(., 0) if `relu`. Equals `nn.Conv`'s (and
     `nn.relu`'s) whatever the backend; oneDNN applies the ReLU inside the kernel."""
-    if resolve_backend(backend, x) == "onednn":
+    if onednn.resolve(backend, x, "conv") == "onednn":
         return _conv2d_onednn(x, w, b, stride, relu)
     y = _conv2d_xla(x, w, b, stride)
     return nn.relu(y) if relu else y  # XLA fuses it into the next operation itself
-
-
-def resolve_backend(backend: str, x: jax.Array) -> str:
-    """`auto` -> `onednn` where it can run, else `xla` (onednn.resolve)."""
-    return onednn.resolve(backend, x, "conv")
 
 
 # ---- XLA ----
@@ -167,7 +161,7 @@ class Conv(nn.Module):
     stride: int = 1
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
-    backend: str = "auto"  # one of BACKENDS
+    backend: str = "auto"  # one of onednn.BACKENDS
     relu: bool = False  # max(., 0) after the bias, inside the oneDNN kernel
 
     @nn.compact

@@ -117,7 +117,7 @@ class VisualTower(nn.Module):
     temporal_pool: str = "mean"
     remat: bool = False  # recompute stage activations in the backward pass to save memory
     dtype: jnp.dtype = jnp.float32
-    conv_backend: str = "auto"  # conv.BACKENDS: oneDNN kernels on the CPU, else XLA's
+    conv_backend: str = "auto"  # onednn.BACKENDS: oneDNN kernels on the CPU, else XLA's
 
     @nn.compact
     def __call__(self, frames, frame_mask):  # frames: [B, T, H, W, 3], frame_mask: [B, T]
