@@ -12,18 +12,17 @@ import jax
 from train_step import random_batch
 
 from sora_jax.data.pipeline import to_global
-from sora_jax.train import sharding
+from sora_jax.train import setup
 from sora_jax.train.step import make_train_step
-from sora_jax.train.trainer import setup_training
 
 
 def compile_seconds(config) -> float:
     jax.clear_caches()
-    mesh, model, tx, _, abstract, state_sharding = setup_training(config)
-    batch = to_global(random_batch(config, config.batch_size), sharding.batch_sharding(mesh))
-    step = make_train_step(model, tx, config, mesh, state_sharding)
+    run = setup.build(config)
+    batch = to_global(random_batch(config, config.batch_size), run.batch_sharding)
+    step = make_train_step(run.model, run.tx, config, run.mesh, run.state_sharding)
     start = time.perf_counter()
-    step.lower(abstract, batch).compile()
+    step.lower(run.abstract_state, batch).compile()
     return time.perf_counter() - start
 
 

@@ -15,29 +15,17 @@ import common
 import jax
 import numpy as np
 
-from sora_jax import config as config_lib
 from sora_jax.data.pipeline import to_global
-from sora_jax.train import sharding
+from sora_jax.inputs import InputSpec
+from sora_jax.train import setup
 from sora_jax.train.state import init_state
 from sora_jax.train.step import make_train_step
-from sora_jax.train.trainer import setup_training
 
 
 def random_batch(config, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    d = config.data
-    samples = config_lib.audio_samples(config)
-    return {
-        "frames": rng.integers(
-            0, 256, (batch, d.num_frames, d.crop_size, d.crop_size, 3), np.uint8
-        ),
-        "frame_mask": np.ones((batch, d.num_frames), bool),
-        "audio": rng.integers(-8000, 8000, (batch, samples), np.int16),
-        "audio_len": np.full((batch,), samples, np.int32),
-        "has_video": np.ones(batch, bool),
-        "has_audio": np.ones(batch, bool),
-        "label": rng.integers(0, config.model.num_classes, batch).astype(np.int32),
-    }
+    out = InputSpec.from_config(config).random(batch, rng)
+    return out | {"label": rng.integers(0, config.model.num_classes, batch).astype(np.int32)}
 
 
 def flops_of(compiled) -> float:
@@ -52,17 +40,18 @@ def model_flops(config, state, batch) -> float:
     config = copy.deepcopy(config)
     config.model.visual.conv_backend = "xla"
     config.model.audio.lstm_backend = "xla"
-    mesh, model, tx, _, _, state_sharding = setup_training(config)
-    step = make_train_step(model, tx, config, mesh, state_sharding)
+    run = setup.build(config)
+    step = make_train_step(run.model, run.tx, config, run.mesh, run.state_sharding)
     return flops_of(step.lower(state, batch).compile())
 
 
 def measure(config, steps: int = 20, warmup: int = 3) -> dict:
     """Time the trainer's step on random clips; FLOPs from XLA's cost analysis."""
-    mesh, model, tx, rng, _, state_sharding = setup_training(config)
-    state = jax.jit(lambda r: init_state(model, tx, config, r), out_shardings=state_sharding)(rng)
-    batch = to_global(random_batch(config, config.batch_size), sharding.batch_sharding(mesh))
-    step = make_train_step(model, tx, config, mesh, state_sharding)
+    run = setup.build(config)
+    init = lambda r: init_state(run.model, run.tx, run.inputs, config, r)
+    state = jax.jit(init, out_shardings=run.state_sharding)(run.rng)
+    batch = to_global(random_batch(config, config.batch_size), run.batch_sharding)
+    step = make_train_step(run.model, run.tx, config, run.mesh, run.state_sharding)
     start = time.perf_counter()
     step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start

@@ -9,18 +9,23 @@ batch 16; float32; AdamW 1e-3.
 
 import ml_collections
 
-from configs import demo
+from configs import base
 
 
-def get_config() -> ml_collections.ConfigDict:
-    c = demo.get_config()
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = base.get_config()
     c.data.update(
         name="bench",
         num_frames=8,
         frame_stride=1,
         crop_size=112,
+        min_crop_scale=0.6,
         fps=8.0,
         audio_samples=400 + 199 * 160,  # exactly 200 log-mel frames
+        eval_temporal_views=2,
+        eval_spatial_views=1,
+        workers=2,
+        eval_batch_size=32,
     )
     c.model.update(num_classes=10, embed_dim=512, dtype="float32", modality_dropout=0.0)
     c.model.visual.update(
@@ -41,7 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
         spec_augment=(0, 0, 0, 0),
         unroll=4,
     )
-    c.model.fusion.update(kind="concat")
+    c.model.fusion.update(kind="concat", dim=64, heads=4)
     c.optimizer.update(
         name="adamw",
         learning_rate=1e-3,
@@ -51,5 +56,8 @@ def get_config() -> ml_collections.ConfigDict:
         grad_clip=0.0,
         ema_decay=0.0,
     )
-    c.batch_size = 16
-    return c
+    c.batch_size, c.total_steps = 16, 300
+    c.mesh.fsdp = 1
+    c.log_every, c.eval_every = 25, 0
+    c.checkpoint.update(every_steps=100, keep=2)
+    return base.apply_preset(c, arg)

@@ -1,112 +1,111 @@
-"""Config checks that run before anything compiles, each error naming the key."""
+"""Run-level config checks, and saving and loading the config beside the checkpoints.
+
+A leaf: anything may import it (the data pipeline does) without pulling in flax, the
+models or the kernels. Each part checks the keys it understands, where it can see what
+they mean: this file the run's keys (data, optimizer, schedule, checkpoints, mesh,
+logging), `sora_jax.models.check_config` the model's, the data pipeline the dataset's.
+`sora_jax.train.setup.check_config` runs them all before anything compiles.
+"""
 
 import json
 import pathlib
 
 import ml_collections
 
-from sora_jax.kernels import onednn
-from sora_jax.models import DTYPES, FUSIONS
-from sora_jax.models.audio import CELLS
+SAMPLE_RATE = 16_000  # Hz: prepared audio and the model's log-mel front end
+METRICS = ("top1", "top5", "map")  # what evaluation reports, so what checkpoints rank by
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # what jax.export compiles for
 
 
 class ConfigError(ValueError):
     """A config value that cannot work, named by its dotted key."""
 
 
-def _check(condition: bool, key: str, message: str) -> None:
+def check(condition: bool, key: str, message: str) -> None:
+    """Raise ConfigError naming `config.<key>` unless `condition` holds."""
     if not condition:
         raise ConfigError(f"config.{key}: {message}")
 
 
-def _one_of(config: ml_collections.ConfigDict, key: str, choices) -> None:
-    value = config
-    for part in key.split("."):
-        value = value[part]
-    _check(value in choices, key, f"{value!r} is not one of {sorted(choices)}")
+def one_of(value, key: str, choices) -> None:
+    check(value in choices, key, f"{value!r} is not one of {sorted(choices)}")
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-    """Raise ConfigError for a config that would fail later (or silently misbehave)."""
-    m, d, o = config.model, config.data, config.optimizer
-    _one_of(config, "model.dtype", DTYPES)
-    _one_of(config, "model.fusion.kind", FUSIONS)
-    _one_of(config, "model.audio.cell", CELLS)
-    _one_of(config, "model.visual.norm", ("none", "group", "layer"))
-    _one_of(config, "model.visual.temporal_pool", ("mean", "max", "attention"))
-    for key, group in (("conv_backend", m.visual), ("lstm_backend", m.audio)):
-        where = f"model.{'visual' if group is m.visual else 'audio'}.{key}"
-        backend = group.get(key, "auto")  # absent from older saved configs
-        _check(backend in onednn.BACKENDS, where, f"{backend!r} is not one of {onednn.BACKENDS}")
-        if backend == "onednn":
-            why_not = onednn.unavailable_reason()
-            _check(why_not is None, where, f"'onednn' cannot run: {why_not}")
-    _one_of(config, "optimizer.name", ("adamw", "sgd"))
-    _one_of(config, "optimizer.schedule", ("cosine", "constant"))
-    v = m.visual
-    _check(
-        len(v.widths) == len(v.blocks) == len(v.strides),
-        "model.visual",
-        f"widths {tuple(v.widths)}, blocks {tuple(v.blocks)} and strides "
-        f"{tuple(v.strides)} must have one entry per stage",
-    )
-    _check(
-        all(x > 0 for x in (*v.widths, *v.blocks, *v.strides)),
-        "model.visual",
-        "widths, blocks and strides must be positive",
-    )
-    _check(m.num_classes >= 2, "model.num_classes", f"{m.num_classes} < 2")
-    _check(0.0 <= m.modality_dropout < 1.0, "model.modality_dropout", "must be in [0, 1)")
-    _check(m.audio.get("unroll", 1) >= 1, "model.audio.unroll", "must be >= 1")
-    _check(
-        len(m.audio.spec_augment) == 4,
-        "model.audio.spec_augment",
-        "(time masks, max width, mel masks, max width)",
-    )
-    if m.fusion.kind == "attention":
-        _check(
-            m.fusion.dim % m.fusion.heads == 0,
-            "model.fusion.heads",
-            f"fusion.dim {m.fusion.dim} is not divisible by {m.fusion.heads} heads",
-        )
-    _check(
-        d.num_frames >= 1 and d.frame_stride >= 1,
-        "data.num_frames",
-        "and frame_stride must be >= 1",
-    )
-    _check(d.fps > 0, "data.fps", "must be positive")
-    _check(d.eval_spatial_views in (1, 3), "data.eval_spatial_views", "must be 1 or 3")
-    _check(d.eval_temporal_views >= 1, "data.eval_temporal_views", "must be >= 1")
-    _check(0 < d.min_crop_scale <= 1, "data.min_crop_scale", "must be in (0, 1]")
-    _check(
+    """Raise ConfigError for a run-level key that would fail later or silently misbehave.
+    With `num_devices`, also the keys that must divide the devices (checked before the
+    mesh is built, so the error names the key)."""
+    d, o, c = config.data, config.optimizer, config.checkpoint
+    check(d.num_frames >= 1, "data.num_frames", "must be >= 1")
+    check(d.frame_stride >= 1, "data.frame_stride", "must be >= 1")
+    check(d.fps > 0, "data.fps", "must be positive")
+    check(8 <= d.crop_size <= 1024, "data.crop_size", f"{d.crop_size} is not in [8, 1024]")
+    check(0 < d.min_crop_scale <= 1, "data.min_crop_scale", "must be in (0, 1]")
+    check(d.eval_spatial_views in (1, 3), "data.eval_spatial_views", "must be 1 or 3")
+    check(d.eval_temporal_views >= 1, "data.eval_temporal_views", "must be >= 1")
+    check(d.eval_batch_size >= 1, "data.eval_batch_size", "must be >= 1")
+    check(d.workers >= 0, "data.workers", "must be >= 0 (0: decode in the training process)")
+    check(d.audio_samples >= 0, "data.audio_samples", "must be >= 0 (0: the frames' span)")
+    check(
         audio_samples(config) >= 400,
         "data.audio_samples",
         f"{audio_samples(config)} samples is shorter than one 25 ms log-mel window",
     )
-    _check(config.total_steps > 0, "total_steps", "must be positive")
-    _check(
+    check(config.batch_size >= 1, "batch_size", "must be >= 1")
+    check(config.total_steps > 0, "total_steps", "must be positive")
+    check(
         config.accum_steps >= 1 and config.batch_size % config.accum_steps == 0,
         "accum_steps",
-        f"must divide batch_size {config.batch_size}",
+        f"must be >= 1 and divide batch_size {config.batch_size}",
     )
-    _check(o.learning_rate > 0, "optimizer.learning_rate", "must be positive")
-    _check(0 <= o.ema_decay < 1, "optimizer.ema_decay", "must be in [0, 1)")
-    _check(config.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be positive")
-    _check(config.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+    one_of(o.name, "optimizer.name", ("adamw", "sgd"))
+    one_of(o.schedule, "optimizer.schedule", ("cosine", "constant"))
+    check(o.learning_rate > 0, "optimizer.learning_rate", "must be positive")
+    check(o.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
+    check(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
+    check(0 <= o.momentum < 1, "optimizer.momentum", "must be in [0, 1)")
+    check(o.grad_clip >= 0, "optimizer.grad_clip", "must be >= 0 (0 disables)")
+    check(0 <= o.ema_decay < 1, "optimizer.ema_decay", "must be in [0, 1) (0 disables)")
+    check(config.mesh.fsdp >= 1, "mesh.fsdp", "must be >= 1")
+    check(config.log_every >= 1, "log_every", "must be >= 1")
+    check(config.eval_every >= 0, "eval_every", "must be >= 0 (0: only at the end)")
+    check(c.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")
+    check(c.keep >= 1, "checkpoint.keep", "must be >= 1")
+    one_of(c.best_metric, "checkpoint.best_metric", METRICS)
+    if c.best_metric == "top5":
+        check(
+            config.model.num_classes > 5 and not config.model.multi_label,
+            "checkpoint.best_metric",
+            "top5 needs a single-label model with more than 5 classes",
+        )
+    if config.model.multi_label:
+        check(c.best_metric == "map", "checkpoint.best_metric", "multi-label runs rank by map")
+    check(
+        len(config.profile_steps) in (0, 2)
+        and all(s >= 1 for s in config.profile_steps)
+        and list(config.profile_steps) == sorted(config.profile_steps),
+        "profile_steps",
+        f"{tuple(config.profile_steps)} is not () or (first, last) with 1 <= first <= last",
+    )
+    dist = config.distributed
+    check(dist.heartbeat_timeout_s > 0, "distributed.heartbeat_timeout_s", "must be positive")
+    one_of(dist.cpu_collectives, "distributed.cpu_collectives", ("gloo", "mpi", "none"))
+    for platform in config.export.platforms:
+        one_of(platform, "export.platforms", PLATFORMS)
     if num_devices is not None:
-        _check(
+        check(
             num_devices % config.mesh.fsdp == 0,
             "mesh.fsdp",
             f"{config.mesh.fsdp} does not divide the {num_devices} devices",
         )
         micro = config.batch_size // config.accum_steps
-        _check(
+        check(
             micro % num_devices == 0,
             "batch_size",
             f"micro-batch {micro} (batch_size / accum_steps) is not divisible by "
             f"the {num_devices} devices",
         )
-        _check(
+        check(
             d.eval_batch_size % num_devices == 0,
             "data.eval_batch_size",
             f"{d.eval_batch_size} is not divisible by the {num_devices} devices",
@@ -118,7 +117,7 @@ def audio_samples(config: ml_collections.ConfigDict) -> int:
     d = config.data
     if d.audio_samples:
         return int(d.audio_samples)
-    return round(d.num_frames * d.frame_stride / d.fps * 16_000)
+    return round(d.num_frames * d.frame_stride / d.fps * SAMPLE_RATE)
 
 
 def save(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> None:
@@ -128,11 +127,28 @@ def save(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> None
 
 
 def load(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
-    """The config a run in `workdir` was trained with."""
+    """The config a run in `workdir` was trained with (keys added since filled in)."""
     path = pathlib.Path(workdir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {workdir} a sora-train work dir?")
-    return ml_collections.ConfigDict(_tuples(json.loads(path.read_text())))
+    config = ml_collections.ConfigDict(_tuples(json.loads(path.read_text())))
+    for key, default in SAVED_BEFORE_KEY.items():
+        *parents, leaf = key.split(".")
+        group = config
+        for p in parents:
+            group = group[p]
+        if leaf not in group:
+            group[leaf] = default
+    return config
+
+
+# Keys that work dirs written by earlier versions lack, with the value those runs used.
+SAVED_BEFORE_KEY = {
+    "profile_steps": (),
+    "model.visual.conv_backend": "auto",
+    "model.audio.lstm_backend": "auto",
+    "model.audio.unroll": 1,
+}
 
 
 def _tuples(tree):

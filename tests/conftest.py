@@ -26,19 +26,9 @@ def demo_data(tmp_path_factory):
 
 
 def small_config(data_dir: str, name: str):
-    """The demo config, shrunk to train in seconds on the small demo dataset."""
+    """The demo config's `runlocal` preset, on the given prepared dataset."""
     from configs import demo
 
-    c = demo.get_config()
-    # In-process decoding: worker start-up would dominate runs this short.
-    c.data.update(dir=data_dir, name=name, eval_batch_size=8, workers=0)
-    c.model.visual.update(widths=(8, 16), blocks=(1, 1), strides=(2, 2))
-    c.model.audio.update(hidden=16, num_mel_bins=16)
-    c.model.fusion.update(dim=16)
-    c.model.embed_dim = 16
-    c.batch_size = 8
-    c.total_steps = 12
-    c.log_every = 4
-    c.checkpoint.every_steps = 4
-    c.optimizer.warmup_steps = 2
+    c = demo.get_config("runlocal")
+    c.data.update(dir=data_dir, name=name)
     return c

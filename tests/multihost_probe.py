@@ -8,9 +8,8 @@ import jax
 import numpy as np
 
 from configs import demo
-from sora_jax.models import build_model
-from sora_jax.train import sharding, trainer
-from sora_jax.train.state import init_state, make_optimizer
+from sora_jax.train import setup
+from sora_jax.train.state import init_state
 
 
 def main() -> None:
@@ -21,14 +20,11 @@ def main() -> None:
         num_processes=int(flags["--config.distributed.num_processes"]),
         process_id=int(flags["--config.distributed.process_id"]),
     )
-    trainer.maybe_initialize_distributed(config)
+    setup.maybe_initialize_distributed(config)
     config.mesh.fsdp = jax.device_count()
-    mesh = sharding.make_mesh(config.mesh.fsdp)
-    model, tx = build_model(config.model), make_optimizer(config)
-    rng = jax.random.key(0)
-    abstract = jax.eval_shape(lambda: init_state(model, tx, config, rng))
-    shardings = sharding.tree_shardings(abstract, mesh)
-    state = jax.jit(lambda r: init_state(model, tx, config, r), out_shardings=shardings)(rng)
+    run = setup.build(config)
+    init = lambda r: init_state(run.model, run.tx, run.inputs, config, r)
+    state = jax.jit(init, out_shardings=run.state_sharding)(run.rng)
     kernel = state.params["visual"]["stage2_block0"]["conv_b"]["kernel"]
     mu = state.opt_state[1][0].mu["visual"]["stage2_block0"]["conv_b"]["kernel"]
     report = {

@@ -15,8 +15,9 @@ import tensorflow_datasets as tfds
 from sora_jax import config as config_lib
 from sora_jax.export import export as export_lib
 from sora_jax.export.predict import Predictor
-from sora_jax.train import trainer
-from sora_jax.train.evaluate import evaluation_scores
+from sora_jax.inputs import InputSpec
+from sora_jax.train import setup, trainer
+from sora_jax.train.evaluate import Evaluator
 from tests.conftest import small_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -34,26 +35,18 @@ def exported(demo_data, tmp_path_factory):
 
 
 def _random_inputs(config, batch, seed):
-    rng = np.random.default_rng(seed)
-    d = config.data
-    samples = config_lib.audio_samples(config)
-    return {
-        "frames": rng.integers(
-            0, 256, (batch, d.num_frames, d.crop_size, d.crop_size, 3), np.uint8
-        ),
-        "frame_mask": np.ones((batch, d.num_frames), bool),
-        "audio": rng.integers(-9000, 9000, (batch, samples), np.int16),
-        "audio_len": np.full((batch,), samples, np.int32),
-        "has_video": np.array([True, True, False][:batch] + [True] * max(0, batch - 3)),
-        "has_audio": np.array([True, False, True][:batch] + [True] * max(0, batch - 3)),
-    }
+    inputs = InputSpec.from_config(config).random(batch, np.random.default_rng(seed))
+    inputs["has_video"][2:3] = False  # one clip without video, one without audio
+    inputs["has_audio"][1:2] = False
+    return inputs
 
 
 def test_exported_function_equals_the_model_at_two_batch_sizes(exported):
     workdir, output, card = exported
     assert set(card["platforms"]) == {"cpu", "cuda", "tpu"}
     config = config_lib.load(workdir)
-    model, params, _, _, _ = trainer.load_for_inference(config, workdir)
+    restored = setup.load_for_inference(config, workdir)
+    model, params = restored.setup.model, restored.params
     artifact = jax.export.deserialize((output / "model.jax").read_bytes())
     from orbax.checkpoint import StandardCheckpointer
 
@@ -82,8 +75,10 @@ def test_exported_function_equals_the_model_at_two_batch_sizes(exported):
 def test_sora_predict_agrees_with_sora_eval_on_a_demo_clip(exported, demo_data):
     workdir, output, _ = exported
     config = config_lib.load(workdir)
-    model, params, _, mesh, _ = trainer.load_for_inference(config, workdir)
-    scores, _ = evaluation_scores(model, params, config, "test", mesh)
+    restored = setup.load_for_inference(config, workdir)
+    evaluator = Evaluator(restored.setup, config, "test", restored.dataset.class_names)
+    scores, _ = evaluator.scores(restored.params)
+    evaluator.close()
     source = tfds.data_source(config.data.name, split="test", data_dir=config.data.dir)
     raw_root = pathlib.Path(demo_data[0]).parent / "raw"
     predictor = Predictor(output)

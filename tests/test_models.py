@@ -10,17 +10,16 @@ import optax
 import pytest
 
 from configs import demo
+from sora_jax.inputs import InputSpec
 from sora_jax.models import AudioEncoder, build_model, dummy_inputs, melspec
 
 B, T, SIZE, SAMPLES = 2, 3, 32, 16_000
 
 
 def tiny_config(**model_overrides):
-    c = demo.get_config()
-    c.model.visual.update(widths=(8, 16), blocks=(1, 1), strides=(2, 2))
-    c.model.audio.update(hidden=16, num_mel_bins=16)
-    c.model.fusion.update(dim=16, heads=2)
-    c.model.update(embed_dim=16, num_classes=5)
+    c = demo.get_config("runlocal")
+    c.model.fusion.heads = 2
+    c.model.num_classes = 5
     for key, value in model_overrides.items():
         node = c.model
         *path, leaf = key.split(".")
@@ -31,15 +30,8 @@ def tiny_config(**model_overrides):
 
 
 def random_inputs(rng, batch=B, frames=T, size=SIZE, samples=SAMPLES):
-    r = np.random.default_rng(rng)
-    return {
-        "frames": jnp.asarray(r.integers(0, 256, (batch, frames, size, size, 3), np.uint8)),
-        "frame_mask": jnp.ones((batch, frames), bool),
-        "audio": jnp.asarray(r.integers(-8000, 8000, (batch, samples), np.int16)),
-        "audio_len": jnp.full((batch,), samples, jnp.int32),
-        "has_video": jnp.ones((batch,), bool),
-        "has_audio": jnp.ones((batch,), bool),
-    }
+    inputs = InputSpec(frames, size, samples).random(batch, np.random.default_rng(rng))
+    return jax.tree.map(jnp.asarray, inputs)
 
 
 ALL_OPTIONS = list(
@@ -71,7 +63,7 @@ def test_every_option_combination_has_the_right_shapes_and_dtypes(
         }
     )
     model = build_model(config.model)
-    inputs = dummy_inputs(B, T, SIZE, SAMPLES)
+    inputs = dummy_inputs(InputSpec(T, SIZE, SAMPLES), B)
     # Abstract evaluation traces the whole model (every option's code path) without the
     # cost of compiling 576 variants; `test_jit_runs_*` below compiles real ones.
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), inputs))

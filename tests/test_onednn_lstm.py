@@ -10,6 +10,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sora_jax import config as config_lib
+from sora_jax import models
 from sora_jax.models import lstm
 from sora_jax.models.audio import AudioEncoder
 from sora_jax.train.sharding import BATCH_AXES, make_mesh
@@ -120,4 +121,4 @@ def test_unsupported_inputs_and_bad_config_are_refused():
     config = demo.get_config()
     config.model.audio.lstm_backend = "cudnn"
     with pytest.raises(config_lib.ConfigError, match=r"model\.audio\.lstm_backend.*'cudnn'"):
-        config_lib.validate(config)
+        models.check_config(config.model)

@@ -41,7 +41,7 @@ def test_training_writes_tensorboard_scalars_without_importing_tensorflow(demo_d
     config = small_config(*demo_data)  # 12 steps, logged every 4
     report = "import atexit, sys; atexit.register(lambda: print('tf', 'tensorflow' in sys.modules))"
     run = "import runpy; runpy.run_module('sora_jax.train.cli', run_name='__main__')"
-    args = ["--config", "configs/demo.py", "--workdir", str(tmp_path), *_flags(config)]
+    args = ["--config", "configs/demo.py:runlocal", "--workdir", str(tmp_path), *_flags(config)]
     done = subprocess.run(
         [sys.executable, "-c", f"{report}; {run}", *args],
         cwd=ROOT,

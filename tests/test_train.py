@@ -2,6 +2,7 @@
 losses, config errors, checkpoint retention and the evaluation command."""
 
 import json
+import logging
 import pathlib
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from sora_jax.config import ConfigError
-from sora_jax.train import checkpoint, trainer
+from sora_jax.train import checkpoint, setup, trainer
 from tests.conftest import small_config
 
 
@@ -38,13 +39,6 @@ def _flags(config) -> list[str]:
         f"--config.checkpoint.every_steps={config.checkpoint.every_steps}",
         "--config.data.eval_batch_size=8",
         f"--config.data.workers={d.workers}",
-        "--config.model.visual.widths=(8,16)",
-        "--config.model.visual.blocks=(1,1)",
-        "--config.model.visual.strides=(2,2)",
-        "--config.model.audio.hidden=16",
-        "--config.model.audio.num_mel_bins=16",
-        "--config.model.fusion.dim=16",
-        "--config.model.embed_dim=16",
     ]
 
 
@@ -54,7 +48,7 @@ def _train_command(config, workdir) -> list[str]:
         "-m",
         "sora_jax.train.cli",
         "--config",
-        "configs/demo.py",
+        "configs/demo.py:runlocal",
         "--workdir",
         str(workdir),
         *_flags(config),
@@ -240,7 +234,7 @@ def test_inference_restores_only_the_parameters_it_evaluates(demo_data, tmp_path
     config.total_steps = 4
     config.optimizer.ema_decay = 0.5
     trainer.train(config, tmp_path)
-    _, _, _, _, abstract, _ = trainer.setup_training(config)
+    abstract = setup.build(config).abstract_state
     reader = checkpoint.make_manager(tmp_path, config, read_only=True)
     full = checkpoint.restore(reader, 4, abstract)
 
@@ -256,6 +250,22 @@ def test_inference_restores_only_the_parameters_it_evaluates(demo_data, tmp_path
     # The optimizer state is never read: an abstract state with another optimizer's
     # state (SGD's momentum instead of Adam's moments) restores the same parameters.
     config.optimizer.name = "sgd"
-    _, _, _, _, other, _ = trainer.setup_training(config)
+    other = setup.build(config).abstract_state
     assert jax.tree.structure(other.opt_state) != jax.tree.structure(abstract.opt_state)
     jax.tree.map(np.testing.assert_array_equal, restored(True, other)[0], full.ema_params)
+
+
+def test_each_step_compiles_once_per_run_and_steps_can_be_profiled(demo_data, tmp_path, caplog):
+    config = small_config(*demo_data)
+    config.total_steps, config.log_every, config.eval_every = 8, 4, 4  # two evaluations
+    config.profile_steps = (2, 3)
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        result = trainer.train(config, tmp_path)
+    compiled = [
+        r.getMessage().split()[1] for r in caplog.records if r.getMessage().startswith("Compiling ")
+    ]
+    assert compiled.count("train_step") == 1 and compiled.count("eval_step") == 1, compiled
+    assert result["step"] == 8 and result["num_examples"] == 20
+    # A trace TensorBoard's profile tab opens: tensorboard/plugins/profile/<run>/*.xplane.pb
+    traces = list((tmp_path / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0

@@ -7,7 +7,9 @@ reads every example exactly once over all processes, padding the tail with maske
 examples so that every process runs the same number of steps.
 """
 
+import collections
 import dataclasses
+import json
 import math
 from collections.abc import Sequence
 
@@ -156,9 +158,11 @@ def eval_batches_per_process(num_examples: int, local_batch_size: int) -> int:
 
 
 def eval_dataset(
-    config: ml_collections.ConfigDict, split: str, local_batch_size: int
+    config: ml_collections.ConfigDict, split: str, local_batch_size: int, repeat: bool = False
 ) -> grain.IterDataset:
-    """Multi-view evaluation batches; every example appears once over all processes."""
+    """Multi-view evaluation batches; every example appears once over all processes in
+    each pass of `eval_batches_per_process` batches. With `repeat` the passes go on
+    forever, so one iterator (and its worker processes) serves every evaluation of a run."""
     source = data_source(config, split)
     batches = eval_batches_per_process(len(source), local_batch_size)
     per_process = batches * local_batch_size
@@ -172,7 +176,11 @@ def eval_dataset(
         return out | {"valid": np.bool_(valid), "index": np.int32(index)}
 
     ds = grain.MapDataset.source(shard).map(views).batch(local_batch_size)
-    ds = ds.to_iter_dataset()
+    if repeat:
+        ds = ds.repeat()
+    # Read ahead a couple of batches, not grain's default 500: a repeated pass would
+    # otherwise go on decoding the next evaluation's clips while training runs.
+    ds = ds.to_iter_dataset(grain.ReadOptions(prefetch_buffer_size=2))
     if d.workers > 0:
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.workers))
     return ds
@@ -183,3 +191,47 @@ def to_global(local_batch: dict[str, np.ndarray], sharding: jax.sharding.Shardin
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
     )
+
+
+class DevicePrefetch:
+    """Global batches put on the devices `size` steps ahead, so the host-to-device copy of
+    the next batch overlaps the step that is running (flax's `prefetch_to_device`,
+    big_vision's `start_global`).
+
+    Checkpoints see the reader as if nothing were read ahead: `get_state` is the state
+    after the last batch handed out, so a resumed run starts with the batch that comes
+    next. It is the interface grain's orbax handler saves and restores.
+    """
+
+    def __init__(self, iterator: grain.DatasetIterator, sharding: jax.sharding.Sharding, size=2):
+        self._iterator, self._sharding, self._size = iterator, sharding, size
+        self._ahead: collections.deque = collections.deque()  # (global batch, state after it)
+        self._state = iterator.get_state()
+
+    def __iter__(self) -> "DevicePrefetch":
+        return self
+
+    def __next__(self) -> dict:
+        while len(self._ahead) < self._size:
+            batch = to_global(next(self._iterator), self._sharding)  # asynchronous copy
+            self._ahead.append((batch, self._iterator.get_state()))
+        batch, self._state = self._ahead.popleft()
+        return batch
+
+    def get_state(self) -> bytes:
+        return json.dumps(self._state).encode()
+
+    def set_state(self, state: bytes) -> None:
+        self._ahead.clear()
+        self._state = json.loads(state)
+        self._iterator.set_state(self._state)
+
+    def start_prefetch(self) -> None:
+        """Called by grain's handler after a restore: start the workers reading again."""
+        start = getattr(self._iterator, "start_prefetch", None)
+        if start is not None:
+            start()
+
+    def close(self) -> None:
+        self._ahead.clear()
+        self._iterator.close()

@@ -28,13 +28,14 @@ import orbax.checkpoint as ocp
 
 import sora_jax
 from sora_jax import config as config_lib
+from sora_jax.data.pipeline import DatasetSummary
+from sora_jax.inputs import MODEL_INPUTS, InputSpec
+from sora_jax.train import setup
 
-if TYPE_CHECKING:  # annotations only: exporting imports the trainer lazily, when it runs
-    from sora_jax.data.pipeline import DatasetSummary
+if TYPE_CHECKING:  # annotations only
     from sora_jax.models import SoraModel
 
 ARTIFACTS = {"model.jax": jnp.int16, "model_float.jax": jnp.float32}
-INPUT_ORDER = ("frames", "frame_mask", "audio", "audio_len", "has_video", "has_audio")
 
 
 def input_specs(
@@ -42,16 +43,8 @@ def input_specs(
 ) -> dict[str, jax.ShapeDtypeStruct]:
     """The exported inputs, with a symbolic batch dimension."""
     (b,) = jax.export.symbolic_shape(batch)
-    d = config.data
-    T, S, A = d.num_frames, d.crop_size, config_lib.audio_samples(config)
-    return {
-        "frames": jax.ShapeDtypeStruct((b, T, S, S, 3), jnp.uint8),
-        "frame_mask": jax.ShapeDtypeStruct((b, T), jnp.bool_),
-        "audio": jax.ShapeDtypeStruct((b, A), audio_dtype),
-        "audio_len": jax.ShapeDtypeStruct((b,), jnp.int32),
-        "has_video": jax.ShapeDtypeStruct((b,), jnp.bool_),
-        "has_audio": jax.ShapeDtypeStruct((b,), jnp.bool_),
-    }
+    shapes = InputSpec.from_config(config).shapes(b, audio_dtype)
+    return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in shapes.items()}
 
 
 def export_inference(
@@ -93,7 +86,7 @@ def code_version() -> dict:
 
 def model_card(
     config: ml_collections.ConfigDict,
-    summary: "DatasetSummary",
+    summary: DatasetSummary,
     step: int,
     workdir: pathlib.Path,
     platforms: Sequence[str],
@@ -118,7 +111,7 @@ def model_card(
         "class_names": list(summary.class_names),
         "multi_label": bool(config.model.multi_label),
         "inputs": {
-            "order": list(INPUT_ORDER),
+            "order": list(MODEL_INPUTS),
             "frames": {
                 "shape": ["batch", d.num_frames, d.crop_size, d.crop_size, 3],
                 "dtype": "uint8",
@@ -205,8 +198,6 @@ def export(
     step: int | None = None,
     data_dir: str | None = None,
 ) -> dict:
-    from sora_jax.train import trainer
-
     workdir, output = pathlib.Path(workdir), pathlib.Path(output).absolute()
     config = config_lib.load(workdir)
     if data_dir:
@@ -216,8 +207,9 @@ def export(
     # without sora_jax.
     config.model.visual.conv_backend = "xla"
     config.model.audio.lstm_backend = "xla"
-    model, params, step, _, summary = trainer.load_for_inference(config, workdir, step)
-    params = jax.device_get(params)
+    restored = setup.load_for_inference(config, workdir, step)
+    model, params, step = restored.setup.model, jax.device_get(restored.params), restored.step
+    summary = restored.dataset
     platforms = tuple(dict.fromkeys(("cpu", *config.get("export", {}).get("platforms", ()))))
     if output.exists():
         shutil.rmtree(output)

@@ -12,6 +12,7 @@ The library is built on first use (build.py); `available()` says whether it coul
 import ctypes
 import functools
 import logging
+import pathlib
 from collections.abc import Callable
 
 import jax
@@ -44,6 +45,26 @@ def unavailable_reason() -> str | None:
     return _load()
 
 
+@functools.cache
+def conv_unverified_reason() -> str | None:
+    """None where the convolution kernels are verified (x86 CPUs with AVX-512, where they
+    were built, tested and benchmarked), else why not. On a 2-core AMD EPYC with AVX2 only
+    they corrupted the heap (`free(): invalid next size`) or hung in about half of short
+    training runs, single-threaded or not, while XLA's convolutions never did: there
+    `auto` uses XLA's and `onednn` is refused. The LSTM kernel is not affected."""
+    try:
+        cpuinfo = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "the CPU's instruction sets are unknown (no /proc/cpuinfo)"
+    flags = next((line.split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    if "avx512f" not in flags:
+        return (
+            "the oneDNN convolutions are verified only on CPUs with AVX-512 (on an AVX2-only "
+            "CPU they corrupted memory); XLA's convolutions run instead"
+        )
+    return None
+
+
 def available() -> bool:
     return _load() is None
 
@@ -73,6 +94,8 @@ def resolve(backend: str, x: jax.Array, what: str) -> str:
         why_not = f"the oneDNN kernels take float32 or bfloat16, not {x.dtype}"
     elif not all(isinstance(d, int) for d in x.shape):
         why_not = f"the oneDNN kernels need static shapes, not {x.shape}"
+    elif what == "conv":
+        why_not = conv_unverified_reason()
     if why_not is None and not available():
         if backend == "auto":
             warn_unavailable_once()

@@ -2,7 +2,7 @@
 
 from sora_jax.models.audio import AudioEncoder, HoistedGRUCell, LSTMRecurrence
 from sora_jax.models.fusion import FUSIONS, FusionHead
-from sora_jax.models.sora import DTYPES, SoraModel, build_model, dummy_inputs
+from sora_jax.models.sora import DTYPES, SoraModel, build_model, check_config, dummy_inputs
 from sora_jax.models.visual import VisualTower
 
 __all__ = [
@@ -15,5 +15,6 @@ __all__ = [
     "SoraModel",
     "VisualTower",
     "build_model",
+    "check_config",
     "dummy_inputs",
 ]

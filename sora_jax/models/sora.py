@@ -1,15 +1,16 @@
 """The Sora model: visual tower + audio branch + fusion head, built from a config."""
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from sora_jax.models.audio import AudioEncoder
-from sora_jax.models.fusion import FusionHead
-from sora_jax.models.visual import VisualTower
+from sora_jax.config import check, one_of
+from sora_jax.inputs import InputSpec
+from sora_jax.kernels import onednn
+from sora_jax.models.audio import CELLS, AudioEncoder
+from sora_jax.models.fusion import FUSIONS, FusionHead
+from sora_jax.models.visual import NORMS, TEMPORAL_POOLS, VisualTower
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -17,13 +18,9 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 class SoraModel(nn.Module):
     """Raw clips -> {"embedding": [B, E], "logits": [B, C]}.
 
-    Inputs (a dict, so exported signatures are self-describing):
-      frames      [B, T, H, W, 3] uint8 (or float in [0, 255])
-      frame_mask  [B, T] bool, False for frames padded past a short video's end
-      audio       [B, S] int16 (or float in [-1, 1]) at 16 kHz
-      audio_len   [B] int32, valid samples of `audio`
-      has_video   [B] bool
-      has_audio   [B] bool
+    Inputs: a dict, so exported signatures are self-describing; names, shapes, dtypes
+    and meanings are defined once, in `sora_jax.inputs` (frames may also be float in
+    [0, 255], audio float in [-1, 1]).
     """
 
     visual: VisualTower
@@ -53,6 +50,56 @@ class SoraModel(nn.Module):
         return {"embedding": embedding.astype(jnp.float32), "logits": logits.astype(jnp.float32)}
 
 
+def check_config(model_config: ml_collections.ConfigDict) -> None:
+    """Raise ConfigError, naming the key, for model settings this model cannot build."""
+    m, v, a, f = model_config, model_config.visual, model_config.audio, model_config.fusion
+    one_of(m.dtype, "model.dtype", DTYPES)
+    check(m.num_classes >= 2, "model.num_classes", f"{m.num_classes} < 2")
+    check(m.embed_dim >= 1, "model.embed_dim", "must be >= 1")
+    check(0.0 <= m.modality_dropout < 1.0, "model.modality_dropout", "must be in [0, 1)")
+    one_of(v.norm, "model.visual.norm", NORMS)
+    one_of(v.temporal_pool, "model.visual.temporal_pool", TEMPORAL_POOLS)
+    check(
+        len(v.widths) == len(v.blocks) == len(v.strides) >= 1,
+        "model.visual",
+        f"widths {tuple(v.widths)}, blocks {tuple(v.blocks)} and strides "
+        f"{tuple(v.strides)} must have one entry per stage",
+    )
+    check(
+        all(x > 0 for x in (*v.widths, *v.blocks, *v.strides)),
+        "model.visual",
+        "widths, blocks and strides must be positive",
+    )
+    one_of(a.cell, "model.audio.cell", CELLS)
+    check(a.hidden >= 1, "model.audio.hidden", "must be >= 1")
+    check(a.layers >= 1, "model.audio.layers", "must be >= 1")
+    check(a.num_mel_bins >= 1, "model.audio.num_mel_bins", "must be >= 1")
+    check(a.unroll >= 1, "model.audio.unroll", "must be >= 1")
+    check(
+        len(a.spec_augment) == 4 and all(x >= 0 for x in a.spec_augment),
+        "model.audio.spec_augment",
+        "(time masks, max width, mel masks, max width), each >= 0",
+    )
+    one_of(f.kind, "model.fusion.kind", FUSIONS)
+    check(f.dim >= 1 and f.heads >= 1, "model.fusion", "dim and heads must be >= 1")
+    if f.kind == "attention":
+        check(
+            f.dim % f.heads == 0,
+            "model.fusion.heads",
+            f"fusion.dim {f.dim} is not divisible by {f.heads} heads",
+        )
+    for key, backend in (
+        ("model.visual.conv_backend", v.conv_backend),
+        ("model.audio.lstm_backend", a.lstm_backend),
+    ):
+        one_of(backend, key, onednn.BACKENDS)
+        if backend == "onednn":
+            why_not = onednn.unavailable_reason()
+            if why_not is None and key == "model.visual.conv_backend":
+                why_not = onednn.conv_unverified_reason()
+            check(why_not is None, key, f"'onednn' cannot run: {why_not}")
+
+
 def build_model(model_config: ml_collections.ConfigDict) -> SoraModel:
     """The model a config describes (see configs/demo.py for every key)."""
     m = model_config
@@ -68,7 +115,7 @@ def build_model(model_config: ml_collections.ConfigDict) -> SoraModel:
             temporal_pool=vis.temporal_pool,
             remat=vis.remat,
             dtype=dtype,
-            conv_backend=vis.get("conv_backend", "auto"),  # configs saved before the key
+            conv_backend=vis.conv_backend,
         ),
         audio=AudioEncoder(
             hidden=aud.hidden,
@@ -77,8 +124,8 @@ def build_model(model_config: ml_collections.ConfigDict) -> SoraModel:
             bidirectional=aud.bidirectional,
             num_mel_bins=aud.num_mel_bins,
             spec_augment=tuple(aud.spec_augment),
-            unroll=aud.get("unroll", 1),  # absent from configs saved before the key
-            lstm_backend=aud.get("lstm_backend", "auto"),  # likewise
+            unroll=aud.unroll,
+            lstm_backend=aud.lstm_backend,
             dtype=dtype,
         ),
         fusion=FusionHead(
@@ -93,13 +140,6 @@ def build_model(model_config: ml_collections.ConfigDict) -> SoraModel:
     )
 
 
-def dummy_inputs(batch: int, frames: int, size: int, audio_samples: int) -> dict[str, Any]:
-    """Zero inputs of the right shapes and dtypes, for `init` and for export specs."""
-    return {
-        "frames": jnp.zeros((batch, frames, size, size, 3), jnp.uint8),
-        "frame_mask": jnp.ones((batch, frames), bool),
-        "audio": jnp.zeros((batch, audio_samples), jnp.int16),
-        "audio_len": jnp.full((batch,), audio_samples, jnp.int32),
-        "has_video": jnp.ones((batch,), bool),
-        "has_audio": jnp.ones((batch,), bool),
-    }
+def dummy_inputs(spec: InputSpec, batch: int = 1) -> dict[str, jax.Array]:
+    """Inputs of the right shapes and dtypes, for `init`."""
+    return jax.tree.map(jnp.asarray, spec.zeros(batch))

@@ -14,6 +14,9 @@ from sora_jax.models.conv import Conv
 _PIXEL_MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255.0
 _PIXEL_STD = np.array([0.229, 0.224, 0.225], np.float32) * 255.0
 
+NORMS = ("none", "group", "layer")
+TEMPORAL_POOLS = ("mean", "max", "attention")
+
 
 def normalize_pixels(frames: jnp.ndarray, dtype: jnp.dtype) -> jnp.ndarray:
     """uint8 or float pixels in [0, 255] -> zero-mean, unit-variance `dtype`."""

@@ -1,35 +1,50 @@
-"""sora-train --config configs/demo.py --workdir DIR [--config.KEY=VALUE ...]
+"""The training and evaluation commands.
 
-Every key of the config file can be overridden on the command line (e.g.
+  sora-train --config configs/demo.py --workdir DIR [--config.KEY=VALUE ...]
+  sora-eval --workdir DIR [--split test] [--checkpoint STEP]
+
+sora-train: every key of the config file can be overridden on the command line (e.g.
 --config.model.fusion.kind=attention --config.total_steps=1000); unknown keys and wrong
-types fail before anything compiles. Rerunning with the same --workdir resumes from its
-latest checkpoint.
+types fail before anything compiles. A config file may take a preset after a colon
+(`configs/demo.py:runlocal`). Rerunning with the same --workdir resumes from its latest
+checkpoint.
+
+sora-eval: full, audio-only and video-only scores of a work dir's checkpoint; prints a
+summary, writes DIR/eval_<split>.json and confusion-matrix PNGs, and prints one JSON
+object on the last line of stdout.
 """
 
+import argparse
+import json
 import logging
+import pathlib
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Path to a config file.", lock_config=True
+    "config", None, "Path to a config file (optionally FILE:PRESET).", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
 
 
-def _main(argv) -> None:
+def _quiet_logs() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU here" notes
+
+
+def _train(argv) -> None:
     del argv
     import jax
 
     from sora_jax.config import ConfigError
-    from sora_jax.train import trainer
+    from sora_jax.train import setup, trainer
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU here" notes
+    _quiet_logs()
     config = _CONFIG.value
-    trainer.maybe_initialize_distributed(config)
+    setup.maybe_initialize_distributed(config)
     try:
         result = trainer.train(config, _WORKDIR.value)
     except (ConfigError, FileNotFoundError, trainer.NonFiniteError) as e:
@@ -43,8 +58,65 @@ def _main(argv) -> None:
 
 
 def main() -> None:
+    """sora-train."""
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(_main)
+    app.run(_train)
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    """sora-eval."""
+    parser = argparse.ArgumentParser(
+        prog="sora-eval",
+        description="Evaluate a sora-train work dir: full, audio-only and video-only "
+        "scores; the last line of stdout is one JSON object.",
+    )
+    parser.add_argument("--workdir", required=True, help="a sora-train work dir")
+    parser.add_argument("--split", default=None, help="default: the config's data.eval_split")
+    parser.add_argument("--checkpoint", type=int, default=None, help="step (default: latest)")
+    parser.add_argument("--data-dir", default=None, help="override config.data.dir")
+    args = parser.parse_args(argv)
+
+    import jax
+
+    from sora_jax import config as config_lib
+    from sora_jax.train import evaluate, setup
+
+    _quiet_logs()
+    try:
+        config = config_lib.load(args.workdir)
+        if args.data_dir:
+            config.data.dir = args.data_dir
+        setup.maybe_initialize_distributed(config)
+        split = args.split or config.data.eval_split
+        restored = setup.load_for_inference(config, args.workdir, args.checkpoint)
+        evaluator = evaluate.Evaluator(restored.setup, config, split, restored.dataset.class_names)
+    except (config_lib.ConfigError, FileNotFoundError) as e:
+        print(f"sora-eval: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = evaluator(restored.params, args.workdir, restored.step)
+    finally:
+        evaluator.close()
+    if jax.process_index() == 0:
+        path = pathlib.Path(args.workdir) / f"eval_{split}.json"
+        path.write_text(json.dumps(result, indent=1))
+        for mode in evaluate.MODES:
+            r = result if mode == "full" else result[mode]
+            print(
+                f"{mode:<11} top1 {r['top1']:.4f}  "
+                + (f"top5 {r['top5']:.4f}  " if "top5" in r else "")
+                + f"mAP {r['map']:.4f}  ({r['num_examples']} clips)",
+                file=sys.stderr,
+            )
+        brief = evaluate.brief(result) | {
+            "split": split,
+            "step": restored.step,
+            "audio_only": evaluate.brief(result["audio_only"]),
+            "video_only": evaluate.brief(result["video_only"]),
+            "details": str(path),
+        }
+        print(json.dumps(brief))
+    return 0
 
 
 if __name__ == "__main__":

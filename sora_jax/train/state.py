@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from sora_jax import config as config_lib
+from sora_jax.inputs import InputSpec
 from sora_jax.models import SoraModel, dummy_inputs
 
 
@@ -59,13 +59,12 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 def init_state(
     model: SoraModel,
     tx: optax.GradientTransformation,
+    spec: InputSpec,
     config: ml_collections.ConfigDict,
     rng: jax.Array,
 ) -> TrainState:
     """Fresh parameters and optimizer state (jit this with out_shardings to init sharded)."""
-    d = config.data
-    inputs = dummy_inputs(1, d.num_frames, d.crop_size, config_lib.audio_samples(config))
-    params = model.init({"params": rng, "dropout": rng}, inputs)["params"]
+    params = model.init({"params": rng, "dropout": rng}, dummy_inputs(spec))["params"]
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,

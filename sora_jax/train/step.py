@@ -10,11 +10,28 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sora_jax.inputs import MODEL_INPUTS, InputSpec, label_shape
 from sora_jax.models import SoraModel
 from sora_jax.train.sharding import BATCH_AXES
 from sora_jax.train.state import TrainState, learning_rate_schedule
 
-MODEL_INPUTS = ("frames", "frame_mask", "audio", "audio_len", "has_video", "has_audio")
+
+def abstract_batch(
+    config: ml_collections.ConfigDict,
+    spec: InputSpec,
+    batch_size: int,
+    sharding: NamedSharding,
+    views: int | None = None,
+) -> dict[str, jax.ShapeDtypeStruct]:
+    """The shapes, dtypes and sharding of a global batch, as the pipeline delivers it:
+    training batches [B, ...], evaluation batches with `views` per clip [B, V, ...]."""
+    shapes = spec.shapes(batch_size) | {"label": label_shape(config, batch_size)}
+    if views is not None:
+        shapes = {
+            k: (shape if k == "label" else (shape[0], views, *shape[1:]), dtype)
+            for k, (shape, dtype) in shapes.items()
+        }
+    return {k: jax.ShapeDtypeStruct(s, d, sharding=sharding) for k, (s, d) in shapes.items()}
 
 
 def classification_loss(logits: jax.Array, labels: jax.Array, multi_label: bool) -> jax.Array:
@@ -51,12 +68,18 @@ def make_train_step(
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
+    traces = 0
+
     @functools.partial(
         jax.jit, donate_argnums=(0,), out_shardings=(state_sharding, NamedSharding(mesh, P()))
     )
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        nonlocal traces
+        traces += 1  # Python runs here only while JAX traces: once per compilation
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # see models/conv.py
             return _train_step(state, batch)
+
+    train_step.traces = lambda: traces  # the loop warns if this ever exceeds 1
 
     def _train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(base_rng, state.step)

@@ -1,33 +1,32 @@
 """The training loop, top to bottom: config -> mesh -> state -> steps -> checkpoints.
 
-The step itself (step.py) is a pure jitted function; this file does the host-side work:
-reading data, logging every `log_every` steps (the only host syncs), checkpointing,
-evaluating, and stopping cleanly on SIGTERM or on a non-finite loss.
+The step itself (step.py) is a pure jitted function, compiled once; this file
+does the host-side work: reading data, logging every `log_every` steps (the only host
+syncs), checkpointing, evaluating, profiling, and stopping cleanly on SIGTERM or on a
+non-finite loss. `train()` reads as: set up, restore or initialise, then steps, each
+followed by the log window's bookkeeping and, when due, evaluation and a checkpoint.
 """
 
-import hashlib
 import json
 import logging
 import pathlib
 import signal
 import time
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import jax
 import ml_collections
 import numpy as np
-import optax
+import orbax.checkpoint as ocp
 import tqdm
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh
 
 from sora_jax import config as config_lib
 from sora_jax.data import pipeline
-from sora_jax.models import SoraModel, build_model
-from sora_jax.train import checkpoint, sharding
-from sora_jax.train.evaluate import evaluate
-from sora_jax.train.state import NONFINITE_NAMES, TrainState, init_state, make_optimizer
+from sora_jax.train import checkpoint
+from sora_jax.train import setup as setup_lib
+from sora_jax.train.evaluate import Evaluator
+from sora_jax.train.state import NONFINITE_NAMES, TrainState, init_state
 from sora_jax.train.step import make_train_step
 from sora_jax.train.tensorboard import ScalarWriter
 
@@ -36,44 +35,6 @@ log = logging.getLogger("sora_jax")
 
 class NonFiniteError(RuntimeError):
     """The loss or gradient became NaN/inf; no checkpoint of that state was written."""
-
-
-def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
-    """Join a multi-process run: from the config, or auto-detected (TPU pods, SLURM) with
-    distributed.num_processes=-1. A single process with nothing configured does nothing."""
-    d = config.distributed
-    if jax.distributed.is_initialized() or not (d.coordinator or d.num_processes == -1):
-        return
-    # Only matters for CPU devices (tests, laptops); accelerators use their own links.
-    jax.config.update("jax_cpu_collectives_implementation", d.cpu_collectives)
-    kwargs = {"heartbeat_timeout_seconds": d.heartbeat_timeout_s}
-    if d.coordinator:
-        jax.distributed.initialize(d.coordinator, d.num_processes, d.process_id, **kwargs)
-    else:
-        jax.distributed.initialize(**kwargs)
-
-
-def check_processes_agree(
-    config: ml_collections.ConfigDict, summary: pipeline.DatasetSummary
-) -> None:
-    """Fail, naming the process, if processes were started with different configs or see
-    different datasets (a stale copy on one host): such runs silently diverge."""
-    if jax.process_count() == 1:
-        return
-    as_dict = config.to_dict()
-    as_dict.pop("distributed", None)  # process_id differs by design
-    facts = {"config": json.dumps(as_dict, sort_keys=True, default=str), "dataset": repr(summary)}
-    digest = lambda text: int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big") >> 1
-    mine = np.array([digest(v) for v in facts.values()], np.int32)
-    everyone = np.asarray(multihost_utils.process_allgather(mine))  # [processes, facts]
-    for process, theirs in enumerate(everyone):
-        for i, what in enumerate(facts):
-            if theirs[i] != everyone[0][i]:
-                raise config_lib.ConfigError(
-                    f"process {process} has a different {what} from process 0 (this is "
-                    f"process {jax.process_index()}): start every process with the same "
-                    f"config and the same prepared dataset"
-                )
 
 
 class _Preemption:
@@ -109,47 +70,6 @@ def _check_finite(state) -> None:
             f"that state (the last checkpoint is from before it). Lower "
             f"config.optimizer.learning_rate or set config.optimizer.grad_clip."
         )
-
-
-class TrainingSetup(NamedTuple):
-    mesh: Mesh
-    model: SoraModel
-    tx: optax.GradientTransformation
-    rng: jax.Array
-    abstract_state: TrainState  # shapes, dtypes and shardings; no arrays
-    state_sharding: TrainState  # a NamedSharding per array of the state
-
-
-def setup_training(
-    config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
-) -> TrainingSetup:
-    """Mesh, model, optimizer and the sharded layout of the train state, without
-    allocating it: shared by the trainer, evaluation and the benchmarks."""
-    mesh = sharding.make_mesh(config.mesh.fsdp, devices)
-    config_lib.validate(config, num_devices=mesh.size)
-    model = build_model(config.model)
-    tx = make_optimizer(config)
-    rng = jax.random.key(config.seed)
-    abstract = jax.eval_shape(lambda: init_state(model, tx, config, rng))
-    state_sharding = sharding.tree_shardings(abstract, mesh)
-    abstract = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding
-    )
-    return TrainingSetup(mesh, model, tx, rng, abstract, state_sharding)
-
-
-def load_for_inference(
-    config: ml_collections.ConfigDict,
-    workdir: str | pathlib.Path,
-    step: int | None = None,
-    devices: Sequence[jax.Device] | None = None,
-) -> tuple[SoraModel, dict, int, Mesh, pipeline.DatasetSummary]:
-    """(model, params, step, mesh, dataset summary) from a work dir's checkpoint."""
-    summary = pipeline.check_dataset(config)
-    mesh, model, _, _, abstract, _ = setup_training(config, devices)
-    manager = checkpoint.make_manager(workdir, config, read_only=True)
-    params, step = checkpoint.restore_params(manager, step, abstract)
-    return model, params, step, mesh, summary
 
 
 class _Logger:
@@ -214,6 +134,83 @@ class _Logger:
             self.writer.close()
 
 
+class _LogWindow:
+    """The steps since the last log: their metrics (still on the devices) and where the
+    host's time went."""
+
+    def __init__(self):
+        self.pending: list[dict] = []
+        self.start, self.data_wait, self.input_fetch = time.perf_counter(), 0.0, 0.0
+
+    def fetched(self, seconds: float) -> None:
+        """A batch took `seconds` to arrive. Dispatch is asynchronous, so fetching mostly
+        overlaps steps still running; the device waited for this batch only if it had
+        run out of dispatched steps by the time the batch arrived (`is_ready` does not
+        block): count the whole fetch then, an upper bound on the device's idle time."""
+        self.input_fetch += seconds
+        if not self.pending or self.pending[-1]["loss"].is_ready():
+            self.data_wait += seconds
+
+    def summary(self, batch_size: int) -> tuple[list[dict], dict]:
+        """(every step's metrics, the window's throughput): the one host sync a window."""
+        per_step = jax.device_get(self.pending)
+        elapsed = time.perf_counter() - self.start
+        return per_step, {
+            "clips_per_s": len(per_step) * batch_size / elapsed,
+            "step_time_s": elapsed / len(per_step),
+            "data_wait": self.data_wait / elapsed,
+            "input_fetch": self.input_fetch / elapsed,
+        }
+
+
+class _Profile:
+    """A trace of steps `first`..`last` (config.profile_steps) in the TensorBoard dir,
+    which TensorBoard's profile tab opens; on process 0 only."""
+
+    def __init__(self, steps: Sequence[int], logdir: pathlib.Path, enabled: bool):
+        self.first, self.last = tuple(steps) if steps and enabled else (0, -1)
+        self.logdir, self.active = logdir, False
+
+    def before_step(self, step: int) -> None:  # `step` is about to run (1-based)
+        if step == self.first:
+            jax.profiler.start_trace(str(self.logdir))
+            self.active = True
+
+    def after_step(self, step: int, metrics: dict) -> None:
+        if self.active and step >= self.last:
+            jax.block_until_ready(metrics)  # the trace ends when the traced steps have run
+            self.stop()
+
+    def stop(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+
+
+def _restore_or_init(
+    run: setup_lib.Setup,
+    config: ml_collections.ConfigDict,
+    manager: ocp.CheckpointManager,
+    batches: pipeline.DevicePrefetch,
+) -> tuple[TrainState, int]:
+    """The latest checkpoint's state, with the data reader moved to where it was; or a
+    fresh state at step 0."""
+    start = manager.latest_step()
+    if start is not None:
+        state = checkpoint.restore(manager, start, run.abstract_state, batches)
+        log.info("resumed from step %d in %s", start, manager.directory.parent)
+        return state, start
+    init = jax.jit(
+        lambda rng: init_state(run.model, run.tx, run.inputs, config, rng),
+        out_shardings=run.state_sharding,
+    )
+    return init(run.rng), 0
+
+
+def _inference_params(state: TrainState):
+    return state.ema_params if state.ema_params is not None else state.params
+
+
 def train(
     config: ml_collections.ConfigDict,
     workdir: str | pathlib.Path,
@@ -222,98 +219,74 @@ def train(
     """Train (resuming from `workdir` if it holds checkpoints) and evaluate at the end."""
     workdir = pathlib.Path(workdir)
     main_process = jax.process_index() == 0
-    config_lib.validate(config)
+    setup_lib.check_config(config)
     summary = pipeline.check_dataset(config)
-    check_processes_agree(config, summary)
-    mesh, model, tx, rng, abstract, state_sharding = setup_training(config, devices)
+    setup_lib.check_processes_agree(config, summary)
+    run = setup_lib.build(config, devices)
     if main_process:
         workdir.mkdir(parents=True, exist_ok=True)
         config_lib.save(config, workdir)
     local_batch = config.batch_size // jax.process_count()
-    iterator = iter(pipeline.train_dataset(config, local_batch))
+    batches = pipeline.DevicePrefetch(
+        iter(pipeline.train_dataset(config, local_batch)), run.batch_sharding
+    )
     manager = checkpoint.make_manager(workdir, config)
-    start = manager.latest_step()
-    if start is not None:
-        state = checkpoint.restore(manager, start, abstract, iterator)
-        log.info("resumed from step %d in %s", start, workdir)
-    else:
-        start = 0
-        state = jax.jit(lambda r: init_state(model, tx, config, r), out_shardings=state_sharding)(
-            rng
-        )
-    train_step = make_train_step(model, tx, config, mesh, state_sharding)
-    batch_sharding = sharding.batch_sharding(mesh)
-    params = lambda s: s.ema_params if s.ema_params is not None else s.params
-    logger = _Logger(workdir, config.total_steps, start, main_process)
+    state, step = _restore_or_init(run, config, manager, batches)
+    train_step = make_train_step(run.model, run.tx, config, run.mesh, run.state_sharding)
+    evaluator: Evaluator | None = None  # made at the first evaluation, kept for the rest
+    logger = _Logger(workdir, config.total_steps, step, main_process)
+    profile = _Profile(config.profile_steps, workdir / "tensorboard", main_process)
     preemption = _Preemption()
-    pending: list = []
-    window_start, data_wait, input_fetch = time.perf_counter(), 0.0, 0.0
+    window = _LogWindow()
     result: dict = {}
     try:
-        step = start
         while step < config.total_steps:
             t = time.perf_counter()
-            batch = pipeline.to_global(next(iterator), batch_sharding)
-            fetch = time.perf_counter() - t
-            input_fetch += fetch
-            # Dispatch is asynchronous, so fetching mostly overlaps steps still running. The
-            # device waited for this batch only if it had run out of dispatched steps by the
-            # time the batch arrived (`is_ready` does not block): count the whole fetch then,
-            # an upper bound on the device's idle time.
-            if not pending or pending[-1]["loss"].is_ready():
-                data_wait += fetch
+            batch = next(batches)
+            window.fetched(time.perf_counter() - t)
+            profile.before_step(step + 1)
             state, metrics = train_step(state, batch)  # asynchronous: no host sync here
-            pending.append(metrics)
+            window.pending.append(metrics)
             step += 1
+            profile.after_step(step, metrics)
             last = step == config.total_steps
             stop = preemption.should_stop(step, at_sync_point=step % config.log_every == 0)
             stop = stop or manager.reached_preemption(step)
             if step % config.log_every == 0 or last or stop:  # stop: log every step run
-                per_step = jax.device_get(pending)  # the one host sync per log interval
                 _check_finite(state)
-                elapsed = time.perf_counter() - window_start
-                logger.steps(
-                    step - len(pending) + 1,
-                    per_step,
-                    {
-                        "clips_per_s": len(pending) * config.batch_size / elapsed,
-                        "step_time_s": elapsed / len(pending),
-                        "data_wait": data_wait / elapsed,
-                        "input_fetch": input_fetch / elapsed,
-                    },
-                )
-                if train_step._cache_size() > 1:
+                logger.steps(step - len(window.pending) + 1, *window.summary(config.batch_size))
+                if train_step.traces() > 1:
                     log.warning(
-                        "train_step compiled %d times: input shapes or shardings changed",
-                        train_step._cache_size(),
+                        "train_step was compiled %d times: input shapes or shardings changed",
+                        train_step.traces(),
                     )
-                pending, window_start, data_wait, input_fetch = [], time.perf_counter(), 0.0, 0.0
+                window = _LogWindow()
             evaluate_now = last or (config.eval_every and step % config.eval_every == 0)
             if evaluate_now:
-                result = evaluate(
-                    model,
-                    params(state),
-                    config,
-                    config.data.eval_split,
-                    mesh,
-                    summary.class_names,
-                    workdir if main_process else None,
-                    step,
+                if evaluator is None:
+                    evaluator = Evaluator(run, config, config.data.eval_split, summary.class_names)
+                result = evaluator(
+                    _inference_params(state), workdir if main_process else None, step
                 )
                 logger.eval(step, result)
             if evaluate_now or stop or step % config.checkpoint.every_steps == 0:
                 _check_finite(state)
-                scores = {k: result[k] for k in ("top1", "map")} if evaluate_now else None
-                checkpoint.save(manager, step, state, iterator, scores)
+                scores = None
+                if evaluate_now:
+                    scores = {k: result[k] for k in config_lib.METRICS if k in result}
+                checkpoint.save(manager, step, state, batches, scores)
             if stop:
                 log.warning("preempted: saved a checkpoint at step %d; rerun to resume", step)
                 break
         manager.wait_until_finished()
     finally:
+        profile.stop()
         preemption.restore()
         logger.close()
         manager.close()
-        iterator.close()  # stops grain's workers and frees the batches they read ahead
+        batches.close()  # stops grain's workers and frees the batches they read ahead
+        if evaluator is not None:
+            evaluator.close()
     if result and main_process:
         (workdir / f"eval_{config.data.eval_split}.json").write_text(json.dumps(result, indent=1))
     return result

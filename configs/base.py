@@ -1,0 +1,127 @@
+"""The common base of every config: each key, documented once, with the values a
+realistic run starts from. Configs in this folder are small differences from it, and each
+takes presets: `get_config("runlocal")` (on the command line `configs/X.py:runlocal`)
+shrinks any of them to run on a laptop CPU in a minute, as the tests do.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.data = dict(
+        dir="data/prepared",  # DATA_DIR given to sora-prep --out (a gs:// path on pods)
+        name="",  # NAME given to sora-prep --name
+        train_split="train",
+        eval_split="test",
+        fps=12.5,  # must equal the dataset's --fps
+        num_frames=16,  # T frames per clip ...
+        frame_stride=2,  # ... taken every `frame_stride` stored frames
+        audio_samples=0,  # 0: the same time span as the frames at 16 kHz
+        crop_size=112,
+        min_crop_scale=0.3,  # random resized crop keeps at least this much of the area
+        flip=True,
+        eval_temporal_views=4,
+        eval_spatial_views=3,  # 1 (centre) or 3 (both ends and centre of the long side)
+        # grain worker processes per host (0: decode in the training process). Two keep the
+        # demo's data wait near 1% on a 2-core CPU; in-process reader threads compete with
+        # the training step for the interpreter and the cores (BENCHMARKS.md).
+        workers=16,
+        eval_batch_size=64,
+    )
+
+    c.model = dict(
+        num_classes=32,  # must equal the dataset's
+        embed_dim=512,
+        dtype="bfloat16",  # compute dtype (float32 | bfloat16); parameters stay float32
+        modality_dropout=0.2,  # chance of hiding one of two present senses in training
+        visual=dict(
+            widths=(64, 128, 256, 512),  # channels per stage ...
+            blocks=(2, 2, 2, 2),  # ... residual blocks per stage ...
+            strides=(2, 2, 2, 2),  # ... and the stride of each stage's first block
+            norm="group",  # none | group | layer
+            residual=True,
+            temporal_pool="attention",  # mean | max | attention
+            remat=True,  # recompute the tower's activations in the backward pass
+            # auto: oneDNN's convolution kernels on the CPU, XLA's elsewhere; or xla, onednn.
+            conv_backend="auto",
+        ),
+        audio=dict(
+            cell="lstm",  # lstm | gru
+            hidden=512,
+            layers=2,
+            bidirectional=True,
+            num_mel_bins=64,
+            spec_augment=(2, 40, 2, 12),  # time masks, max width, mel masks, max width
+            unroll=4,  # time steps per scan iteration (less loop overhead, same results)
+            # auto: the LSTM loop as one oneDNN-backed call on the CPU, XLA's scan elsewhere.
+            lstm_backend="auto",
+        ),
+        fusion=dict(kind="attention", dim=512, heads=8),  # concat | mean | gated | attention
+        multi_label=False,  # sigmoid cross-entropy and mAP for several labels per clip
+    )
+
+    c.optimizer = dict(
+        name="adamw",  # adamw | sgd
+        learning_rate=1e-3,
+        warmup_steps=2_000,
+        schedule="cosine",  # cosine | constant
+        weight_decay=0.05,
+        momentum=0.9,  # sgd only
+        grad_clip=1.0,  # global norm; 0 disables
+        ema_decay=0.9999,  # 0 disables the EMA of parameters
+    )
+    c.batch_size = 512  # global, over all devices and processes
+    c.accum_steps = 1  # gradient accumulation micro-batches per step
+    c.total_steps = 60_000
+
+    c.mesh = dict(fsdp=4)  # devices along the `fsdp` axis; the rest form the `data` axis
+    c.log_every = 100  # steps between host syncs: logs, TensorBoard, the NaN check
+    c.eval_every = 5_000  # 0: evaluate only at the end
+    c.profile_steps = ()  # (first, last): a profiler trace of those steps in tensorboard/
+    # best_metric: top1 | top5 | map, the checkpoint kept besides the last `keep`
+    c.checkpoint = dict(every_steps=1_000, keep=3, best_metric="top1")
+
+    # Multi-process runs (see launch/): coordinator "host:port" with num_processes and
+    # process_id, or num_processes=-1 to let JAX detect the cluster (TPU pods, SLURM).
+    c.distributed = dict(
+        coordinator="",
+        num_processes=0,
+        process_id=-1,
+        heartbeat_timeout_s=100,  # a dead peer stops the others after this long
+        cpu_collectives="gloo",  # how CPU-only processes exchange data
+    )
+    c.export = dict(platforms=("cpu", "cuda", "tpu"))  # what sora-export compiles for
+    return c
+
+
+def apply_preset(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+    """`None`: the config as written. `runlocal`: the same run, shrunk to a laptop CPU
+    minute (a tiny model, a few steps, decoding in-process); point it at your data with
+    --config.data.dir/name."""
+    if arg in (None, ""):
+        return c
+    if arg != "runlocal":
+        raise ValueError(f"unknown preset {arg!r}: the presets are 'runlocal'")
+    c.data.update(
+        num_frames=min(c.data.num_frames, 4),
+        crop_size=32,
+        eval_temporal_views=min(c.data.eval_temporal_views, 2),
+        eval_spatial_views=1,
+        workers=0,  # in-process decoding: worker start-up would dominate runs this short
+        eval_batch_size=8,
+    )
+    c.model.update(embed_dim=16, dtype="float32")
+    c.model.visual.update(widths=(8, 16), blocks=(1, 1), strides=(2, 2), remat=False)
+    c.model.audio.update(
+        hidden=16, layers=1, bidirectional=False, num_mel_bins=16, spec_augment=(1, 8, 1, 4)
+    )
+    c.model.fusion.update(dim=16, heads=4)
+    c.optimizer.update(warmup_steps=2, ema_decay=0.0)
+    c.batch_size, c.accum_steps, c.total_steps = 8, 1, 12
+    c.mesh.fsdp = 1
+    c.log_every, c.eval_every = 4, 0
+    c.checkpoint.update(every_steps=4, keep=2)
+    return c
