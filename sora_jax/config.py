@@ -78,8 +78,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             "checkpoint.best_metric",
             "top5 needs a single-label model with more than 5 classes",
         )
-    if config.model.multi_label:
-        check(c.best_metric == "map", "checkpoint.best_metric", "multi-label runs rank by map")
     check(
         len(config.profile_steps) in (0, 2)
         and all(s >= 1 for s in config.profile_steps)

@@ -11,9 +11,15 @@ from jax.sharding import PartitionSpec as P
 
 from sora_jax import config as config_lib
 from sora_jax import models
+from sora_jax.kernels import onednn
 from sora_jax.models import lstm
 from sora_jax.models.audio import AudioEncoder
 from sora_jax.train.sharding import BATCH_AXES, make_mesh
+
+needs_onednn_bfloat16 = pytest.mark.skipif(
+    onednn.bfloat16_unsupported_reason() is not None,
+    reason=str(onednn.bfloat16_unsupported_reason()),
+)
 
 
 def _inputs(t=7, b=4, h=8, dtype=jnp.float32):
@@ -54,6 +60,7 @@ def test_lowers_to_two_custom_calls_and_no_loop():
     assert " while(" in _value_and_grads("xla").lower(gates, w_h).compile().as_text()
 
 
+@needs_onednn_bfloat16
 def test_bfloat16_close_to_float32():
     gates, w_h = _inputs(t=12, b=4, h=32)
     exact = _value_and_grads("onednn")(gates, w_h)
@@ -83,7 +90,9 @@ def test_sharded_over_the_mesh_equals_one_device():
     assert "all-gather" not in hlo
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(
+    "dtype", ["float32", pytest.param("bfloat16", marks=needs_onednn_bfloat16)]
+)
 def test_audio_encoder_same_parameters_and_outputs_for_both_backends(dtype):
     """Two layers, both directions (the reverse pass flips each clip within its length),
     clips of different lengths: the backend changes how, not what, is computed."""

@@ -189,7 +189,7 @@ def test_sora_eval_reports_all_three_modes_as_json(demo_data, tmp_path):
     config.total_steps = 4
     trainer.train(config, tmp_path)
     done = subprocess.run(
-        [sys.executable, "-m", "sora_jax.train.evaluate", "--workdir", str(tmp_path)],
+        [pathlib.Path(sys.executable).parent / "sora-eval", "--workdir", str(tmp_path)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -264,7 +264,8 @@ def test_each_step_compiles_once_per_run_and_steps_can_be_profiled(demo_data, tm
     compiled = [
         r.getMessage().split()[1] for r in caplog.records if r.getMessage().startswith("Compiling ")
     ]
-    assert compiled.count("train_step") == 1 and compiled.count("eval_step") == 1, compiled
+    assert compiled.count("jit(train_step)") == 1, compiled
+    assert compiled.count("jit(eval_step)") == 1, compiled
     assert result["step"] == 8 and result["num_examples"] == 20
     # A trace TensorBoard's profile tab opens: tensorboard/plugins/profile/<run>/*.xplane.pb
     traces = list((tmp_path / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))

@@ -46,23 +46,36 @@ def unavailable_reason() -> str | None:
 
 
 @functools.cache
+def _cpu_flags() -> tuple[str, ...]:
+    """The CPU's instruction-set flags (Linux; empty where unknown)."""
+    try:
+        cpuinfo = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ()
+    return tuple(next((ln.split() for ln in cpuinfo.splitlines() if ln.startswith("flags")), []))
+
+
+@functools.cache
 def conv_unverified_reason() -> str | None:
     """None where the convolution kernels are verified (x86 CPUs with AVX-512, where they
     were built, tested and benchmarked), else why not. On a 2-core AMD EPYC with AVX2 only
     they corrupted the heap (`free(): invalid next size`) or hung in about half of short
     training runs, single-threaded or not, while XLA's convolutions never did: there
     `auto` uses XLA's and `onednn` is refused. The LSTM kernel is not affected."""
-    try:
-        cpuinfo = pathlib.Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "the CPU's instruction sets are unknown (no /proc/cpuinfo)"
-    flags = next((line.split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
-    if "avx512f" not in flags:
+    if "avx512f" not in _cpu_flags():
         return (
             "the oneDNN convolutions are verified only on CPUs with AVX-512 (on an AVX2-only "
             "CPU they corrupted memory); XLA's convolutions run instead"
         )
     return None
+
+
+def bfloat16_unsupported_reason() -> str | None:
+    """oneDNN 2023 builds no bfloat16 matmul or convolution without AVX-512 ("could not
+    create a primitive descriptor"): there bfloat16 runs on XLA's operations."""
+    if "avx512f" in _cpu_flags():
+        return None
+    return "oneDNN has no bfloat16 matmul or convolution for this CPU (no AVX-512)"
 
 
 def available() -> bool:
@@ -94,13 +107,15 @@ def resolve(backend: str, x: jax.Array, what: str) -> str:
         why_not = f"the oneDNN kernels take float32 or bfloat16, not {x.dtype}"
     elif not all(isinstance(d, int) for d in x.shape):
         why_not = f"the oneDNN kernels need static shapes, not {x.shape}"
-    elif what == "conv":
-        why_not = conv_unverified_reason()
     if why_not is None and not available():
         if backend == "auto":
             warn_unavailable_once()
             return "xla"
         why_not = unavailable_reason()
+    if why_not is None and what == "conv":
+        why_not = conv_unverified_reason()
+    if why_not is None and x.dtype == jax.numpy.bfloat16:
+        why_not = bfloat16_unsupported_reason()
     if why_not is None:
         return "onednn"
     if backend == "onednn":
