@@ -12,6 +12,10 @@ import time
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
+# Benchmarks time compilation too: a persistent compilation cache (the tests set one) would
+# turn compile times into file reads. Set before any script imports jax.
+os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+
 
 def load_config(path: str, overrides: list[str]):
     """A config file's get_config(), with KEY=VALUE overrides (Python literals)."""

@@ -2,7 +2,7 @@
 dataset that sora-train reads with --config.data.dir=DATA_DIR --config.data.name=NAME.
 
   sora-prep SOURCE --out DATA_DIR [--name NAME] [--fps F] [--short-side S] [--workers N]
-  sora-prep demo OUT            # write the built-in demo videos (then prepare them)
+  sora-prep demo OUT [--set small]   # write a built-in demo dataset (then prepare it)
 
 Exit code: 0 when every input was kept, 3 when some were skipped, 1 or 2 on failure.
 """
@@ -67,18 +67,31 @@ def _parser() -> argparse.ArgumentParser:
 def _demo(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="sora-prep demo",
-        description="Write the demo videos as OUT/<split>/<class>/<file>.mp4.",
+        description="Write a built-in demo dataset as OUT/<split>/<class>/<file>.mp4.",
     )
     p.add_argument("out")
-    p.add_argument("--train-per-class", type=int, default=48)
-    p.add_argument("--test-per-class", type=int, default=16)
+    p.add_argument(
+        "--set",
+        choices=("fusion", "small"),
+        default="fusion",
+        help="fusion: 4 classes that need both senses (make demo); small: 10 classes, each "
+        "with a look and a sound of its own, the shape of a first small labelled set",
+    )
+    p.add_argument("--train-per-class", type=int, help="default: 48 (fusion), 24 (small)")
+    p.add_argument("--test-per-class", type=int, help="default: 16 (fusion), 8 (small)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    from data_prep.synthetic import make_demo_dataset
+    from data_prep import synthetic
 
+    make, train, test = {
+        "fusion": (synthetic.make_demo_dataset, 48, 16),
+        "small": (synthetic.make_small_set, 24, 8),
+    }[args.set]
     start = time.time()
-    out = make_demo_dataset(args.out, args.train_per_class, args.test_per_class, args.seed)
-    print(f"wrote demo videos to {out} in {time.time() - start:.1f}s")
+    train = train if args.train_per_class is None else args.train_per_class
+    test = test if args.test_per_class is None else args.test_per_class
+    out = make(args.out, train, test, args.seed)
+    print(f"wrote the {args.set} demo videos to {out} in {time.time() - start:.1f}s")
     return 0
 
 

@@ -1,7 +1,9 @@
 """Writing real encoded videos with PyAV: the built-in demo dataset, and test fixtures."""
 
+import colorsys
 import fractions
 import pathlib
+from collections.abc import Callable
 
 import av
 import numpy as np
@@ -96,18 +98,100 @@ def demo_clip(
     return frames, np.clip(audio, -1, 1).astype(np.float32)
 
 
+def _write_split_tree(
+    out_dir: pathlib.Path,
+    classes: tuple[str, ...],
+    clip_fn: Callable[[np.random.Generator, str], tuple[np.ndarray, np.ndarray]],
+    train_per_class: int,
+    test_per_class: int,
+    seed: int,
+) -> pathlib.Path:
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", train_per_class), ("test", test_per_class)):
+        for name in classes:
+            folder = out_dir / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                frames, audio = clip_fn(rng, name)
+                write_video(folder / f"{name}_{i:03d}.mp4", frames, 8.0, audio, 22_050)
+    return out_dir
+
+
 def make_demo_dataset(
     out_dir: str | pathlib.Path, train_per_class: int = 48, test_per_class: int = 16, seed: int = 0
 ) -> pathlib.Path:
     """Write OUT/<split>/<class>/<n>.mp4 (h264 + aac); returns OUT."""
-    out_dir = pathlib.Path(out_dir)
-    rng = np.random.default_rng(seed)
-    for split, count in (("train", train_per_class), ("test", test_per_class)):
-        for name in DEMO_CLASSES:
-            folder = out_dir / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            sight, sound = name.split("_")
-            for i in range(count):
-                frames, audio = demo_clip(rng, sight, sound)
-                write_video(folder / f"{name}_{i:03d}.mp4", frames, 8.0, audio, 22_050)
-    return out_dir
+    return _write_split_tree(
+        pathlib.Path(out_dir),
+        DEMO_CLASSES,
+        lambda rng, name: demo_clip(rng, *name.split("_")),
+        train_per_class,
+        test_per_class,
+        seed,
+    )
+
+
+# The small-set demo: like a user's first labelled dataset (ten classes, a few hundred
+# clips), each class has a look of its own and a sound of its own, so either sense alone
+# can tell the classes apart, but neither by one simple cue: a look is a shape (five) in a
+# colour family (two), a sound a pitch band (five) in a timbre (pure or buzzing).
+SMALL_SET_CLASSES = tuple(f"class_{k}" for k in range(10))
+_SHAPES = ("disc", "square", "ring", "hbar", "vbar")
+_HUES = (0.0, 0.55)  # warm, cool
+
+
+def small_set_clip(
+    rng: np.random.Generator,
+    k: int,
+    fps: float = 8.0,
+    seconds: float = 2.0,
+    size: int = 128,
+    sample_rate: int = 22_050,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One clip of class `k` (0-9): its shape in its colour family moving over noise; its
+    pitch band in its timbre. Sight and sound pair the factors differently."""
+    n = round(fps * seconds)
+    shape, hue = _SHAPES[k % 5], _HUES[k // 5]
+    band, buzzing = (3 * k) % 5, k % 2 == 1
+    color = colorsys.hsv_to_rgb(
+        (hue + rng.uniform(-0.08, 0.08)) % 1.0, rng.uniform(0.5, 0.9), rng.uniform(0.6, 1)
+    )
+    background = rng.integers(60, 190)
+    radius = rng.integers(size // 8, size // 5)
+    xy = rng.uniform(radius, size - radius, 2)
+    velocity = rng.uniform(-0.05, 0.05, 2) * size
+    yy, xx = np.mgrid[:size, :size]
+    frames = np.empty((n, size, size, 3), np.uint8)
+    for i in range(n):
+        image = np.clip(background + rng.normal(0, 12, (size, size, 3)), 0, 255)
+        xy = np.clip(xy + velocity, radius, size - radius)
+        dy, dx = np.abs(yy - xy[1]), np.abs(xx - xy[0])
+        inside = {
+            "disc": dy**2 + dx**2 <= radius**2,
+            "square": np.maximum(dy, dx) <= radius * 0.8,
+            "ring": np.abs(np.sqrt(dy**2 + dx**2) - radius * 0.8) <= radius * 0.25,
+            "hbar": (dy <= radius / 3) & (dx <= radius),
+            "vbar": (dx <= radius / 3) & (dy <= radius),
+        }[shape]
+        image[inside] = 255 * np.array(color)
+        frames[i] = image.astype(np.uint8)
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    pitch = 250.0 * 2 ** (0.8 * band) * rng.uniform(0.95, 1.05)  # 250 Hz .. 2.4 kHz
+    phase = 2 * np.pi * pitch * t + rng.uniform(0, 2 * np.pi)
+    tone = np.sign(np.sin(phase)) * 0.5 if buzzing else np.sin(phase)  # odd harmonics
+    audio = rng.uniform(0.2, 0.5) * tone + rng.normal(0, 0.05, t.shape)
+    return frames, np.clip(audio, -1, 1).astype(np.float32)
+
+
+def make_small_set(
+    out_dir: str | pathlib.Path, train_per_class: int = 24, test_per_class: int = 8, seed: int = 0
+) -> pathlib.Path:
+    """Write the ten-class small set as OUT/<split>/<class>/<n>.mp4; returns OUT."""
+    return _write_split_tree(
+        pathlib.Path(out_dir),
+        SMALL_SET_CLASSES,
+        lambda rng, name: small_set_clip(rng, SMALL_SET_CLASSES.index(name)),
+        train_per_class,
+        test_per_class,
+        seed,
+    )

@@ -1,14 +1,38 @@
-"""Test set-up: eight forced CPU devices, so sharding is tested without accelerators."""
+"""Test set-up: eight forced CPU devices, so sharding is tested without accelerators, and
+one persistent XLA compilation cache per test process, shared with the runs it starts.
 
+Most tests train the same tiny program, many in fresh subprocesses (the CLI, resume after a
+kill, several processes); compiling it once instead of in each saves most of `make test`.
+The cache changes no result: an entry is the executable XLA would have compiled, keyed by
+the program, its shardings, the devices and the compile options. Each pytest-xdist worker
+has its own directory (made fresh and removed at exit), so no two workers write one file.
+"""
+
+import atexit
 import os
+import shutil
+import tempfile
+
+import pytest
 
 # Must be set before jax is imported anywhere in the test process.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_worker = os.environ.get("PYTEST_XDIST_WORKER", "main")  # gw0, gw1, ... under `pytest -n`
+if os.environ.get("SORA_JAX_TEST_CACHE_OF") != _worker:  # not inherited from the controller
+    _cache = tempfile.mkdtemp(prefix=f"sora_jax_test_xla_cache_{_worker}_")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ.update(
+        SORA_JAX_TEST_CACHE_OF=_worker,
+        JAX_COMPILATION_CACHE_DIR=_cache,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
 
 
-import pytest
+def pytest_report_header() -> str:
+    return f"XLA compilation cache: {os.environ['JAX_COMPILATION_CACHE_DIR']}"
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """The benchmark scripts run on a tiny config and print their JSON contract (their
-speed is for BENCHMARKS.md, not for tests)."""
+speed is for BENCHMARKS.md, not for tests). Each script's contract runs in `make test`;
+second variants of a script (bfloat16) are marked `bench` and run by `make bench`."""
 
 import importlib.util
 import json
@@ -74,10 +75,9 @@ def test_peers_pytorch():
 
 
 def test_compile_time_and_memory_scripts():
-    compile_result = _run(
-        "compile_time.py", *TINY, "--audio-frames", "50", "200", "--video-frames", "2", "4"
-    )
-    assert set(compile_result["audio_frames_s"]) == {"50", "200"}
+    compile_result = _run("compile_time.py", *TINY, "--audio-frames", "50", "--video-frames", "2")
+    assert set(compile_result["audio_frames_s"]) == {"50"}
+    assert all(s > 0 for s in compile_result["audio_frames_s"].values())
     memory = _run("memory.py", *TINY, "--steps", "1")
     assert memory["no_remat"]["peak_host_rss_mb"] > 0 and memory["remat"]["step_ms"] > 0
 
@@ -106,6 +106,7 @@ def test_input_pipeline_script(demo_data):
     assert 0 <= result["data_wait_fraction"] <= 1
 
 
+@pytest.mark.bench
 def test_peers_bfloat16():
     result = _run(
         "peers.py",
@@ -119,7 +120,7 @@ def test_peers_bfloat16():
     assert frameworks["flax"]["dtype"] == frameworks["keras"]["dtype"] == "bfloat16"
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.bench)])
 def test_conv_layers_times_every_reference_conv_every_way(dtype):
     result = _run("conv_layers.py", "--frames", "1", "--dtype", dtype)
     assert len(result["layers"]) == 8 and result["dtype"] == dtype

@@ -203,8 +203,14 @@ def _restore_or_init(
     init = jax.jit(
         lambda rng: init_state(run.model, run.tx, run.inputs, config, rng),
         out_shardings=run.state_sharding,
+    ).lower(run.rng)
+    # The initialiser runs once: on the CPU, compiled without LLVM's optimisations it is
+    # ready in a fifth of the time (2.5 s instead of 9-13 s on 2 cores; it is mostly
+    # random-number fusions), giving the same parameters up to float rounding.
+    fast = (
+        {"xla_backend_optimization_level": 0} if run.mesh.devices.flat[0].platform == "cpu" else {}
     )
-    return init(run.rng), 0
+    return init.compile(compiler_options=fast)(run.rng), 0
 
 
 def _inference_params(state: TrainState):
