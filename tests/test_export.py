@@ -150,3 +150,26 @@ def test_an_export_runs_in_a_process_that_cannot_import_sora_jax(exported, tmp_p
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().endswith("ok")
+
+
+def test_export_never_deletes_what_it_did_not_write(exported, tmp_path, capsys):
+    workdir, output, card = exported
+    checkpoints = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+    # The work dir itself, or a parent of it: refused with exit code 2, nothing touched.
+    for target in (workdir, workdir.parent):
+        assert export_lib.main(["--workdir", str(workdir), "--output", str(target)]) == 2
+        assert "would replace the work dir" in capsys.readouterr().err
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == checkpoints
+    # A directory holding other files: refused, the files kept.
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("keep me")
+    with pytest.raises(export_lib.OutputError, match=r"todo\.txt"):
+        export_lib.export(workdir, other)
+    assert (other / "todo.txt").read_text() == "keep me"
+    # A previous export is replaced whole, and no staging directory is left beside it.
+    before = (output / "model.jax").read_bytes()
+    again = export_lib.export(workdir, output)
+    assert again["checkpoint_step"] == card["checkpoint_step"]
+    assert (output / "model.jax").read_bytes() == before
+    assert not [p for p in output.parent.iterdir() if p.name.startswith(".export.")]

@@ -14,6 +14,7 @@ import argparse
 import datetime
 import hashlib
 import json
+import os
 import pathlib
 import shutil
 import subprocess
@@ -199,6 +200,7 @@ def export(
     data_dir: str | None = None,
 ) -> dict:
     workdir, output = pathlib.Path(workdir), pathlib.Path(output).absolute()
+    check_output(output, workdir)
     config = config_lib.load(workdir)
     if data_dir:
         config.data.dir = data_dir
@@ -211,19 +213,63 @@ def export(
     model, params, step = restored.setup.model, jax.device_get(restored.params), restored.step
     summary = restored.dataset
     platforms = tuple(dict.fromkeys(("cpu", *config.get("export", {}).get("platforms", ()))))
-    if output.exists():
-        shutil.rmtree(output)
-    output.mkdir(parents=True)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(output / "params", params)
-    checkpointer.wait_until_finished()
-    for name, audio_dtype in ARTIFACTS.items():
-        exported = export_inference(model, params, config, audio_dtype, platforms)
-        (output / name).write_bytes(exported.serialize())
-    card = model_card(config, summary, step, workdir, platforms)
-    (output / "model_card.json").write_text(json.dumps(card, indent=1))
-    (output / "model_card.md").write_text(card_markdown(card))
+    # Written beside OUTPUT and moved into place whole: a failed export leaves any previous
+    # one as it was, and nothing this tool did not write is ever deleted.
+    staging = output.parent / f".{output.name}.incomplete-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(staging / "params", params)
+        checkpointer.wait_until_finished()
+        for name, audio_dtype in ARTIFACTS.items():
+            exported = export_inference(model, params, config, audio_dtype, platforms)
+            (staging / name).write_bytes(exported.serialize())
+        card = model_card(config, summary, step, workdir, platforms)
+        (staging / "model_card.json").write_text(json.dumps(card, indent=1))
+        (staging / "model_card.md").write_text(card_markdown(card))
+        _swap_into_place(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return card
+
+
+EXPORT_ENTRIES = {"params", *ARTIFACTS, "model_card.json", "model_card.md"}
+
+
+class OutputError(ValueError):
+    """An --output that sora-export must not write to."""
+
+
+def check_output(output: pathlib.Path, workdir: pathlib.Path) -> None:
+    """Refuse the work dir, its parents, and any non-empty directory that is not a
+    previous export: replacing OUTPUT must never delete what this tool did not write."""
+    output, workdir = output.resolve(), workdir.resolve()
+    if output == workdir or output in workdir.parents:
+        raise OutputError(
+            f"--output {output} would replace the work dir {workdir}; choose a new "
+            f"directory, e.g. {workdir / 'export'}"
+        )
+    if output.exists() and not output.is_dir():
+        raise OutputError(f"--output {output} is a file, not a directory")
+    if output.is_dir():
+        held = {p.name for p in output.iterdir()}
+        if held and not (held <= EXPORT_ENTRIES and "model_card.json" in held):
+            strays = ", ".join(sorted(held - EXPORT_ENTRIES)[:5]) or "no model card"
+            raise OutputError(
+                f"--output {output} holds files that are not a sora-export ({strays}); "
+                "choose an empty or new directory, or a previous export to replace"
+            )
+
+
+def _swap_into_place(staging: pathlib.Path, output: pathlib.Path) -> None:
+    if not output.exists():
+        staging.rename(output)
+        return
+    old = output.parent / f".{output.name}.replaced-{os.getpid()}"
+    output.rename(old)
+    staging.rename(output)
+    shutil.rmtree(old)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,13 +279,17 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--workdir", required=True, help="a sora-train work dir")
-    parser.add_argument("--output", required=True, help="the export directory (replaced)")
+    parser.add_argument(
+        "--output",
+        required=True,
+        help="the export directory: new, empty, or a previous export (replaced whole)",
+    )
     parser.add_argument("--checkpoint", type=int, default=None, help="step (default: latest)")
     parser.add_argument("--data-dir", default=None, help="override config.data.dir")
     args = parser.parse_args(argv)
     try:
         card = export(args.workdir, args.output, args.checkpoint, args.data_dir)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, OutputError) as e:
         print(f"sora-export: {e}", file=sys.stderr)
         return 2
     print(
