@@ -10,11 +10,15 @@ import pathlib
 import platform
 import time
 
+from sora_jax import process
+
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 # Benchmarks time compilation too: a persistent compilation cache (the tests set one) would
 # turn compile times into file reads. Set before any script imports jax.
 os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+# The bench scripts are entry points: the same process settings as sora-train's.
+process.configure()
 
 
 def load_config(path: str, overrides: list[str]):

@@ -21,8 +21,8 @@ import jax
 import numpy as np
 from train_step import measure, random_batch
 
-import sora_jax
 from sora_jax import config as config_lib
+from sora_jax import process
 from sora_jax.models import melspec
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
@@ -128,9 +128,9 @@ def torch_step(config, batch, compiled: bool, steps: int, warmup: int) -> dict:
 def keras_step(config, batch, jit_compile: bool, steps: int, warmup: int) -> dict:
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     # TensorFlow's own XLA reads XLA_FLAGS when it first compiles: give it XLA's defaults,
-    # not the YNNPACK setting `import sora_jax` added for JAX (JAX read it at start-up).
+    # not the YNNPACK setting process.configure() added for JAX (JAX read it at start-up).
     flags = os.environ.get("XLA_FLAGS", "").split()
-    os.environ["XLA_FLAGS"] = " ".join(f for f in flags if f != sora_jax.YNN_SETTING)
+    os.environ["XLA_FLAGS"] = " ".join(f for f in flags if f != process.YNN_SETTING)
     import keras
     import tensorflow as tf
 

@@ -9,9 +9,9 @@ trimming, freed blocks stay in the heap and the next step reuses them: no faults
 cost is that the process keeps its peak heap (as jemalloc or tcmalloc, the usual cures,
 also do).
 
-Applied on `import sora_jax`, before XLA starts its threads. Left alone when the user
-chose an allocator (LD_PRELOAD) or glibc malloc settings (MALLOC_* or GLIBC_TUNABLES),
-or set SORA_JAX_SYSTEM_MALLOC=1.
+Applied by the entry points (sora_jax/process.py) in a process that computes on the CPU,
+before XLA starts its threads. Left alone when the user chose an allocator (LD_PRELOAD)
+or glibc malloc settings (MALLOC_* or GLIBC_TUNABLES), or set SORA_JAX_SYSTEM_MALLOC=1.
 """
 
 import ctypes

@@ -30,6 +30,11 @@ if os.environ.get("SORA_JAX_TEST_CACHE_OF") != _worker:  # not inherited from th
         JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
     )
 
+# Tests compute as the entry points do: with the CPU's process settings.
+from sora_jax import process  # noqa: E402  (after the environment above)
+
+process.configure()
+
 
 def pytest_report_header() -> str:
     return f"XLA compilation cache: {os.environ['JAX_COMPILATION_CACHE_DIR']}"

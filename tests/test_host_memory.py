@@ -1,11 +1,12 @@
-"""glibc malloc keeps large freed blocks for reuse after `import sora_jax`."""
+"""glibc malloc keeps large freed blocks for reuse in a CPU process the entry points set up
+(`sora_jax.process.configure()`), and `import sora_jax` alone changes nothing."""
 
 import os
 import subprocess
 import sys
 import textwrap
 
-from sora_jax import host_memory
+from sora_jax import host_memory, process
 
 # A worker thread (as XLA's are) mallocs, writes and frees 400 MB four times, as XLA:CPU
 # does its temporary buffers each step; the page faults of each round are counted. (Not
@@ -13,8 +14,9 @@ from sora_jax import host_memory
 _ROUNDS = textwrap.dedent(
     """
     import ctypes, resource, threading
-    import sora_jax
+    from sora_jax import process
 
+    tuned = process.configure()["host_malloc"]
     libc = ctypes.CDLL("libc.so.6")
     libc.malloc.restype = ctypes.c_void_p
     libc.free.argtypes = [ctypes.c_void_p]
@@ -32,7 +34,7 @@ _ROUNDS = textwrap.dedent(
     thread = threading.Thread(target=rounds, args=(faults,))
     thread.start()
     thread.join()
-    print(sora_jax.HOST_MALLOC_TUNED, *faults)
+    print(tuned, *faults)
     """
 )
 
@@ -74,3 +76,34 @@ def test_a_users_allocator_choice_is_left_alone():
         {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
     ):
         assert host_memory.user_chose_allocator(env), env
+
+
+def test_import_changes_nothing_and_the_cpu_settings_stay_on_the_cpu_path():
+    clean = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    script = textwrap.dedent(
+        """
+        import os, sys
+        import sora_jax, sora_jax.train.trainer, sora_jax.export.export
+        print(repr(os.environ.get("XLA_FLAGS")))
+        from sora_jax import process
+        print(process.configure()["xla_flag"], os.environ.get("XLA_FLAGS"))
+        """
+    )
+
+    def run(**env):
+        done = subprocess.run(
+            [sys.executable, "-c", script],
+            env={**clean, **env},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return done.stdout.split("\n")[:2]
+
+    imported, configured = run(JAX_PLATFORMS="cpu")
+    assert imported == "None"  # importing the library set no flag
+    assert configured == "True --xla_cpu_experimental_ynn_fusion_type=individual_dot"
+    imported, configured = run(JAX_PLATFORMS="tpu")  # an accelerator process: left alone
+    assert (imported, configured) == ("None", "False None")
+    assert not process.computes_on_cpu({"JAX_PLATFORMS": "cuda,cpu"})
+    assert process.computes_on_cpu({"JAX_PLATFORMS": "cpu"})

@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 
 import sora_jax
 from sora_jax import config as config_lib
+from sora_jax import process
 from sora_jax.data.pipeline import DatasetSummary
 from sora_jax.inputs import MODEL_INPUTS, InputSpec
 from sora_jax.train import setup
@@ -273,6 +274,7 @@ def _swap_into_place(staging: pathlib.Path, output: pathlib.Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    process.configure()
     parser = argparse.ArgumentParser(
         prog="sora-export",
         description=__doc__,

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from sora_jax import process
 from sora_jax.data.decode import DecodeError, decode_video, stored_example
 from sora_jax.data.sampling import ClipSpec, eval_views
 
@@ -60,6 +61,7 @@ class Predictor:
 
 
 def main(argv: list[str] | None = None) -> int:
+    process.configure()
     parser = argparse.ArgumentParser(
         prog="sora-predict",
         description=__doc__,

@@ -23,6 +23,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from sora_jax import process
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file (optionally FILE:PRESET).", lock_config=True
 )
@@ -59,12 +61,14 @@ def _train(argv) -> None:
 
 def main() -> None:
     """sora-train."""
+    process.configure()
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(_train)
 
 
 def eval_main(argv: list[str] | None = None) -> int:
     """sora-eval."""
+    process.configure()
     parser = argparse.ArgumentParser(
         prog="sora-eval",
         description="Evaluate a sora-train work dir: full, audio-only and video-only "

@@ -1,0 +1,50 @@
+"""Process-wide settings, applied by the entry points (sora-train, sora-eval, sora-export,
+sora-predict, the bench scripts), never on `import sora_jax`: a library import changes
+nothing process-wide. The CPU's tuning (an XLA flag, malloc) only where the process
+computes on the CPU: on a GPU or TPU host it has no business in the accelerator's process.
+
+The CPU's settings must happen before JAX starts its CPU backend (it reads XLA_FLAGS then,
+and starts the threads whose malloc arenas host_memory.py settles), so entry points call
+`configure()` first thing.
+"""
+
+import glob
+import os
+
+from sora_jax import host_memory
+
+# XLA:CPU hands convolutions to YNNPACK by default (jaxlib 0.10), where ours ran 2-4x slower
+# than on its Eigen path, their weight gradients most (BENCHMARKS.md, "YNNPACK"); dots stay
+# on YNNPACK. A value the user already chose is kept.
+YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+YNN_SETTING = f"{YNN_FLAG}=individual_dot"
+
+# Device files of the accelerators JAX would pick over the CPU: TPU (accel, vfio), NVIDIA
+# and AMD GPUs. libtpu or a CUDA plugin may be installed on a CPU machine (to compile for a
+# TPU topology, say); only a device says the process will compute on it.
+_ACCELERATOR_DEVICES = ("/dev/accel[0-9]*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*", "/dev/kfd")
+
+
+def computes_on_cpu(environ: dict[str, str] | None = None) -> bool:
+    """True when JAX will compute on the CPU: JAX_PLATFORMS names it first, or (none
+    named) the machine has no accelerator device."""
+    env = os.environ if environ is None else environ
+    chosen = env.get("JAX_PLATFORMS", "").split(",")[0].strip()
+    if chosen:
+        return chosen == "cpu"
+    return not any(glob.glob(pattern) for pattern in _ACCELERATOR_DEVICES)
+
+
+def configure() -> dict[str, bool]:
+    """Quiet TensorFlow, and apply the CPU settings if this process computes on the CPU;
+    returns which CPU settings were applied (the XLA flag, the malloc settings)."""
+    # TensorFlow is imported only because tfds reads ArrayRecord datasets through it; its
+    # C++ start-up chatter (oneDNN notes, absent-GPU warnings) says nothing about this run.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if not computes_on_cpu():
+        return {"xla_flag": False, "host_malloc": False}
+    flags = os.environ.get("XLA_FLAGS", "")
+    xla_flag = YNN_FLAG not in flags
+    if xla_flag:
+        os.environ["XLA_FLAGS"] = f"{flags} {YNN_SETTING}".strip()
+    return {"xla_flag": xla_flag, "host_malloc": host_memory.keep_freed_memory()}
