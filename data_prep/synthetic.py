@@ -67,6 +67,39 @@ _COLORS = {"red": (220, 40, 40), "blue": (40, 70, 220)}
 _PITCH_HZ = {"low": (220.0, 330.0), "high": (1400.0, 2000.0)}
 
 
+# Pixels inside each shape, from their distances to its centre (dy, dx) and its size r.
+_SHAPE_MASKS = {
+    "disc": lambda dy, dx, r: dy**2 + dx**2 <= r**2,
+    "square": lambda dy, dx, r: np.maximum(dy, dx) <= r * 0.8,
+    "ring": lambda dy, dx, r: np.abs(np.sqrt(dy**2 + dx**2) - r * 0.8) <= r * 0.25,
+    "hbar": lambda dy, dx, r: (dy <= r / 3) & (dx <= r),
+    "vbar": lambda dy, dx, r: (dx <= r / 3) & (dy <= r),
+}
+
+
+def _animate(
+    rng: np.random.Generator,
+    n: int,
+    size: int,
+    background: int,
+    radius: int,
+    xy: np.ndarray,
+    velocity: np.ndarray,
+    color: np.ndarray,
+    shape: str,
+) -> np.ndarray:
+    """[n, size, size, 3] uint8: a `shape` of `color` moving at `velocity` (clamped to the
+    frame) over a noisy grey background."""
+    frames = np.empty((n, size, size, 3), np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(n):
+        image = np.clip(background + rng.normal(0, 12, (size, size, 3)), 0, 255)
+        xy = np.clip(xy + velocity, radius, size - radius)
+        image[_SHAPE_MASKS[shape](np.abs(yy - xy[1]), np.abs(xx - xy[0]), radius)] = color
+        frames[i] = image.astype(np.uint8)
+    return frames
+
+
 def demo_clip(
     rng: np.random.Generator,
     sight: str,
@@ -78,19 +111,12 @@ def demo_clip(
 ) -> tuple[np.ndarray, np.ndarray]:
     """One demo clip: an object moving over a noisy background, and a tone in noise."""
     n = round(fps * seconds)
-    frames = np.empty((n, size, size, 3), np.uint8)
     background = rng.integers(60, 190)
     radius = rng.integers(size // 8, size // 4)
     xy = rng.uniform(radius, size - radius, 2)
     velocity = rng.uniform(-2.5, 2.5, 2)
-    yy, xx = np.mgrid[:size, :size]
     color = np.array(_COLORS[sight]) + rng.integers(-25, 26, 3)
-    for i in range(n):
-        image = np.clip(background + rng.normal(0, 12, (size, size, 3)), 0, 255)
-        xy = np.clip(xy + velocity, radius, size - radius)
-        inside = (yy - xy[1]) ** 2 + (xx - xy[0]) ** 2 <= radius**2
-        image[inside] = color
-        frames[i] = image.astype(np.uint8)
+    frames = _animate(rng, n, size, background, radius, xy, velocity, color, "disc")
     t = np.arange(int(seconds * sample_rate)) / sample_rate
     pitch = rng.uniform(*_PITCH_HZ[sound])
     tone = np.sin(2 * np.pi * pitch * t + rng.uniform(0, 2 * np.pi))
@@ -136,7 +162,6 @@ def make_demo_dataset(
 # can tell the classes apart, but neither by one simple cue: a look is a shape (five) in a
 # colour family (two), a sound a pitch band (five) in a timbre (pure or buzzing).
 SMALL_SET_CLASSES = tuple(f"class_{k}" for k in range(10))
-_SHAPES = ("disc", "square", "ring", "hbar", "vbar")
 _HUES = (0.0, 0.55)  # warm, cool
 
 
@@ -151,7 +176,7 @@ def small_set_clip(
     """One clip of class `k` (0-9): its shape in its colour family moving over noise; its
     pitch band in its timbre. Sight and sound pair the factors differently."""
     n = round(fps * seconds)
-    shape, hue = _SHAPES[k % 5], _HUES[k // 5]
+    shape, hue = tuple(_SHAPE_MASKS)[k % 5], _HUES[k // 5]
     band, buzzing = (3 * k) % 5, k % 2 == 1
     color = colorsys.hsv_to_rgb(
         (hue + rng.uniform(-0.08, 0.08)) % 1.0, rng.uniform(0.5, 0.9), rng.uniform(0.6, 1)
@@ -160,21 +185,8 @@ def small_set_clip(
     radius = rng.integers(size // 8, size // 5)
     xy = rng.uniform(radius, size - radius, 2)
     velocity = rng.uniform(-0.05, 0.05, 2) * size
-    yy, xx = np.mgrid[:size, :size]
-    frames = np.empty((n, size, size, 3), np.uint8)
-    for i in range(n):
-        image = np.clip(background + rng.normal(0, 12, (size, size, 3)), 0, 255)
-        xy = np.clip(xy + velocity, radius, size - radius)
-        dy, dx = np.abs(yy - xy[1]), np.abs(xx - xy[0])
-        inside = {
-            "disc": dy**2 + dx**2 <= radius**2,
-            "square": np.maximum(dy, dx) <= radius * 0.8,
-            "ring": np.abs(np.sqrt(dy**2 + dx**2) - radius * 0.8) <= radius * 0.25,
-            "hbar": (dy <= radius / 3) & (dx <= radius),
-            "vbar": (dx <= radius / 3) & (dy <= radius),
-        }[shape]
-        image[inside] = 255 * np.array(color)
-        frames[i] = image.astype(np.uint8)
+    color = 255 * np.array(color)
+    frames = _animate(rng, n, size, background, radius, xy, velocity, color, shape)
     t = np.arange(int(seconds * sample_rate)) / sample_rate
     pitch = 250.0 * 2 ** (0.8 * band) * rng.uniform(0.95, 1.05)  # 250 Hz .. 2.4 kHz
     phase = 2 * np.pi * pitch * t + rng.uniform(0, 2 * np.pi)
