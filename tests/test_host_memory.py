@@ -45,14 +45,16 @@ def _faults_per_round(**env) -> tuple[bool, list[int]]:
         for k, v in os.environ.items()
         if not k.startswith("MALLOC_") and k not in ("LD_PRELOAD", "GLIBC_TUNABLES")
     }
-    out = subprocess.run(
-        [sys.executable, "-c", _ROUNDS],
-        env={**clean, **env},
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
+    out = _python(_ROUNDS, {**clean, **env}).split()
     return out[0] == "True", [int(n) for n in out[1:]]
+
+
+def _python(script: str, env: dict[str, str]) -> str:
+    """stdout of `script` run in a new Python process with exactly `env`."""
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+    )
+    return done.stdout
 
 
 def test_large_blocks_are_reused_instead_of_faulted_in_again():
@@ -91,14 +93,7 @@ def test_import_changes_nothing_and_the_cpu_settings_stay_on_the_cpu_path():
     )
 
     def run(**env):
-        done = subprocess.run(
-            [sys.executable, "-c", script],
-            env={**clean, **env},
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        return done.stdout.split("\n")[:2]
+        return _python(script, {**clean, **env}).split("\n")[:2]
 
     imported, configured = run(JAX_PLATFORMS="cpu")
     assert imported == "None"  # importing the library set no flag
