@@ -13,6 +13,8 @@ import pathlib
 import sys
 import time
 
+from sora_jax import process
+
 EXIT_SKIPPED = 3
 
 
@@ -96,6 +98,7 @@ def _demo(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    process.quiet_tensorflow()  # sora-prep computes nothing with JAX: no CPU settings
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "demo":
         return _demo(argv[1:])

@@ -35,12 +35,17 @@ def computes_on_cpu(environ: dict[str, str] | None = None) -> bool:
     return not any(glob.glob(pattern) for pattern in _ACCELERATOR_DEVICES)
 
 
+def quiet_tensorflow() -> None:
+    """TensorFlow is imported only because tfds reads and writes ArrayRecord datasets
+    through it; its C++ start-up chatter (oneDNN notes, absent-GPU warnings) says nothing
+    about this run. Before TensorFlow is imported; a level the user chose is kept."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
 def configure() -> dict[str, bool]:
     """Quiet TensorFlow, and apply the CPU settings if this process computes on the CPU;
     returns which CPU settings were applied (the XLA flag, the malloc settings)."""
-    # TensorFlow is imported only because tfds reads ArrayRecord datasets through it; its
-    # C++ start-up chatter (oneDNN notes, absent-GPU warnings) says nothing about this run.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    quiet_tensorflow()
     if not computes_on_cpu():
         return {"xla_flag": False, "host_malloc": False}
     flags = os.environ.get("XLA_FLAGS", "")
