@@ -3,8 +3,6 @@ and the XLA backend's own gradient lowering (test_onednn_conv.py has the oneDNN 
 
 import os
 import re
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -12,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sora_jax import process
 from sora_jax.kernels import onednn
 from sora_jax.models.conv import Conv
 
@@ -132,21 +131,23 @@ def test_bias_gradient_is_not_a_reduce_window_over_the_activation():
     assert not _reduce_windows_over_activations(Conv(8, 3, 1, backend="xla"), shape)
 
 
-def _xla_flags_after_import(env_flags: str | None) -> str:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    if env_flags is not None:
-        env["XLA_FLAGS"] = env_flags
-    code = "import os, sora_jax; print(os.environ['XLA_FLAGS'])"
-    return subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-    ).stdout.strip()
+def _xla_flags_after_configure(env_flags: str | None, monkeypatch) -> str:
+    """XLA_FLAGS after an entry point's `process.configure()` in a CPU process."""
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    if env_flags is None:
+        monkeypatch.delenv("XLA_FLAGS", raising=False)
+    else:
+        monkeypatch.setenv("XLA_FLAGS", env_flags)
+    process.configure()
+    return os.environ["XLA_FLAGS"]
 
 
-def test_import_routes_convolutions_off_ynnpack_unless_the_user_chose():
-    assert _xla_flags_after_import(None) == "--xla_cpu_experimental_ynn_fusion_type=individual_dot"
-    assert _xla_flags_after_import("--xla_force_host_platform_device_count=2").split() == [
+def test_cpu_processes_route_convolutions_off_ynnpack_unless_the_user_chose(monkeypatch):
+    flags = lambda env_flags: _xla_flags_after_configure(env_flags, monkeypatch)
+    assert flags(None) == "--xla_cpu_experimental_ynn_fusion_type=individual_dot"
+    assert flags("--xla_force_host_platform_device_count=2").split() == [
         "--xla_force_host_platform_device_count=2",
         "--xla_cpu_experimental_ynn_fusion_type=individual_dot",
     ]
     own = "--xla_cpu_experimental_ynn_fusion_type="
-    assert _xla_flags_after_import(own) == own
+    assert flags(own) == own
