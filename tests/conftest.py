@@ -36,6 +36,15 @@ from sora_jax import process  # noqa: E402  (after the environment above)
 process.configure()
 
 
+@pytest.fixture
+def no_compilation_cache(monkeypatch):
+    """For tests whose runs span several processes joined by jax.distributed: each process
+    compiles its own program. One loading an executable another run compiled while its
+    peer compiles afresh could order their collectives differently (a two-process run
+    once hung at step 0 with the cache on)."""
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+
+
 def pytest_report_header() -> str:
     return f"XLA compilation cache: {os.environ['JAX_COMPILATION_CACHE_DIR']}"
 

@@ -6,6 +6,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import small_config
 from tests.test_train import _flags, losses
 
@@ -21,6 +23,8 @@ status=0
 for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
 exit $status
 """
+
+pytestmark = pytest.mark.usefixtures("no_compilation_cache")
 
 
 def test_slurm_script_trains_with_jax_detecting_the_cluster(demo_data, tmp_path):
