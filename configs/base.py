@@ -61,7 +61,22 @@ def get_config() -> ml_collections.ConfigDict:
         ),
         fusion=dict(kind="attention", dim=512, heads=8),  # concat | mean | gated | attention
         multi_label=False,  # sigmoid cross-entropy and mAP for several labels per clip
+        # Contrastive heads (only in runs with loss.contrastive > 0): each sense's embedding
+        # is projected to `dim`; the temperature is learned from `temperature`, clamped.
+        projection=dict(dim=128, temperature=0.07, min_temperature=0.01),
     )
+
+    # The objective: a weighted sum. supervised: cross-entropy on the labels (0: labels are
+    # never read, as in pretraining); contrastive: audio-visual InfoNCE, a clip's picture
+    # and sound against every other clip of the global batch (configs/pretrain_av.py).
+    c.loss = dict(supervised=1.0, contrastive=0.0)
+
+    # Transfer: start from another run's parameters (a work dir's latest checkpoint, a
+    # step dir WORKDIR/checkpoints/STEP, or a sora-export dir); which parts load, of
+    # visual | audio | fusion | head | projection. A head for another number of classes
+    # is initialised anew. Ignored when the work dir has checkpoints (the run resumes).
+    c.init_from = ""
+    c.init_parts = ("visual", "audio", "fusion", "head")
 
     c.optimizer = dict(
         name="adamw",  # adamw | sgd
@@ -72,6 +87,8 @@ def get_config() -> ml_collections.ConfigDict:
         momentum=0.9,  # sgd only
         grad_clip=1.0,  # global norm; 0 disables
         ema_decay=0.9999,  # 0 disables the EMA of parameters
+        freeze=(),  # parts (as init_parts) that never change: no updates, no optimizer state
+        pretrained_lr_scale=1.0,  # learning rate multiplier of the parts init_from loaded
     )
     c.batch_size = 512  # global, over all devices and processes
     c.accum_steps = 1  # gradient accumulation micro-batches per step
@@ -80,8 +97,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh = dict(fsdp=4)  # devices along the `fsdp` axis; the rest form the `data` axis
     c.log_every = 100  # steps between host syncs: logs, TensorBoard, the NaN check
     c.eval_every = 5_000  # 0: evaluate only at the end
+    # Representation measures of runs with loss.contrastive > 0: held-out cross-modal
+    # retrieval, and (labelled data) k-nearest-neighbour top-1 against the train split's
+    # first `knn_bank_size` clips.
+    c.eval = dict(knn_k=20, knn_bank_size=50_000)
     c.profile_steps = ()  # (first, last): a profiler trace of those steps in tensorboard/
-    # best_metric: top1 | top5 | map, the checkpoint kept besides the last `keep`
+    # best_metric: top1 | top5 | map | retrieval_r1 (the mean of video->audio and
+    # audio->video recall@1), the checkpoint kept besides the last `keep`
     c.checkpoint = dict(every_steps=1_000, keep=3, best_metric="top1")
 
     # Multi-process runs (see launch/): coordinator "host:port" with num_processes and

@@ -10,8 +10,8 @@ Against demo.py it sees more of each frame (48 px crops of the prepared 128 px, 
 demo.py's 32 px lose small shapes), hides one sense in half the training clips so each
 sense learns to name the class alone (a clip with a silent or off-screen sound is still
 classified), averages the two senses' features (mean fusion), and trains longer with an
-evaluation every 200 steps. `tests/test_small_config.py` holds it to learning
-`sora-prep demo OUT --set small` (ten classes, each with a look and a sound of its own).
+evaluation every 200 steps. `tests/test_pretrain.py` holds it to learning
+`sora-prep demo OUT --set paired` (ten classes, each with a look and a sound of its own).
 """
 
 import ml_collections
@@ -21,8 +21,17 @@ from configs import base
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = base.get_config()
+    shrink_to_small_data(c)
+    c.data.name = "mine"
+    c.model.num_classes = 10
+    return base.apply_preset(c, arg)
+
+
+def shrink_to_small_data(c: ml_collections.ConfigDict) -> None:
+    """A few hundred clips at 128 px on a CPU: the data, model and schedule sizes of this
+    config. The pretraining and transfer configs' `small` presets use the same ones, so
+    a small pretrained run carries over to a small downstream run."""
     c.data.update(
-        name="mine",
         fps=8.0,  # sora-prep's default
         num_frames=4,
         frame_stride=4,  # 4 frames over 2 s, and the 2 s of sound they span
@@ -33,7 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         workers=2,
         eval_batch_size=32,
     )
-    c.model.update(num_classes=10, embed_dim=64, dtype="float32", modality_dropout=0.5)
+    c.model.update(embed_dim=64, dtype="float32", modality_dropout=0.5)
     c.model.visual.update(
         widths=(16, 32, 64), blocks=(1, 1, 1), strides=(2, 2, 2), temporal_pool="mean", remat=False
     )
@@ -41,9 +50,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         hidden=64, layers=1, bidirectional=False, num_mel_bins=32, spec_augment=(1, 8, 1, 4)
     )
     c.model.fusion.update(kind="mean", dim=64, heads=4)
+    c.model.projection.dim = 64
     c.optimizer.update(learning_rate=3e-3, warmup_steps=40, weight_decay=1e-4, ema_decay=0.0)
     c.batch_size, c.total_steps = 32, 400
     c.mesh.fsdp = 1
     c.log_every, c.eval_every = 50, 200
     c.checkpoint.update(every_steps=200, keep=2)
-    return base.apply_preset(c, arg)

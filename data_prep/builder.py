@@ -32,15 +32,21 @@ def features(class_names: list[str]) -> tfds.features.FeaturesDict:
     """The stored example. Frames stay JPEG bytes so the input pipeline decodes only the
     frames a training window uses; audio is the 16 kHz waveform (log-mel is the model's),
     stored as raw bytes: as a list of integers (tfds's default) parsing it took 70% of
-    the input pipeline's time per clip (BENCHMARKS.md)."""
+    the input pipeline's time per clip (BENCHMARKS.md). An unlabeled dataset (no class
+    names: `--layout unlabeled`, for pretraining) has no label features at all."""
+    labels = {}
+    if class_names:
+        labels = {
+            "label": tfds.features.ClassLabel(names=class_names),
+            "labels": tfds.features.Sequence(tfds.features.ClassLabel(names=class_names)),
+        }
     return tfds.features.FeaturesDict(
         {
             "frames": tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_)),
             "audio": tfds.features.Tensor(
                 shape=(None,), dtype=np.int16, encoding=tfds.features.Encoding.BYTES
             ),
-            "label": tfds.features.ClassLabel(names=class_names),
-            "labels": tfds.features.Sequence(tfds.features.ClassLabel(names=class_names)),
+            **labels,
             "has_audio": np.bool_,
             "num_frames": np.int32,
             "path": tfds.features.Text(),

@@ -32,7 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--layout",
         default="auto",
-        choices=("auto", "split_folders", "class_folders", "csv", "kinetics", "dmvr"),
+        choices=("auto", "split_folders", "class_folders", "csv", "kinetics", "unlabeled", "dmvr"),
+        help="unlabeled: any folder tree of media files, or a CSV with only a `path` column "
+        "(for pretraining); the held-out split by a seeded hash (--test-fraction)",
     )
     p.add_argument("--fps", type=float, default=8.0, help="frames per second stored (default 8)")
     p.add_argument(
@@ -74,13 +76,15 @@ def _demo(argv: list[str]) -> int:
     p.add_argument("out")
     p.add_argument(
         "--set",
-        choices=("fusion", "small"),
+        choices=("fusion", "small", "paired"),
         default="fusion",
         help="fusion: 4 classes that need both senses (make demo); small: 10 classes, each "
-        "with a look and a sound of its own, the shape of a first small labelled set",
+        "with a look and a sound of its own, the shape of a first small labelled set; "
+        "paired: the small set with picture and sound also varying together within a class "
+        "(hue with pitch, size with loudness), to pretrain on without its labels",
     )
-    p.add_argument("--train-per-class", type=int, help="default: 48 (fusion), 24 (small)")
-    p.add_argument("--test-per-class", type=int, help="default: 16 (fusion), 8 (small)")
+    p.add_argument("--train-per-class", type=int, help="default: 48 (fusion), 24 (others)")
+    p.add_argument("--test-per-class", type=int, help="default: 16 (fusion), 8 (others)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     from data_prep import synthetic
@@ -88,6 +92,7 @@ def _demo(argv: list[str]) -> int:
     make, train, test = {
         "fusion": (synthetic.make_demo_dataset, 48, 16),
         "small": (synthetic.make_small_set, 24, 8),
+        "paired": (synthetic.make_paired_set, 24, 8),
     }[args.set]
     start = time.time()
     train = train if args.train_per_class is None else args.train_per_class

@@ -7,6 +7,8 @@ Layouts:
                  several labels (multi-label) separated by ';'
   kinetics       CSV with youtube_id,time_start,time_end,label[,split] over files named
                  <youtube_id>_<start:06d>_<end:06d>.<ext> beside the CSV (or in --videos)
+  unlabeled      any folder tree of media files, or a CSV with a `path` column: no
+                 labels (for pretraining); the held-out split by a seeded hash of the path
 """
 
 import csv
@@ -14,7 +16,7 @@ import dataclasses
 import hashlib
 import pathlib
 
-LAYOUTS = ("split_folders", "class_folders", "csv", "kinetics")
+LAYOUTS = ("split_folders", "class_folders", "csv", "kinetics", "unlabeled")
 SPLIT_NAMES = ("train", "test", "validation", "val", "valid", "eval")
 VIDEO_EXTENSIONS = {
     ".mp4",
@@ -78,6 +80,8 @@ def discover(
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose from {LAYOUTS}")
     entries: list[Entry] = []
+    if layout == "unlabeled":
+        return _unlabeled(source, seed, test_fraction)
     if layout in ("split_folders", "class_folders"):
         if not source.is_dir():
             raise ValueError(f"layout {layout} needs a folder, got {source}")
@@ -118,8 +122,32 @@ def discover(
                 raise ValueError(f"{source}:{line}: empty label")
             split = (row.get("split") or "").strip() or _seeded_split(rel, seed, test_fraction)
             entries.append(Entry(path, rel, labels, split))
+    _check_unique(source, entries)
+    return entries
+
+
+def _unlabeled(source: pathlib.Path, seed: int, test_fraction: float) -> list[Entry]:
+    """Every file under a folder (any depth), or every `path` of a CSV: no labels."""
+    if source.is_dir():
+        paths = sorted(p for p in source.rglob("*") if _is_candidate(p))
+        keyed = [(p, "/".join(p.relative_to(source).parts)) for p in paths]
+    else:
+        with source.open(newline="") as f:
+            reader = csv.DictReader(f)
+            if "path" not in (reader.fieldnames or ()):
+                raise ValueError(f"{source}: an unlabeled CSV needs a `path` column")
+            rels = [(line, (row["path"] or "").strip()) for line, row in enumerate(reader, 2)]
+        for line, rel in rels:
+            if not rel:
+                raise ValueError(f"{source}:{line}: empty path")
+        keyed = [((source.parent / rel).resolve(), rel) for _, rel in rels]
+    entries = [Entry(p, key, (), _seeded_split(key, seed, test_fraction)) for p, key in keyed]
+    _check_unique(source, entries)
+    return entries
+
+
+def _check_unique(source: pathlib.Path, entries: list[Entry]) -> None:
     keys = [e.key for e in entries]
     if len(set(keys)) != len(keys):
         duplicates = sorted({k for k in keys if keys.count(k) > 1})[:5]
         raise ValueError(f"{source}: files listed more than once: {duplicates}")
-    return entries

@@ -172,38 +172,63 @@ def small_set_clip(
     seconds: float = 2.0,
     size: int = 128,
     sample_rate: int = 22_050,
+    paired: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One clip of class `k` (0-9): its shape in its colour family moving over noise; its
-    pitch band in its timbre. Sight and sound pair the factors differently."""
+    pitch band in its timbre. Sight and sound pair the factors differently.
+
+    `paired`: within the class, the clip's picture and sound also vary together, as a
+    real object's do: one draw sets both the hue within the colour family and the pitch
+    within the band, another both the object's size and the sound's loudness. So a
+    clip's own sound can be told from its classmates' (what retrieval measures)."""
     n = round(fps * seconds)
     shape, hue = tuple(_SHAPE_MASKS)[k % 5], _HUES[k // 5]
     band, buzzing = (3 * k) % 5, k % 2 == 1
-    color = colorsys.hsv_to_rgb(
-        (hue + rng.uniform(-0.08, 0.08)) % 1.0, rng.uniform(0.5, 0.9), rng.uniform(0.6, 1)
-    )
+    if paired:
+        tint, bigness = rng.uniform(-1, 1), rng.uniform(0, 1)
+    hue_shift = 0.08 * tint if paired else rng.uniform(-0.08, 0.08)
+    color = colorsys.hsv_to_rgb((hue + hue_shift) % 1.0, rng.uniform(0.5, 0.9), rng.uniform(0.6, 1))
     background = rng.integers(60, 190)
-    radius = rng.integers(size // 8, size // 5)
+    if paired:
+        radius = round(size / 8 + bigness * (size / 5 - size / 8))
+    else:
+        radius = rng.integers(size // 8, size // 5)
     xy = rng.uniform(radius, size - radius, 2)
     velocity = rng.uniform(-0.05, 0.05, 2) * size
     color = 255 * np.array(color)
     frames = _animate(rng, n, size, background, radius, xy, velocity, color, shape)
     t = np.arange(int(seconds * sample_rate)) / sample_rate
-    pitch = 250.0 * 2 ** (0.8 * band) * rng.uniform(0.95, 1.05)  # 250 Hz .. 2.4 kHz
+    detune = 1 + 0.12 * tint if paired else rng.uniform(0.95, 1.05)
+    pitch = 250.0 * 2 ** (0.8 * band) * detune  # 250 Hz .. 2.4 kHz
     phase = 2 * np.pi * pitch * t + rng.uniform(0, 2 * np.pi)
     tone = np.sign(np.sin(phase)) * 0.5 if buzzing else np.sin(phase)  # odd harmonics
-    audio = rng.uniform(0.2, 0.5) * tone + rng.normal(0, 0.05, t.shape)
+    loudness = 0.1 + 0.5 * bigness if paired else rng.uniform(0.2, 0.5)
+    audio = loudness * tone + rng.normal(0, 0.05, t.shape)
     return frames, np.clip(audio, -1, 1).astype(np.float32)
 
 
 def make_small_set(
-    out_dir: str | pathlib.Path, train_per_class: int = 24, test_per_class: int = 8, seed: int = 0
+    out_dir: str | pathlib.Path,
+    train_per_class: int = 24,
+    test_per_class: int = 8,
+    seed: int = 0,
+    paired: bool = False,
 ) -> pathlib.Path:
-    """Write the ten-class small set as OUT/<split>/<class>/<n>.mp4; returns OUT."""
+    """Write the ten-class small set as OUT/<split>/<class>/<n>.mp4; returns OUT.
+    `paired`: picture and sound also vary together within each class (small_set_clip)."""
     return _write_split_tree(
         pathlib.Path(out_dir),
         SMALL_SET_CLASSES,
-        lambda rng, name: small_set_clip(rng, SMALL_SET_CLASSES.index(name)),
+        lambda rng, name: small_set_clip(rng, SMALL_SET_CLASSES.index(name), paired=paired),
         train_per_class,
         test_per_class,
         seed,
     )
+
+
+def make_paired_set(
+    out_dir: str | pathlib.Path, train_per_class: int = 24, test_per_class: int = 8, seed: int = 0
+) -> pathlib.Path:
+    """The small set with picture and sound varying together within each class: a corpus
+    to pretrain on without its labels, then probe with them."""
+    return make_small_set(out_dir, train_per_class, test_per_class, seed, paired=True)

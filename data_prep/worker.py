@@ -55,9 +55,7 @@ def prepare_entry(entry: Entry, settings: PrepSettings) -> tuple[dict[str, Any],
         has_video=True,
         num_frames=len(video.frames),
     )
-    example = stored_example(video, settings.jpeg_quality) | {
-        "labels": list(entry.labels),
-        "label": entry.labels[0],
-        "path": entry.key,
-    }
+    example = stored_example(video, settings.jpeg_quality) | {"path": entry.key}
+    if entry.labels:  # an unlabeled entry (for pretraining) stores no label features
+        example |= {"labels": list(entry.labels), "label": entry.labels[0]}
     return row, example

@@ -13,7 +13,10 @@ import pathlib
 import ml_collections
 
 SAMPLE_RATE = 16_000  # Hz: prepared audio and the model's log-mel front end
-METRICS = ("top1", "top5", "map")  # what evaluation reports, so what checkpoints rank by
+# What evaluation reports, so what checkpoints rank by: classification (supervised runs)
+# and the mean recall@1 of cross-modal retrieval (contrastive runs).
+CLASSIFICATION_METRICS = ("top1", "top5", "map")
+METRICS = (*CLASSIFICATION_METRICS, "retrieval_r1")
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # what jax.export compiles for
 
 
@@ -71,7 +74,33 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     check(config.eval_every >= 0, "eval_every", "must be >= 0 (0: only at the end)")
     check(c.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")
     check(c.keep >= 1, "checkpoint.keep", "must be >= 1")
+    loss = config.loss
+    check(loss.supervised >= 0, "loss.supervised", "must be >= 0")
+    check(loss.contrastive >= 0, "loss.contrastive", "must be >= 0")
+    check(loss.supervised + loss.contrastive > 0, "loss", "supervised or contrastive must be > 0")
+    if loss.contrastive > 0:
+        check(
+            config.accum_steps == 1,
+            "accum_steps",
+            "must be 1 with loss.contrastive > 0: every clip of the global batch is a "
+            "negative for every other, so the batch cannot be split into micro-batches",
+        )
+    check(config.eval.knn_k >= 1, "eval.knn_k", "must be >= 1")
+    check(config.eval.knn_bank_size >= 1, "eval.knn_bank_size", "must be >= 1")
+    check(config.optimizer.pretrained_lr_scale > 0, "optimizer.pretrained_lr_scale", "must be > 0")
     one_of(c.best_metric, "checkpoint.best_metric", METRICS)
+    if c.best_metric == "retrieval_r1":
+        check(
+            loss.contrastive > 0,
+            "checkpoint.best_metric",
+            "retrieval_r1 needs loss.contrastive > 0",
+        )
+    else:
+        check(
+            loss.supervised > 0,
+            "checkpoint.best_metric",
+            f"{c.best_metric} needs loss.supervised > 0 (use retrieval_r1 for pretraining)",
+        )
     if c.best_metric == "top5":
         check(
             config.model.num_classes > 5 and not config.model.multi_label,
@@ -124,20 +153,27 @@ def save(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> None
     path.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
+def from_dict(tree: dict) -> ml_collections.ConfigDict:
+    """A config saved as JSON (config.json, a model card's), keys added since filled in."""
+    config = ml_collections.ConfigDict(_tuples(tree))
+    for key, default in SAVED_BEFORE_KEY.items():
+        *parents, leaf = key.split(".")
+        group = config
+        for p in parents:
+            if p not in group:
+                group[p] = ml_collections.ConfigDict()
+            group = group[p]
+        if leaf not in group:
+            group[leaf] = default
+    return config
+
+
 def load(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
     """The config a run in `workdir` was trained with (keys added since filled in)."""
     path = pathlib.Path(workdir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {workdir} a sora-train work dir?")
-    config = ml_collections.ConfigDict(_tuples(json.loads(path.read_text())))
-    for key, default in SAVED_BEFORE_KEY.items():
-        *parents, leaf = key.split(".")
-        group = config
-        for p in parents:
-            group = group[p]
-        if leaf not in group:
-            group[leaf] = default
-    return config
+    return from_dict(json.loads(path.read_text()))
 
 
 # Keys that work dirs written by earlier versions lack, with the value those runs used.
@@ -146,6 +182,17 @@ SAVED_BEFORE_KEY = {
     "model.visual.conv_backend": "auto",
     "model.audio.lstm_backend": "auto",
     "model.audio.unroll": 1,
+    "model.projection.dim": 128,
+    "model.projection.temperature": 0.07,
+    "model.projection.min_temperature": 0.01,
+    "loss.supervised": 1.0,
+    "loss.contrastive": 0.0,
+    "init_from": "",
+    "init_parts": ("visual", "audio", "fusion", "head"),
+    "optimizer.freeze": (),
+    "optimizer.pretrained_lr_scale": 1.0,
+    "eval.knn_k": 20,
+    "eval.knn_bank_size": 50_000,
 }
 
 

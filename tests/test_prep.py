@@ -277,3 +277,85 @@ def test_beam_direct_runner_builds_the_same_dataset_as_the_local_build(tmp_path)
                     np.asarray(a[key], dtype=object), np.asarray(b[key], dtype=object), err_msg=key
                 )
     assert not (tmp_path / "beam" / ".beam_report").exists()
+
+
+def test_unlabeled_layout_reads_any_tree_or_a_path_only_csv_and_stores_no_labels(tmp_path):
+    source = _tree(
+        tmp_path / "videos",
+        {
+            "a.mp4": dict(seconds=2.0),
+            "trip/day1/b.mp4": dict(seconds=2.0),
+            "trip/day2/c.mkv": dict(seconds=2.0, audio=False),
+            "trip/d.mp4": dict(seconds=2.0),
+        },
+    )
+    (source / "notes.txt").write_text("not a video")
+    entries = layouts.discover(source, "unlabeled", seed=1, test_fraction=0.5)
+    assert [e.key for e in entries] == [
+        "a.mp4",
+        "notes.txt",
+        "trip/d.mp4",
+        "trip/day1/b.mp4",
+        "trip/day2/c.mkv",
+    ]
+    assert all(e.labels == () for e in entries)
+    again = layouts.discover(source, "unlabeled", seed=1, test_fraction=0.5)
+    assert [e.split for e in again] == [e.split for e in entries]  # seeded, not random
+    assert {e.split for e in entries} == {"train", "test"}
+    listing = tmp_path / "clips.csv"
+    listing.write_text("path\nvideos/a.mp4\nvideos/trip/d.mp4\n")
+    from_csv = layouts.discover(listing, "unlabeled")
+    assert [e.path for e in from_csv] == [source / "a.mp4", source / "trip" / "d.mp4"]
+    (tmp_path / "bad.csv").write_text("file\nvideos/a.mp4\n")
+    with pytest.raises(ValueError, match="needs a `path` column"):
+        layouts.discover(tmp_path / "bad.csv", "unlabeled")
+
+    code = cli.main(
+        [
+            str(source),
+            "--out",
+            str(tmp_path / "data"),
+            "--name",
+            "raw_video",
+            "--layout",
+            "unlabeled",
+            "--test-fraction",
+            "0.5",
+            "--seed",
+            "1",
+            "--fps",
+            "4",
+            "--short-side",
+            "16",
+            "--workers",
+            "1",
+        ]
+    )
+    assert code == cli.EXIT_SKIPPED  # notes.txt, reported with its reason
+    report = json.loads((tmp_path / "data" / "raw_video_report.json").read_text())
+    assert [r["status"] for r in report].count("skipped") == 1
+    assert {r["label"] for r in report} == {""}
+    builder_ = tfds.builder("raw_video", data_dir=str(tmp_path / "data"))
+    assert "label" not in builder_.info.features  # pretraining data: nothing to read
+    from sora_jax.data import pipeline
+
+    summary = pipeline.dataset_summary(str(tmp_path / "data"), "raw_video")
+    assert summary.class_names == () and sum(summary.splits.values()) == 4
+    # A supervised run on it fails before compiling, naming the key to change.
+    from configs import demo
+    from sora_jax.config import ConfigError
+
+    config = demo.get_config("runlocal")
+    config.data.update(dir=str(tmp_path / "data"), name="raw_video", fps=4.0)
+    with pytest.raises(ConfigError, match=r"config\.loss\.supervised: .* has no labels"):
+        pipeline.check_dataset(config)
+    # ... and a contrastive one reads its clips, the silent one marked so.
+    config.loss.update(supervised=0.0, contrastive=1.0)
+    pipeline.check_dataset(config)
+    clips = {}
+    for split, size in summary.splits.items():
+        source_ = pipeline.data_source(config, split)
+        clips |= {c["path"].decode(): c for c in (source_[i] for i in range(size))}
+    assert sorted(clips) == ["a.mp4", "trip/d.mp4", "trip/day1/b.mp4", "trip/day2/c.mkv"]
+    assert all("label" not in c for c in clips.values())
+    assert [k for k, c in clips.items() if not c["has_audio"]] == ["trip/day2/c.mkv"]

@@ -39,16 +39,17 @@ def _flags(config) -> list[str]:
         f"--config.checkpoint.every_steps={config.checkpoint.every_steps}",
         "--config.data.eval_batch_size=8",
         f"--config.data.workers={d.workers}",
+        f"--config.data.fps={d.fps}",
     ]
 
 
-def _train_command(config, workdir) -> list[str]:
+def _train_command(config, workdir, config_file="configs/demo.py:runlocal") -> list[str]:
     return [
         sys.executable,
         "-m",
         "sora_jax.train.cli",
         "--config",
-        "configs/demo.py:runlocal",
+        config_file,
         "--workdir",
         str(workdir),
         *_flags(config),
@@ -93,12 +94,20 @@ def _wait_for(predicate, process, timeout=120.0):
     raise AssertionError("timed out")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_an_interrupted_run_resumes_with_the_same_losses(demo_data, tmp_path, sig):
+@pytest.mark.parametrize(
+    "sig,config_file",
+    [
+        (signal.SIGTERM, "configs/demo.py:runlocal"),
+        (signal.SIGKILL, "configs/demo.py:runlocal"),
+        (signal.SIGKILL, "configs/pretrain_av.py:runlocal"),  # contrastive, labels unread
+    ],
+)
+def test_an_interrupted_run_resumes_with_the_same_losses(demo_data, tmp_path, sig, config_file):
     config = small_config(*demo_data)
     config.total_steps, config.log_every, config.checkpoint.every_steps = 40, 2, 6
+    command = lambda workdir: _train_command(config, workdir, config_file)
     reference = tmp_path / "reference"
-    subprocess.run(_train_command(config, reference), check=True, cwd=ROOT, capture_output=True)
+    subprocess.run(command(reference), check=True, cwd=ROOT, capture_output=True)
     windows = [json.loads(x) for x in (reference / "throughput.jsonl").read_text().splitlines()]
     # Data wait counts only the fetches the device had to wait for: a part of the fetch time,
     # and at least the first fetch, made before any step was dispatched.
@@ -106,7 +115,7 @@ def test_an_interrupted_run_resumes_with_the_same_losses(demo_data, tmp_path, si
     assert windows[0]["data_wait"] > 0
     workdir = tmp_path / "interrupted"
     process = subprocess.Popen(
-        _train_command(config, workdir),
+        command(workdir),
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -127,7 +136,7 @@ def test_an_interrupted_run_resumes_with_the_same_losses(demo_data, tmp_path, si
         assert process.returncode == 0
         manager = ocp.CheckpointManager(ckpts.absolute())
         assert manager.latest_step() == interrupted_at  # saved on the way out
-    subprocess.run(_train_command(config, workdir), check=True, cwd=ROOT, capture_output=True)
+    subprocess.run(command(workdir), check=True, cwd=ROOT, capture_output=True)
     resumed, expected = losses(workdir), losses(reference)
     assert sorted(resumed) == sorted(expected) == list(range(1, 41))
     np.testing.assert_allclose([resumed[s] for s in expected], list(expected.values()), rtol=1e-6)

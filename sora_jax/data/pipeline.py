@@ -26,7 +26,7 @@ from sora_jax.data import sampling
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSummary:
-    class_names: tuple[str, ...]
+    class_names: tuple[str, ...]  # () for an unlabeled dataset (sora-prep --layout unlabeled)
     splits: dict[str, int]
     fps: float
     short_side: int
@@ -43,8 +43,9 @@ def dataset_summary(data_dir: str, name: str) -> DatasetSummary:
             f"`sora-prep SOURCE --out {data_dir} --name {name}` first"
         ) from e
     prep = builder.info.metadata.get("prep", {})
+    features = builder.info.features
     return DatasetSummary(
-        class_names=tuple(builder.info.features["label"].names),
+        class_names=tuple(features["label"].names) if "label" in features else (),
         splits={k: v.num_examples for k, v in builder.info.splits.items()},
         fps=float(prep.get("fps", 0.0)),
         short_side=int(prep.get("short_side", 0)),
@@ -55,7 +56,14 @@ def dataset_summary(data_dir: str, name: str) -> DatasetSummary:
 def check_dataset(config: ml_collections.ConfigDict) -> DatasetSummary:
     """Fail before compiling when config and dataset disagree, naming the key."""
     summary = dataset_summary(config.data.dir, config.data.name)
-    if len(summary.class_names) != config.model.num_classes:
+    supervised = config.loss.supervised > 0
+    if supervised and not summary.class_names:
+        raise config_lib.ConfigError(
+            f"config.loss.supervised: {config.loss.supervised}, but dataset "
+            f"{config.data.name} has no labels (prepared with --layout unlabeled); "
+            f"pretrain on it with loss.supervised=0 (configs/pretrain_av.py)"
+        )
+    if supervised and len(summary.class_names) != config.model.num_classes:
         raise config_lib.ConfigError(
             f"config.model.num_classes: {config.model.num_classes}, but dataset "
             f"{config.data.name} has {len(summary.class_names)} classes"
@@ -137,6 +145,21 @@ def train_dataset(config: ml_collections.ConfigDict, local_batch_size: int) -> g
     return it
 
 
+class _Prefix:
+    """The first `length` examples of a data source."""
+
+    def __init__(self, source, length: int):
+        self.source, self.length = source, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < self.length:
+            raise IndexError(i)
+        return self.source[i]
+
+
 class _PaddedShard:
     """This process's contiguous block of a split, padded to a whole number of batches;
     padding repeats a real example and is marked invalid."""
@@ -158,12 +181,19 @@ def eval_batches_per_process(num_examples: int, local_batch_size: int) -> int:
 
 
 def eval_dataset(
-    config: ml_collections.ConfigDict, split: str, local_batch_size: int, repeat: bool = False
+    config: ml_collections.ConfigDict,
+    split: str,
+    local_batch_size: int,
+    repeat: bool = False,
+    limit: int | None = None,
 ) -> grain.IterDataset:
-    """Multi-view evaluation batches; every example appears once over all processes in
-    each pass of `eval_batches_per_process` batches. With `repeat` the passes go on
-    forever, so one iterator (and its worker processes) serves every evaluation of a run."""
+    """Multi-view evaluation batches; every example (of the first `limit`, if given)
+    appears once over all processes in each pass of `eval_batches_per_process` batches.
+    With `repeat` the passes go on forever, so one iterator (and its worker processes)
+    serves every evaluation of a run."""
     source = data_source(config, split)
+    if limit is not None and limit < len(source):
+        source = _Prefix(source, limit)
     batches = eval_batches_per_process(len(source), local_batch_size)
     per_process = batches * local_batch_size
     shard = _PaddedShard(source, jax.process_index() * per_process, per_process)

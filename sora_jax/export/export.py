@@ -99,13 +99,16 @@ def model_card(
     if eval_file.exists():
         full = json.loads(eval_file.read_text())
         brief = lambda r: {k: r[k] for k in ("top1", "top5", "map", "num_examples") if k in r}
-        metrics = {
-            "split": d.eval_split,
-            "step": full.get("step"),
-            "full": brief(full),
-            "audio_only": brief(full["audio_only"]),
-            "video_only": brief(full["video_only"]),
-        }
+        metrics = {"split": d.eval_split, "step": full.get("step")}
+        if "top1" in full:  # classification (runs with a supervised loss)
+            metrics |= {
+                "full": brief(full),
+                "audio_only": brief(full["audio_only"]),
+                "video_only": brief(full["video_only"]),
+            }
+        for key in ("retrieval", "knn"):  # representation (runs with a contrastive loss)
+            if key in full:
+                metrics[key] = full[key]
     return {
         "name": f"{d.name}-sora",
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -137,6 +140,9 @@ def model_card(
             "embedding": ["batch", config.model.embed_dim],
             "scores": "sigmoid(logits)" if config.model.multi_label else "softmax(logits)",
         },
+        # A pretrained encoder (contrastive only) has an untrained classifier: use its
+        # embedding, or train a head on it (configs/linear_probe.py, finetune.py).
+        "objective": {k: float(v) for k, v in config.loss.items()},
         "platforms": list(platforms),
         "training_data": {"dataset": d.name, "splits": summary.splits, "fps": summary.fps},
         "metrics": metrics,
@@ -168,7 +174,22 @@ def card_markdown(card: dict) -> str:
         "",
     ]
     m = card["metrics"]
-    if m:
+    if card["objective"].get("supervised", 1.0) == 0:
+        lines += [
+            "Pretrained without labels (contrastive): the classifier is untrained. Use the "
+            "embedding, or train a head on it (sora_jax configs/linear_probe.py).",
+            "",
+        ]
+    if m and "retrieval" in m:
+        r = m["retrieval"]
+        lines += [
+            f"- retrieval on {m['split']} ({r['num_examples']} clips): video->audio r@1 "
+            f"{r.get('v2a_r1', 0):.4f}, audio->video r@1 {r.get('a2v_r1', 0):.4f}",
+            "",
+        ]
+    if m and "knn" in m:
+        lines += [f"- {m['knn']['k']}-nearest-neighbour top-1: {m['knn']['top1']:.4f}", ""]
+    if m and "full" in m:
         lines += ["| inputs | top-1 | top-5 | mAP | clips |", "|---|---|---|---|---|"]
         for mode in ("full", "audio_only", "video_only"):
             r = m[mode]
@@ -176,7 +197,7 @@ def card_markdown(card: dict) -> str:
                 f"| {mode} | {r.get('top1', 0):.4f} | {r.get('top5', 0):.4f} | "
                 f"{r.get('map', 0):.4f} | {r.get('num_examples')} |"
             )
-    else:
+    elif not m:
         lines.append("No evaluation was found in the work dir (run sora-eval first).")
     lines += [
         "",

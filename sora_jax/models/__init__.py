@@ -2,13 +2,24 @@
 
 from sora_jax.models.audio import AudioEncoder, HoistedGRUCell, LSTMRecurrence
 from sora_jax.models.fusion import FUSIONS, FusionHead
-from sora_jax.models.sora import DTYPES, SoraModel, build_model, check_config, dummy_inputs
+from sora_jax.models.sora import (
+    DTYPES,
+    PARTS,
+    ContrastiveHeads,
+    SoraModel,
+    build_model,
+    check_config,
+    dummy_inputs,
+    param_part,
+)
 from sora_jax.models.visual import VisualTower
 
 __all__ = [
     "DTYPES",
     "FUSIONS",
+    "PARTS",
     "AudioEncoder",
+    "ContrastiveHeads",
     "FusionHead",
     "HoistedGRUCell",
     "LSTMRecurrence",
@@ -17,4 +28,5 @@ __all__ = [
     "build_model",
     "check_config",
     "dummy_inputs",
+    "param_part",
 ]

@@ -1,5 +1,7 @@
 """The Sora model: visual tower + audio branch + fusion head, built from a config."""
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -15,8 +17,37 @@ from sora_jax.models.visual import NORMS, TEMPORAL_POOLS, VisualTower
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+class ContrastiveHeads(nn.Module):
+    """Projection heads and the learned temperature of audio-visual contrastive learning:
+    each sense's embedding -> an MLP -> a unit vector in a space where a clip's picture
+    and its sound should meet (SimCLR / CLIP style: the loss acts on the projection, the
+    embedding below it is what transfers)."""
+
+    dim: int = 128
+    temperature: float = 0.07  # initial; learned
+    min_temperature: float = 0.01  # clamp: a collapsing temperature blows up the logits
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, video: jax.Array, audio: jax.Array) -> tuple[jax.Array, ...]:
+        # video, audio: [B, E] -> unit vectors [B, dim] each, and the logit scale []
+        def project(x, name):
+            x = nn.relu(nn.Dense(x.shape[-1], dtype=self.dtype, name=f"{name}_hidden")(x))
+            x = nn.Dense(self.dim, dtype=self.dtype, name=f"{name}_out")(x).astype(jnp.float32)
+            return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
+
+        log_scale = self.param(
+            "log_inverse_temperature", nn.initializers.constant(-math.log(self.temperature)), ()
+        )
+        log_scale = jnp.clip(log_scale, 0.0, -math.log(self.min_temperature))
+        return project(video, "video"), project(audio, "audio"), jnp.exp(log_scale)
+
+
 class SoraModel(nn.Module):
-    """Raw clips -> {"embedding": [B, E], "logits": [B, C]}.
+    """Raw clips -> {"embedding": [B, E], "logits": [B, C]}; with `modality_embeddings`
+    also each sense's embedding alone ("video_embedding", "audio_embedding": [B, E], the
+    same fusion head with the other sense absent) and, in a model with contrastive heads,
+    their projections ("video_projection", "audio_projection") and "logit_scale".
 
     Inputs: a dict, so exported signatures are self-describing; names, shapes, dtypes
     and meanings are defined once, in `sora_jax.inputs` (frames may also be float in
@@ -27,27 +58,60 @@ class SoraModel(nn.Module):
     audio: AudioEncoder
     fusion: FusionHead
     modality_dropout: float = 0.0  # chance, in training, of hiding one of two present modalities
+    contrastive: ContrastiveHeads | None = None
 
     @nn.compact
     def __call__(
-        self, inputs: dict[str, jax.Array], *, train: bool = False
+        self,
+        inputs: dict[str, jax.Array],
+        *,
+        train: bool = False,
+        modality_embeddings: bool = False,
     ) -> dict[str, jax.Array]:
         has_video, has_audio = inputs["has_video"], inputs["has_audio"]
+        frame_mask = inputs["frame_mask"] & has_video[:, None]
+        v, v_seq = self.visual(inputs["frames"], frame_mask)
+        a, a_seq, a_mask = self.audio(inputs["audio"], inputs["audio_len"], train=train)
+        a_mask = a_mask & has_audio[:, None]
+        visual, audio = (v, v_seq, frame_mask), (a, a_seq, a_mask)
+        # Modality dropout hides a sense from the fusion only: every head masks an absent
+        # sense, so its (computed) features never reach the embedding.
+        fuse_video, fuse_audio = has_video, has_audio
         if train and self.modality_dropout > 0:
             k_drop, k_which = jax.random.split(self.make_rng("dropout"))
             both = has_video & has_audio
             drop = both & (jax.random.uniform(k_drop, has_video.shape) < self.modality_dropout)
             drop_video = jax.random.bernoulli(k_which, 0.5, has_video.shape)
-            has_video = has_video & ~(drop & drop_video)
-            has_audio = has_audio & ~(drop & ~drop_video)
-        frame_mask = inputs["frame_mask"] & has_video[:, None]
-        v, v_seq = self.visual(inputs["frames"], frame_mask)
-        a, a_seq, a_mask = self.audio(inputs["audio"], inputs["audio_len"], train=train)
-        a_mask = a_mask & has_audio[:, None]
-        embedding, logits = self.fusion(
-            (v, v_seq, frame_mask), (a, a_seq, a_mask), has_video, has_audio
-        )
-        return {"embedding": embedding.astype(jnp.float32), "logits": logits.astype(jnp.float32)}
+            fuse_video = has_video & ~(drop & drop_video)
+            fuse_audio = has_audio & ~(drop & ~drop_video)
+        embedding, logits = self.fusion(visual, audio, fuse_video, fuse_audio)
+        out = {"embedding": embedding.astype(jnp.float32), "logits": logits.astype(jnp.float32)}
+        if modality_embeddings:
+            absent = jnp.zeros_like(has_video)
+            video_alone, _ = self.fusion(visual, audio, has_video, absent)
+            audio_alone, _ = self.fusion(visual, audio, absent, has_audio)
+            out["video_embedding"] = video_alone.astype(jnp.float32)
+            out["audio_embedding"] = audio_alone.astype(jnp.float32)
+            if self.contrastive is not None:
+                v_proj, a_proj, scale = self.contrastive(video_alone, audio_alone)
+                out |= {"video_projection": v_proj, "audio_projection": a_proj}
+                out["logit_scale"] = scale
+        return out
+
+
+# The parameter tree's parts, by what they do; `init_from` loads and `optimizer.freeze`
+# freezes parts by these names.
+PARTS = ("visual", "audio", "fusion", "head", "projection")
+
+
+def param_part(path: tuple[str, ...]) -> str:
+    """The part a parameter belongs to, from its path in the tree (("fusion", "embed",
+    "kernel") -> "fusion"; ("fusion", "classifier", "bias") -> "head")."""
+    if path[0] == "fusion":
+        return "head" if path[1] == "classifier" else "fusion"
+    if path[0] == "contrastive":
+        return "projection"
+    return path[0]
 
 
 def check_config(model_config: ml_collections.ConfigDict) -> None:
@@ -80,6 +144,13 @@ def check_config(model_config: ml_collections.ConfigDict) -> None:
         "model.audio.spec_augment",
         "(time masks, max width, mel masks, max width), each >= 0",
     )
+    p = m.projection
+    check(p.dim >= 1, "model.projection.dim", "must be >= 1")
+    check(
+        0 < p.min_temperature <= p.temperature <= 1,
+        "model.projection",
+        f"need 0 < min_temperature ({p.min_temperature}) <= temperature ({p.temperature}) <= 1",
+    )
     one_of(f.kind, "model.fusion.kind", FUSIONS)
     check(f.dim >= 1 and f.heads >= 1, "model.fusion", "dim and heads must be >= 1")
     if f.kind == "attention":
@@ -100,8 +171,9 @@ def check_config(model_config: ml_collections.ConfigDict) -> None:
             check(why_not is None, key, f"'onednn' cannot run: {why_not}")
 
 
-def build_model(model_config: ml_collections.ConfigDict) -> SoraModel:
-    """The model a config describes (see configs/demo.py for every key)."""
+def build_model(model_config: ml_collections.ConfigDict, contrastive: bool = False) -> SoraModel:
+    """The model a config describes (configs/base.py documents every key); with
+    `contrastive`, with the projection heads of contrastive pretraining."""
     m = model_config
     dtype = DTYPES[m.dtype]
     vis, aud, fus = m.visual, m.audio, m.fusion
@@ -137,6 +209,14 @@ def build_model(model_config: ml_collections.ConfigDict) -> SoraModel:
             dtype=dtype,
         ),
         modality_dropout=m.modality_dropout,
+        contrastive=ContrastiveHeads(
+            dim=m.projection.dim,
+            temperature=m.projection.temperature,
+            min_temperature=m.projection.min_temperature,
+            dtype=dtype,
+        )
+        if contrastive
+        else None,
     )
 
 

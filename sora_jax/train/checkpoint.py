@@ -11,6 +11,7 @@ from typing import Any
 import grain
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
@@ -96,6 +97,22 @@ def restore_params(
         lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), target
     )
     # partial_restore: read the one subtree in `target`, whatever else the state holds.
+    item = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+    restored = manager.restore(step, args=ocp.args.Composite(state=item))["state"]
+    return restored[wanted], step
+
+
+def restore_params_to_host(
+    manager: ocp.CheckpointManager, step: int | None, abstract_params: Any, ema: bool
+) -> tuple[dict, int]:
+    """A checkpoint's parameters (the EMA ones if `ema`) as NumPy arrays on this host,
+    whatever mesh wrote them: for starting another run from them (train/transfer.py)."""
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+    wanted = "ema_params" if ema else "params"
+    target = {wanted: abstract_params}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
     item = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
     restored = manager.restore(step, args=ocp.args.Composite(state=item))["state"]
     return restored[wanted], step

@@ -42,7 +42,7 @@ def _train(argv) -> None:
     import jax
 
     from sora_jax.config import ConfigError
-    from sora_jax.train import setup, trainer
+    from sora_jax.train import evaluate, setup, trainer
 
     _quiet_logs()
     config = _CONFIG.value
@@ -53,10 +53,7 @@ def _train(argv) -> None:
         print(f"sora-train: {e}", file=sys.stderr)
         sys.exit(2)
     if result and jax.process_index() == 0:
-        print(
-            f"final eval top1 {result['top1']:.4f} (audio-only "
-            f"{result['audio_only']['top1']:.4f}, video-only {result['video_only']['top1']:.4f})"
-        )
+        print(f"final eval {evaluate.headline(result)}")
 
 
 def main() -> None:
@@ -104,21 +101,25 @@ def eval_main(argv: list[str] | None = None) -> int:
     if jax.process_index() == 0:
         path = pathlib.Path(args.workdir) / f"eval_{split}.json"
         path.write_text(json.dumps(result, indent=1))
-        for mode in evaluate.MODES:
-            r = result if mode == "full" else result[mode]
-            print(
-                f"{mode:<11} top1 {r['top1']:.4f}  "
-                + (f"top5 {r['top5']:.4f}  " if "top5" in r else "")
-                + f"mAP {r['map']:.4f}  ({r['num_examples']} clips)",
-                file=sys.stderr,
-            )
-        brief = evaluate.brief(result) | {
-            "split": split,
-            "step": restored.step,
-            "audio_only": evaluate.brief(result["audio_only"]),
-            "video_only": evaluate.brief(result["video_only"]),
-            "details": str(path),
-        }
+        brief = {"split": split, "step": restored.step, "details": str(path)}
+        if "top1" in result:
+            for mode in evaluate.MODES:
+                r = result if mode == "full" else result[mode]
+                print(
+                    f"{mode:<11} top1 {r['top1']:.4f}  "
+                    + (f"top5 {r['top5']:.4f}  " if "top5" in r else "")
+                    + f"mAP {r['map']:.4f}  ({r['num_examples']} clips)",
+                    file=sys.stderr,
+                )
+            brief |= evaluate.brief(result) | {
+                "audio_only": evaluate.brief(result["audio_only"]),
+                "video_only": evaluate.brief(result["video_only"]),
+            }
+        for key in ("retrieval", "knn"):
+            if key in result:
+                brief[key] = result[key]
+        if "retrieval" in result:
+            print(evaluate.headline(result), file=sys.stderr)
         print(json.dumps(brief))
     return 0
 

@@ -29,6 +29,12 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
     first one that cannot work."""
     config_lib.validate(config, num_devices)
     models.check_config(config.model)
+    for key, parts in (
+        ("init_parts", config.init_parts),
+        ("optimizer.freeze", config.optimizer.freeze),
+    ):
+        for part in parts:
+            config_lib.one_of(part, key, models.PARTS)
 
 
 def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
@@ -92,7 +98,7 @@ def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
     devices = list(jax.devices() if devices is None else devices)
     check_config(config, num_devices=len(devices))
     mesh = sharding.make_mesh(config.mesh.fsdp, devices)
-    model = models.build_model(config.model)
+    model = models.build_model(config.model, contrastive=config.loss.contrastive > 0)
     tx = make_optimizer(config)
     rng = jax.random.key(config.seed)
     spec = InputSpec.from_config(config)

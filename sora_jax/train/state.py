@@ -9,7 +9,7 @@ import ml_collections
 import optax
 
 from sora_jax.inputs import InputSpec
-from sora_jax.models import SoraModel, dummy_inputs
+from sora_jax.models import SoraModel, dummy_inputs, param_part
 
 
 @flax.struct.dataclass
@@ -43,17 +43,59 @@ def _decay_mask(params):
     return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def param_roles(params: Any, config: ml_collections.ConfigDict) -> Any:
+    """Per parameter: "frozen" (a part in optimizer.freeze: never updated), "pretrained"
+    (loaded by init_from, trained at pretrained_lr_scale x the learning rate) or
+    "trained"."""
+    o = config.optimizer
+    scaled = set(config.init_parts) if config.init_from and o.pretrained_lr_scale != 1 else set()
+
+    def role(path, _):
+        part = param_part(tuple(k.key for k in path))
+        return "frozen" if part in o.freeze else "pretrained" if part in scaled else "trained"
+
+    return jax.tree_util.tree_map_with_path(role, params)
+
+
+def _update_rule(config: ml_collections.ConfigDict, lr_scale: float):
     o = config.optimizer
     schedule = learning_rate_schedule(config)
-    parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
+    if lr_scale != 1:
+        schedule = lambda step, base=schedule: lr_scale * base(step)
     if o.name == "adamw":
-        parts.append(optax.adamw(schedule, weight_decay=o.weight_decay, mask=_decay_mask))
-    else:
-        if o.weight_decay:
-            parts.append(optax.add_decayed_weights(o.weight_decay, mask=_decay_mask))
-        parts.append(optax.sgd(schedule, momentum=o.momentum, nesterov=True))
+        return optax.adamw(schedule, weight_decay=o.weight_decay, mask=_decay_mask)
+    parts = []
+    if o.weight_decay:
+        parts.append(optax.add_decayed_weights(o.weight_decay, mask=_decay_mask))
+    parts.append(optax.sgd(schedule, momentum=o.momentum, nesterov=True))
     return optax.chain(*parts)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Gradient clipping, then AdamW or SGD. With frozen parts or a learning rate of its
+    own for pretrained parts, an optax.multi_transform over the parameters' roles: a
+    frozen part gets zero updates and keeps no optimizer state at all."""
+    o = config.optimizer
+    parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
+    if o.freeze or (config.init_from and o.pretrained_lr_scale != 1):
+        rules = {
+            "trained": _update_rule(config, 1.0),
+            "pretrained": _update_rule(config, o.pretrained_lr_scale),
+            "frozen": optax.set_to_zero(),
+        }
+        parts.append(optax.multi_transform(rules, lambda p: param_roles(p, config)))
+    else:
+        parts.append(_update_rule(config, 1.0))
+    return optax.chain(*parts)
+
+
+def zero_frozen(grads: Any, config: ml_collections.ConfigDict) -> Any:
+    """Frozen parts' gradients replaced by zeros, so they count in no gradient norm and
+    XLA drops the backward pass through them (a frozen encoder costs a forward pass)."""
+    if not config.optimizer.freeze:
+        return grads
+    roles = param_roles(grads, config)
+    return jax.tree.map(lambda g, r: jnp.zeros_like(g) if r == "frozen" else g, grads, roles)
 
 
 def init_state(
@@ -64,7 +106,11 @@ def init_state(
     rng: jax.Array,
 ) -> TrainState:
     """Fresh parameters and optimizer state (jit this with out_shardings to init sharded)."""
-    params = model.init({"params": rng, "dropout": rng}, dummy_inputs(spec))["params"]
+    params = model.init(
+        {"params": rng, "dropout": rng},
+        dummy_inputs(spec),
+        modality_embeddings=model.contrastive is not None,  # creates the projection heads
+    )["params"]
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,

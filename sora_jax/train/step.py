@@ -12,8 +12,9 @@ from jax.sharding import PartitionSpec as P
 
 from sora_jax.inputs import MODEL_INPUTS, InputSpec, label_shape
 from sora_jax.models import SoraModel
+from sora_jax.train import objective as objective_lib
 from sora_jax.train.sharding import BATCH_AXES
-from sora_jax.train.state import TrainState, learning_rate_schedule
+from sora_jax.train.state import TrainState, learning_rate_schedule, zero_frozen
 
 
 def abstract_batch(
@@ -34,13 +35,6 @@ def abstract_batch(
     return {k: jax.ShapeDtypeStruct(s, d, sharding=sharding) for k, (s, d) in shapes.items()}
 
 
-def classification_loss(logits: jax.Array, labels: jax.Array, multi_label: bool) -> jax.Array:
-    """Mean softmax cross-entropy (integer labels) or sigmoid BCE (multi-hot labels)."""
-    if multi_label:
-        return optax.sigmoid_binary_cross_entropy(logits, labels).sum(-1).mean()
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-
 def make_train_step(
     model: SoraModel,
     tx: optax.GradientTransformation,
@@ -50,7 +44,7 @@ def make_train_step(
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """train_step(state, batch) -> (state, metrics), compiled once for these shardings."""
     accum = config.accum_steps
-    multi_label = config.model.multi_label
+    modality_embeddings = objective_lib.wants_modality_embeddings(config)
     ema_decay = config.optimizer.ema_decay
     base_rng = jax.random.key(config.seed)
     schedule_fn = learning_rate_schedule(config)
@@ -58,13 +52,14 @@ def make_train_step(
 
     def loss_fn(params, batch, rng):
         inputs = {k: batch[k] for k in MODEL_INPUTS}
-        out = model.apply({"params": params}, inputs, train=True, rngs={"dropout": rng})
-        loss = classification_loss(out["logits"], batch["label"], multi_label)
-        if multi_label:
-            correct = jnp.mean((out["logits"] > 0) == (batch["label"] > 0.5))
-        else:
-            correct = jnp.mean(jnp.argmax(out["logits"], -1) == batch["label"])
-        return loss, correct
+        out = model.apply(
+            {"params": params},
+            inputs,
+            train=True,
+            modality_embeddings=modality_embeddings,
+            rngs={"dropout": rng},
+        )
+        return objective_lib.objective(out, batch, config, mesh)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -84,7 +79,7 @@ def make_train_step(
     def _train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(base_rng, state.step)
         if accum == 1:
-            (loss, accuracy), grads = grad_fn(state.params, batch, rng)
+            (loss, parts), grads = grad_fn(state.params, batch, rng)
         else:
             # [B, ...] -> [accum, B / accum, ...] keeping each device's rows on that device.
             def split(x):
@@ -95,13 +90,16 @@ def make_train_step(
 
             def body(carry, xs):
                 i, mb = xs
-                (loss_i, acc_i), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
-                return jax.tree.map(jnp.add, carry, (loss_i, acc_i, g)), None
+                value, g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+                return jax.tree.map(jnp.add, carry, (value, g)), None
 
-            zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
-            (loss, accuracy, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
-            loss, accuracy = loss / accum, accuracy / accum
-            grads = jax.tree.map(lambda g: g / accum, grads)
+            zeros = jax.tree.map(
+                jnp.zeros_like,
+                (jax.eval_shape(grad_fn, state.params, batch, rng)[0], state.params),
+            )
+            ((loss, parts), grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
+            (loss, parts), grads = jax.tree.map(lambda x: x / accum, ((loss, parts), grads))
+        grads = zero_frozen(grads, config)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -122,9 +120,8 @@ def make_train_step(
             nonfinite_step=jnp.where(first_bad, state.step, state.nonfinite_step),
             nonfinite_what=jnp.where(first_bad, jnp.where(loss_ok, 2, 1), state.nonfinite_what),
         )
-        metrics = {
+        metrics = parts | {
             "loss": loss,
-            "accuracy": accuracy,
             "grad_norm": grad_norm,
             "learning_rate": schedule_fn(state.step),
         }
@@ -133,9 +130,21 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(model: SoraModel, multi_label: bool, mesh: Mesh) -> Callable[[dict, dict], dict]:
-    """eval_step(params, batch) -> per-clip scores [B, C] for full, audio-only and
-    video-only inputs, averaged over the views of each clip."""
+EMBEDDINGS = ("embedding", "video_embedding", "audio_embedding")
+PROJECTIONS = ("video_projection", "audio_projection")
+
+
+def make_eval_step(
+    model: SoraModel, config: ml_collections.ConfigDict, mesh: Mesh
+) -> Callable[[dict, dict], dict]:
+    """eval_step(params, batch [B, V, ...]) -> per clip, averaged over its V views:
+    class scores [B, C] for full, audio-only and video-only inputs (runs with a
+    supervised loss); and, in runs with a contrastive loss, unit-length embeddings [B, E]
+    of the fused clip and of each sense alone, the senses' projections [B, P], and which
+    senses the clip has ([B] bool)."""
+    multi_label = config.model.multi_label
+    classify = config.loss.supervised > 0
+    represent = objective_lib.wants_modality_embeddings(config)
 
     @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, P()))
     def eval_step(params, batch: dict) -> dict:
@@ -145,18 +154,27 @@ def make_eval_step(model: SoraModel, multi_label: bool, mesh: Mesh) -> Callable[
     def _eval_step(params, batch: dict) -> dict:
         B, V = batch["frames"].shape[:2]
         flat = {k: batch[k].reshape(B * V, *batch[k].shape[2:]) for k in MODEL_INPUTS}
-        scores = {}
+        out = {}
         for mode, drop in (
             ("full", None),
             ("audio_only", "has_video"),
             ("video_only", "has_audio"),
         ):
+            if not classify:
+                break
             inputs = dict(flat)
             if drop:
                 inputs[drop] = jnp.zeros_like(flat[drop])
             logits = model.apply({"params": params}, inputs)["logits"]
             probs = jax.nn.sigmoid(logits) if multi_label else jax.nn.softmax(logits)
-            scores[mode] = probs.reshape(B, V, -1).mean(axis=1)
-        return scores
+            out[mode] = probs.reshape(B, V, -1).mean(axis=1)
+        if represent:
+            embedded = model.apply({"params": params}, flat, modality_embeddings=True)
+            for k in EMBEDDINGS + PROJECTIONS:
+                x = embedded[k].reshape(B, V, -1).mean(axis=1)
+                out[k] = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
+            for k in ("has_video", "has_audio"):
+                out[k] = batch[k].any(axis=1)
+        return out
 
     return eval_step

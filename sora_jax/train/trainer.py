@@ -23,9 +23,8 @@ from jax.experimental import multihost_utils
 
 from sora_jax import config as config_lib
 from sora_jax.data import pipeline
-from sora_jax.train import checkpoint
+from sora_jax.train import checkpoint, evaluate, transfer
 from sora_jax.train import setup as setup_lib
-from sora_jax.train.evaluate import Evaluator
 from sora_jax.train.state import NONFINITE_NAMES, TrainState, init_state
 from sora_jax.train.step import make_train_step
 from sora_jax.train.tensorboard import ScalarWriter
@@ -104,29 +103,35 @@ class _Logger:
             self.writer.scalar(f"train/{k}", v, last)
         self.writer.flush()
         self.bar.update(len(per_step))
+        shown = {"loss": f"{mean['loss']:.4f}"}
+        for key, name in (("accuracy", "acc"), ("match_accuracy", "match")):
+            if key in mean:
+                shown[name] = f"{mean[key]:.3f}"
         self.bar.set_postfix(
-            loss=f"{mean['loss']:.4f}",
-            acc=f"{mean['accuracy']:.3f}",
-            clips_s=f"{extra['clips_per_s']:.0f}",
-            wait=f"{extra['data_wait']:.1%}",
+            **shown, clips_s=f"{extra['clips_per_s']:.0f}", wait=f"{extra['data_wait']:.1%}"
         )
 
     def eval(self, step: int, result: dict) -> None:
         if not self.enabled:
             return
-        for mode, r in (
-            ("full", result),
-            ("audio_only", result["audio_only"]),
-            ("video_only", result["video_only"]),
-        ):
-            for k in ("top1", "top5", "map"):
-                if k in r:
-                    self.writer.scalar(f"eval/{mode}/{k}", r[k], step)
+        scalars = {}
+        if "top1" in result:
+            for mode, r in (
+                ("full", result),
+                ("audio_only", result["audio_only"]),
+                ("video_only", result["video_only"]),
+            ):
+                scalars |= {f"eval/{mode}/{k}": r[k] for k in ("top1", "top5", "map") if k in r}
+        for group in ("retrieval", "knn"):
+            scalars |= {
+                f"eval/{group}/{k}": v
+                for k, v in result.get(group, {}).items()
+                if k.endswith(("_r1", "_r5", "_r10", "_rank", "top1"))
+            }
+        for tag, value in scalars.items():
+            self.writer.scalar(tag, value, step)
         self.writer.flush()
-        self.bar.write(
-            f"step {step}: eval top1 {result['top1']:.4f} (audio-only "
-            f"{result['audio_only']['top1']:.4f}, video-only {result['video_only']['top1']:.4f})"
-        )
+        self.bar.write(f"step {step}: eval {evaluate.headline(result)}")
 
     def close(self):
         if self.enabled:
@@ -194,7 +199,7 @@ def _restore_or_init(
     batches: pipeline.DevicePrefetch,
 ) -> tuple[TrainState, int]:
     """The latest checkpoint's state, with the data reader moved to where it was; or a
-    fresh state at step 0."""
+    fresh state at step 0 (with config.init_parts loaded from config.init_from)."""
     start = manager.latest_step()
     if start is not None:
         state = checkpoint.restore(manager, start, run.abstract_state, batches)
@@ -210,7 +215,10 @@ def _restore_or_init(
     fast = (
         {"xla_backend_optimization_level": 0} if run.mesh.devices.flat[0].platform == "cpu" else {}
     )
-    return init.compile(compiler_options=fast)(run.rng), 0
+    state = init.compile(compiler_options=fast)(run.rng)
+    if config.init_from:
+        state = transfer.initialise_from(state, config)
+    return state, 0
 
 
 def _inference_params(state: TrainState):
@@ -239,7 +247,7 @@ def train(
     manager = checkpoint.make_manager(workdir, config)
     state, step = _restore_or_init(run, config, manager, batches)
     train_step = make_train_step(run.model, run.tx, config, run.mesh, run.state_sharding)
-    evaluator: Evaluator | None = None  # made at the first evaluation, kept for the rest
+    evaluator: evaluate.Evaluator | None = None  # made at the first evaluation, kept for the rest
     logger = _Logger(workdir, config.total_steps, step, main_process)
     profile = _Profile(config.profile_steps, workdir / "tensorboard", main_process)
     preemption = _Preemption()
@@ -270,7 +278,9 @@ def train(
             evaluate_now = last or (config.eval_every and step % config.eval_every == 0)
             if evaluate_now:
                 if evaluator is None:
-                    evaluator = Evaluator(run, config, config.data.eval_split, summary.class_names)
+                    evaluator = evaluate.Evaluator(
+                        run, config, config.data.eval_split, summary.class_names
+                    )
                 result = evaluator(
                     _inference_params(state), workdir if main_process else None, step
                 )

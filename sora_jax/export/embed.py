@@ -1,0 +1,223 @@
+"""sora-embed: clip embeddings for downstream teams, from a work dir or an export.
+
+  sora-embed --workdir W [--checkpoint STEP] --split test --out OUT.npz
+  sora-embed --export E FILE... --out OUT.npz
+
+Each clip goes through evaluation's views (sora-eval's sampling; raw files through
+data preparation's decoding first, as sora-predict does), and its embeddings are
+averaged over them. OUT.npz holds, row i for clip i:
+
+  id               [N] str    unique: "SPLIT/KEY" of a prepared clip, or a file's absolute path
+  path             [N] str    where the clip came from
+  label            [N] int32  class index; -1 when unlabeled (raw files, unlabeled data)
+  label_name       [N] str
+  embedding        [N, E] float32  both senses fused (the model's clip embedding)
+  video_embedding  [N, E] float32  the picture alone (the sound marked absent)
+  audio_embedding  [N, E] float32  the sound alone (meaningless where has_audio is False)
+  has_audio        [N] bool
+  class_names      [C] str
+
+Why .npz: the embeddings are a dense matrix, and `np.load(OUT)["embedding"]` is it, one
+float32 array NumPy and JAX use as it is (`jnp.asarray`), with no extra dependency;
+pandas takes the per-clip columns with `pd.DataFrame({k: z[k] for k in ("id", "path",
+"label", "label_name")})`. Parquet would store a list per row and need pyarrow to read.
+The file is written whole or not at all; an existing OUT is refused unless --overwrite.
+
+Exit code 0, 3 when some files could not be decoded (each named on stderr), 2 on bad
+arguments.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+from collections.abc import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from sora_jax import process
+
+BATCH = 8  # clips per call; the last batch is padded, so the model compiles once
+MODES = {"embedding": None, "video_embedding": "has_audio", "audio_embedding": "has_video"}
+
+
+class Embedder:
+    """A work dir's checkpoint or an export dir, as `embed(views) -> {mode: [N, E]}`."""
+
+    def __init__(self, workdir: str | None, export: str | None, step: int | None = None):
+        from sora_jax import config as config_lib
+
+        if export:
+            export_dir = pathlib.Path(export).absolute()
+            card = json.loads((export_dir / "model_card.json").read_text())
+            self.config = config_lib.from_dict(card["config"])
+            self.class_names = tuple(card["class_names"])
+            exported = jax.export.deserialize((export_dir / "model.jax").read_bytes())
+            params = ocp.StandardCheckpointer().restore(export_dir / "params")
+            self._apply = lambda inputs: exported.call(params, inputs)["embedding"]
+            frames = card["inputs"]["frames"]
+            self.short_side, self.jpeg_quality = frames["short_side_resize"], frames["jpeg_quality"]
+        else:
+            from sora_jax.train import setup
+
+            self.config = config_lib.load(workdir)
+            restored = setup.load_for_inference(self.config, workdir, step)
+            model, params = restored.setup.model, restored.params
+            self.class_names = restored.dataset.class_names
+            apply = jax.jit(lambda p, x: model.apply({"params": p}, x)["embedding"])
+            self._apply = lambda inputs: apply(params, inputs)
+            self.short_side = restored.dataset.short_side
+            self.jpeg_quality = restored.dataset.jpeg_quality
+
+    def embed(self, views: dict[str, np.ndarray], clips: int) -> dict[str, np.ndarray]:
+        """views: [clips * V, ...], each clip's V views in a row -> {mode: [clips, E]}."""
+        out = {}
+        for mode, hidden in MODES.items():
+            inputs = dict(views)
+            if hidden:
+                inputs[hidden] = np.zeros_like(views[hidden])
+            rows = np.asarray(self._apply(jax.tree.map(jnp.asarray, inputs)), np.float32)
+            out[mode] = rows.reshape(clips, -1, rows.shape[-1]).mean(axis=1)
+        return out
+
+
+def _split_clips(config: ml_collections.ConfigDict, split: str) -> Iterator[tuple[dict, str]]:
+    from sora_jax.data import pipeline
+
+    source = pipeline.data_source(config, split)
+    for i in range(len(source)):
+        example = source[i]
+        key = example["path"]
+        yield example, key.decode() if isinstance(key, bytes) else str(key)
+
+
+def _file_clips(
+    files: list[str], embedder: Embedder, failures: list[str]
+) -> Iterator[tuple[dict, str]]:
+    from sora_jax.data.decode import DecodeError, decode_video, stored_example
+
+    for name in files:
+        path = pathlib.Path(name).absolute()
+        try:
+            video = decode_video(path, embedder.config.data.fps, embedder.short_side)
+        except (DecodeError, FileNotFoundError) as e:
+            failures.append(name)
+            print(f"sora-embed: {name}: {e}", file=sys.stderr)
+            continue
+        yield stored_example(video, embedder.jpeg_quality), str(path)
+
+
+def embed_clips(
+    embedder: Embedder, clips: Iterator[tuple[dict, str]], id_of: Callable[[str], str]
+) -> dict[str, np.ndarray]:
+    """Every clip's row of the output file."""
+    from sora_jax.data import pipeline
+    from sora_jax.data.sampling import eval_views
+
+    config = embedder.config
+    spec = pipeline.clip_spec(config)
+    views_per_clip = (config.data.eval_temporal_views, config.data.eval_spatial_views)
+    rows: dict[str, list] = {k: [] for k in ("id", "path", "label", "has_audio", *MODES)}
+    pending: list[dict] = []
+
+    def flush():
+        n = len(pending)
+        padded = pending + [pending[-1]] * (BATCH - n)
+        views = {k: np.concatenate([p[k] for p in padded]) for k in padded[0] if k != "label"}
+        for mode, values in embedder.embed(views, BATCH).items():
+            rows[mode].extend(values[:n])
+        pending.clear()
+
+    for example, path in clips:
+        views = eval_views(example, spec, *views_per_clip)
+        rows["id"].append(id_of(path))
+        rows["path"].append(path)
+        rows["label"].append(int(example["label"]) if "label" in example else -1)
+        rows["has_audio"].append(bool(example["has_audio"]))
+        pending.append({k: v for k, v in views.items() if k != "label"})
+        if len(pending) == BATCH:
+            flush()
+    if pending:
+        flush()
+    if not rows["id"]:
+        raise ValueError("no clip to embed")
+    out = {k: np.asarray(v) for k, v in rows.items()}
+    for mode in MODES:
+        out[mode] = np.asarray(rows[mode], np.float32).reshape(len(out["id"]), -1)
+    names = np.asarray(embedder.class_names, dtype=str)
+    out["label"] = out["label"].astype(np.int32)
+    out["label_name"] = np.asarray(
+        [names[i] if i >= 0 else "" for i in out["label"]], dtype=str
+    ).reshape(-1)
+    out["class_names"] = names
+    for key in ("id", "path"):
+        out[key] = out[key].astype(str)
+    return out
+
+
+def write_npz(out: pathlib.Path, arrays: dict[str, np.ndarray], overwrite: bool) -> None:
+    """Whole or not at all: written beside OUT, then renamed over it."""
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"--out {out} exists; pass --overwrite to replace it")
+    if len(set(arrays["id"])) != len(arrays["id"]):
+        raise ValueError("two clips have the same id (a file given twice?)")
+    staging = out.parent / f".{out.name}.incomplete-{os.getpid()}.npz"
+    np.savez(staging, **arrays)
+    staging.replace(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    process.configure()
+    parser = argparse.ArgumentParser(
+        prog="sora-embed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--workdir", help="a sora-train work dir")
+    source.add_argument("--export", help="a sora-export dir")
+    parser.add_argument("--checkpoint", type=int, default=None, help="--workdir: step")
+    parser.add_argument("--split", default=None, help="a split of the run's prepared dataset")
+    parser.add_argument("--data-dir", default=None, help="override config.data.dir")
+    parser.add_argument("files", nargs="*", help="video files (instead of --split)")
+    parser.add_argument("--out", required=True, help="the .npz to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    args = parser.parse_args(argv)
+    if bool(args.split) == bool(args.files):
+        parser.error("give either --split or files")
+    out = pathlib.Path(args.out)
+    if out.suffix != ".npz":
+        parser.error(f"--out {out}: the output is a .npz file")
+    if out.exists() and not args.overwrite:
+        print(f"sora-embed: --out {out} exists; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    try:
+        embedder = Embedder(args.workdir, args.export, args.checkpoint)
+    except FileNotFoundError as e:
+        print(f"sora-embed: {e}", file=sys.stderr)
+        return 2
+    if args.data_dir:
+        embedder.config.data.dir = args.data_dir
+    failures: list[str] = []
+    if args.split:
+        clips, id_of = _split_clips(embedder.config, args.split), f"{args.split}/{{}}".format
+    else:
+        clips, id_of = _file_clips(args.files, embedder, failures), str
+    try:
+        arrays = embed_clips(embedder, clips, id_of)
+        write_npz(out, arrays, args.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"sora-embed: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"wrote {len(arrays['id'])} clips' embeddings ({arrays['embedding'].shape[1]} dims) "
+        f"to {out}" + (f"; {len(failures)} files failed" if failures else "")
+    )
+    return 3 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""What training minimises: a weighted sum of the supervised loss on the labels and the
+audio-visual contrastive loss, with the metrics each part reports.
+
+The contrastive loss is written for a global batch sharded over the mesh: the
+similarity matrix keeps the batch's rows where they are and sees every clip of the
+global batch as a column, and the sharding annotations, not a hand-written
+all-gather, tell XLA to bring the columns together. So a batch split over 2 processes
+x 2 devices gives the loss of 1 process x 4 devices (tests/test_pretrain.py).
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from sora_jax.train.sharding import BATCH_AXES
+
+_MASKED = -1e9  # logit of a column that is no clip's sound (or picture)
+
+
+def classification_loss(logits: jax.Array, labels: jax.Array, multi_label: bool) -> jax.Array:
+    """Mean softmax cross-entropy (integer labels) or sigmoid BCE (multi-hot labels)."""
+    if multi_label:
+        return optax.sigmoid_binary_cross_entropy(logits, labels).sum(-1).mean()
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def _info_nce(queries, keys, valid, scale, rows, columns):
+    """Mean over valid rows of -log p(row i's own key | its query), the other valid clips
+    of the batch the alternatives. queries, keys: [B, D] unit vectors; valid: [B]."""
+    keys = _constrain(keys, columns)  # every clip of the global batch, on every device
+    logits = _constrain(scale * queries @ keys.T, rows)  # [B, B], rows stay sharded
+    logits = jnp.where(valid[None, :], logits, _MASKED)
+    log_p = jax.nn.log_softmax(logits, axis=-1)
+    own = jnp.diagonal(log_p)  # [B]
+    count = jnp.maximum(jnp.sum(valid), 1)
+    loss = -jnp.sum(jnp.where(valid, own, 0.0)) / count
+    hit = jnp.argmax(logits, axis=-1) == jnp.arange(logits.shape[0])
+    return loss, jnp.sum(valid & hit) / count
+
+
+def _constrain(x, sharding):
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+
+def contrastive_loss(
+    video: jax.Array,  # [B, D] unit vectors, the global batch
+    audio: jax.Array,  # [B, D]
+    valid: jax.Array,  # [B] bool: the clip has both a picture and a sound
+    scale: jax.Array,  # [] inverse temperature
+    mesh: Mesh | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Symmetric InfoNCE: (loss, in-batch top-1 of video->audio and audio->video).
+
+    A clip's picture and its own sound are the positive pair; every other clip of the
+    global batch is a negative. A clip missing a sense is neither (its row and column
+    are masked out), so it is never paired with a sound or picture that is not there.
+    """
+    rows = columns = None
+    if mesh is not None:
+        rows, columns = NamedSharding(mesh, P(BATCH_AXES, None)), NamedSharding(mesh, P())
+    v2a, v2a_hit = _info_nce(video, audio, valid, scale, rows, columns)
+    a2v, a2v_hit = _info_nce(audio, video, valid, scale, rows, columns)
+    return (v2a + a2v) / 2, (v2a_hit + a2v_hit) / 2
+
+
+def wants_modality_embeddings(config: ml_collections.ConfigDict) -> bool:
+    return config.loss.contrastive > 0
+
+
+def objective(
+    out: dict[str, jax.Array],
+    batch: dict[str, jax.Array],
+    config: ml_collections.ConfigDict,
+    mesh: Mesh | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(loss, metrics) of one batch from the model's outputs."""
+    weights = config.loss
+    loss = jnp.zeros((), jnp.float32)
+    metrics = {}
+    if weights.supervised > 0:
+        logits, labels = out["logits"], batch["label"]
+        supervised = classification_loss(logits, labels, config.model.multi_label)
+        if config.model.multi_label:
+            correct = jnp.mean((logits > 0) == (labels > 0.5))
+        else:
+            correct = jnp.mean(jnp.argmax(logits, -1) == labels)
+        loss += weights.supervised * supervised
+        metrics |= {"supervised_loss": supervised, "accuracy": correct}
+    if weights.contrastive > 0:
+        valid = batch["has_video"] & batch["has_audio"]
+        contrastive, matched = contrastive_loss(
+            out["video_projection"], out["audio_projection"], valid, out["logit_scale"], mesh
+        )
+        loss += weights.contrastive * contrastive
+        metrics |= {
+            "contrastive_loss": contrastive,
+            "match_accuracy": matched,  # in-batch top-1, both directions
+            "temperature": 1.0 / out["logit_scale"],
+            "pairs": jnp.sum(valid).astype(jnp.float32),  # clips with both senses
+        }
+    return loss, metrics

@@ -1,0 +1,131 @@
+"""Starting a run from another run's parameters: `config.init_from` and `init_parts`.
+
+The source is a sora-train work dir (its latest checkpoint), one of its step dirs
+(WORKDIR/checkpoints/STEP) or a sora-export dir. Its parameters are read to the host
+whatever mesh wrote them, then laid out as this run's state is, part by part: the
+visual tower, the audio branch, the fusion head, the classifier ("head") and the
+contrastive projection heads (`models.PARTS`). A classifier for another number of
+classes starts anew; any other difference fails, naming the parameter and both shapes.
+"""
+
+import json
+import logging
+import pathlib
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from sora_jax import config as config_lib
+from sora_jax import models
+from sora_jax.inputs import InputSpec
+from sora_jax.train import checkpoint
+
+log = logging.getLogger("sora_jax")
+
+
+def _source_config(path: pathlib.Path) -> tuple[ml_collections.ConfigDict, str]:
+    """(the source's config, what kind of source it is)."""
+    if (path / "model_card.json").exists() and (path / "params").is_dir():
+        card = json.loads((path / "model_card.json").read_text())
+        return config_lib.from_dict(card["config"]), "export"
+    if (path / "config.json").exists():
+        return config_lib.load(path), "workdir"
+    if path.parent.name == "checkpoints" and path.name.isdigit():
+        return config_lib.load(path.parent.parent), "step"
+    raise FileNotFoundError(
+        f"config.init_from: {path} is not a sora-train work dir, a step dir "
+        f"(WORKDIR/checkpoints/STEP) or a sora-export dir"
+    )
+
+
+def load_source(path: str | pathlib.Path) -> tuple[dict, str]:
+    """(the source's inference parameters as NumPy arrays, a description for the log)."""
+    path = pathlib.Path(path).absolute()
+    if not path.exists():
+        raise FileNotFoundError(f"config.init_from: {path} does not exist")
+    source_config, kind = _source_config(path)
+    if kind == "export":
+        params = ocp.StandardCheckpointer().restore(path / "params")
+        return jax.tree.map(np.asarray, params), f"the export {path}"
+    workdir, step = (path, None) if kind == "workdir" else (path.parent.parent, int(path.name))
+    model = models.build_model(source_config.model, source_config.loss.contrastive > 0)
+    spec = InputSpec.from_config(source_config)
+    abstract = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), models.dummy_inputs(spec), modality_embeddings=True)[
+            "params"
+        ]
+    )
+    manager = checkpoint.make_manager(workdir, source_config, read_only=True)
+    try:
+        ema = source_config.optimizer.ema_decay > 0
+        params, step = checkpoint.restore_params_to_host(manager, step, abstract, ema)
+    finally:
+        manager.close()
+    return params, f"step {step} of {workdir}"
+
+
+def _flatten(tree: Any) -> dict[tuple[str, ...], Any]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {tuple(k.key for k in path): leaf for path, leaf in leaves}
+
+
+def merge(params: Any, source: dict, parts: tuple[str, ...], origin: str) -> Any:
+    """`params` (this run's, sharded) with the leaves of `parts` taken from `source`
+    (NumPy), each put on the devices as the leaf it replaces is."""
+    wanted = _flatten(params)
+    available = _flatten(source)
+    # A classifier for another class count is this run's own, as initialised.
+    head = [p for p in wanted if models.param_part(p) == "head"]
+    new_head = "head" in parts and any(
+        p not in available or available[p].shape != wanted[p].shape for p in head
+    )
+    if new_head:
+        log.info("init_from: the classifier differs in shape from %s's: initialised anew", origin)
+    loaded = {}
+    for path, leaf in wanted.items():
+        part = models.param_part(path)
+        if part not in parts or (part == "head" and new_head):
+            continue
+        name = "/".join(path)
+        if path not in available:
+            raise config_lib.ConfigError(
+                f"config.init_parts: {part} parameter {name} is not in {origin} (a run "
+                f"without that part, or another architecture); leave {part!r} out"
+            )
+        value = available[path]
+        if value.shape != leaf.shape:
+            raise config_lib.ConfigError(
+                f"config.init_from: parameter {name} has shape {tuple(value.shape)} in "
+                f"{origin} but {tuple(leaf.shape)} in this run's model"
+            )
+        value = np.asarray(value, leaf.dtype)
+        loaded[path] = jax.make_array_from_callback(
+            leaf.shape, leaf.sharding, lambda index, v=value: v[index]
+        )
+    missing = sorted(
+        {models.param_part(p) for p in wanted}
+        & set(parts) - {"head"} - {models.param_part(p) for p in loaded}
+    )
+    if missing:
+        raise config_lib.ConfigError(f"config.init_parts: {origin} holds no {missing} parameters")
+    log.info(
+        "init_from: loaded %d parameter arrays (%s) from %s",
+        len(loaded),
+        ", ".join(sorted({models.param_part(p) for p in loaded})),
+        origin,
+    )
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: loaded.get(tuple(k.key for k in path), leaf), params
+    )
+
+
+def initialise_from(state: Any, config: ml_collections.ConfigDict) -> Any:
+    """A freshly initialised TrainState with `config.init_parts` loaded from
+    `config.init_from` (its EMA too, when the run keeps one)."""
+    source, origin = load_source(config.init_from)
+    params = merge(state.params, source, tuple(config.init_parts), origin)
+    ema = None if state.ema_params is None else jax.tree.map(lambda x: x.copy(), params)
+    return state.replace(params=params, ema_params=ema)

@@ -1,0 +1,260 @@
+"""Contrastive pretraining through the trainer, its measures (retrieval, kNN), and the
+road to a downstream task: init_from a work dir, a step dir or an export, frozen parts,
+shape mismatches, sora-embed. Small runs on the shared demo data (labelled, so kNN
+applies; pretraining never reads the labels)."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import linear_probe, pretrain_av
+from sora_jax.config import ConfigError
+from sora_jax.export import embed as embed_lib
+from sora_jax.export import export as export_lib
+from sora_jax.train import objective, trainer, transfer
+from sora_jax.train.state import param_roles
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _pretrain_config(demo_data):
+    config = pretrain_av.get_config("runlocal")
+    config.data.update(dir=demo_data[0], name=demo_data[1], fps=8.0)
+    config.model.num_classes = 7  # any: a contrastive run never reads the labels
+    config.eval.knn_k = 3
+    return config
+
+
+@pytest.fixture(scope="module")
+def pretrained(demo_data, tmp_path_factory) -> pathlib.Path:
+    """A pretraining run's work dir (12 steps, no labels read)."""
+    workdir = tmp_path_factory.mktemp("pretrained")
+    trainer.train(_pretrain_config(demo_data), workdir)
+    return workdir
+
+
+def _probe_config(demo_data, init_from=""):
+    config = linear_probe.get_config("runlocal")
+    config.data.update(dir=demo_data[0], name=demo_data[1], fps=8.0)
+    config.model.num_classes = 4
+    config.init_from = str(init_from)
+    return config
+
+
+def test_contrastive_loss_pairs_each_clip_with_its_own_sound_and_masks_the_rest():
+    rng = np.random.default_rng(0)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    video = unit(rng.normal(size=(6, 4))).astype(np.float32)
+    audio = unit(video + 0.3 * rng.normal(size=(6, 4))).astype(np.float32)
+    scale = np.float32(5.0)
+
+    def reference(v, a):  # symmetric InfoNCE written out
+        logits = scale * v @ a.T
+        log_p = lambda x: x - np.log(np.exp(x).sum(1, keepdims=True))
+        return (-np.mean(np.diag(log_p(logits))) - np.mean(np.diag(log_p(logits.T)))) / 2
+
+    all_valid = np.ones(6, bool)
+    loss, _ = objective.contrastive_loss(video, audio, all_valid, scale)
+    np.testing.assert_allclose(loss, reference(video, audio), rtol=1e-5)
+    # A clip missing a sense is neither a positive nor a negative: the loss is that of
+    # the other clips alone, whatever its (meaningless) vectors hold.
+    valid = all_valid.copy()
+    valid[2] = False
+    garbage = video.copy()
+    garbage[2] = audio[0]  # would be a strong negative for clip 0 if it counted
+    loss, _ = objective.contrastive_loss(garbage, audio, valid, scale)
+    np.testing.assert_allclose(loss, reference(video[valid], audio[valid]), rtol=1e-5)
+    # Swapping the sounds of two clips makes their pairs wrong: the loss goes up.
+    swapped = audio[[1, 0, 2, 3, 4, 5]]
+    assert objective.contrastive_loss(video, swapped, all_valid, scale)[0] > loss
+
+
+def test_the_loss_of_2_processes_x_2_devices_equals_1_process_x_4(tmp_path):
+    def run(processes: int, devices: int) -> list[dict]:
+        done = subprocess.run(
+            [
+                sys.executable,
+                "launch/local.py",
+                "--processes",
+                str(processes),
+                "--devices-per-process",
+                str(devices),
+                "--",
+                sys.executable,
+                "tests/contrastive_probe.py",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        lines = [x.split("PROBE ", 1)[1] for x in done.stdout.splitlines() if "PROBE " in x]
+        return [json.loads(x) for x in lines]
+
+    (one,) = run(1, 4)
+    two = run(2, 2)
+    assert one["devices"] == 4 and [r["processes"] for r in two] == [2, 2]
+    assert {r["devices"] for r in two} == {4}
+    for r in two:  # every process holds the same global loss
+        np.testing.assert_allclose(r["loss"], one["loss"], rtol=1e-6)
+        assert r["match"] == one["match"]
+    assert one["loss"] > 0
+
+
+def test_pretraining_reports_retrieval_and_knn_and_sora_eval_prints_them(demo_data, pretrained):
+    result = json.loads((pretrained / "eval_test.json").read_text())
+    r = result["retrieval"]
+    assert r["num_examples"] + r["left_out"] == 20  # every held-out clip, once
+    for key in ("v2a_r1", "v2a_r5", "v2a_r10", "a2v_r1", "a2v_r5", "a2v_r10"):
+        assert 0 <= r[key] <= 1, key
+    assert r["v2a_r1"] <= r["v2a_r5"] <= r["v2a_r10"]
+    assert result["knn"]["bank_size"] == 48 and result["knn"]["num_examples"] == 20
+    assert "top1" not in result  # no classifier was trained: no classification scores
+    metrics = [json.loads(x) for x in (pretrained / "metrics.jsonl").read_text().splitlines()]
+    assert {"contrastive_loss", "match_accuracy", "temperature"} <= set(metrics[-1])
+    assert "accuracy" not in metrics[-1]
+    done = subprocess.run(
+        [pathlib.Path(sys.executable).parent / "sora-eval", "--workdir", str(pretrained)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    last = json.loads(done.stdout.strip().splitlines()[-1])
+    assert last["retrieval"] == r and last["knn"]["top1"] == result["knn"]["top1"]
+
+
+def _params(workdir):
+    source, _ = transfer.load_source(workdir)
+    return source
+
+
+def test_a_linear_probe_loads_and_freezes_the_encoder_and_trains_only_the_head(
+    demo_data, pretrained, tmp_path
+):
+    config = _probe_config(demo_data, pretrained)
+    trainer.train(config, tmp_path / "probe")
+    before, after = _params(pretrained), _params(tmp_path / "probe")
+    for part in ("visual", "audio"):
+        jax.tree.map(np.testing.assert_array_equal, before[part], after[part])
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        {k: v for k, v in before["fusion"].items() if k != "classifier"},
+        {k: v for k, v in after["fusion"].items() if k != "classifier"},
+    )
+    assert "contrastive" not in after  # the projection heads stay behind
+    # ... while the head (for 4 classes, the source's for 7) goes on learning.
+    earlier = _params(tmp_path / "probe" / "checkpoints" / "8")
+    changed = after["fusion"]["classifier"]["kernel"] - earlier["fusion"]["classifier"]["kernel"]
+    assert after["fusion"]["classifier"]["kernel"].shape == (16, 4)
+    assert np.abs(changed).max() > 0
+    # No optimizer state is kept for the frozen parts: Adam's moments cover the head only.
+    from sora_jax.train import setup
+
+    run = setup.build(config)
+    roles = param_roles(run.abstract_state.params, config)
+    head = sum(
+        x.size
+        for x, role in zip(
+            jax.tree.leaves(run.abstract_state.params), jax.tree.leaves(roles), strict=True
+        )
+        if role == "trained"
+    )
+    opt_floats = sum(x.size for x in jax.tree.leaves(run.abstract_state.opt_state) if x.ndim)
+    assert opt_floats == 2 * head  # mu and nu of the classifier, nothing else
+
+
+def test_init_from_a_step_dir_and_from_an_export_load_the_same_parameters(
+    demo_data, pretrained, tmp_path
+):
+    export_lib.export(pretrained, tmp_path / "export")
+    from_export, _ = transfer.load_source(tmp_path / "export")
+    from_step, origin = transfer.load_source(pretrained / "checkpoints" / "12")
+    assert origin.startswith("step 12 of")
+    jax.tree.map(np.testing.assert_array_equal, from_export["visual"], from_step["visual"])
+    config = _probe_config(demo_data, tmp_path / "export")
+    config.total_steps = 4
+    trainer.train(config, tmp_path / "probe")
+    after = _params(tmp_path / "probe")
+    jax.tree.map(np.testing.assert_array_equal, after["audio"], from_export["audio"])
+
+
+def test_init_from_fails_naming_the_parameter_and_both_shapes(demo_data, pretrained, tmp_path):
+    config = _probe_config(demo_data, pretrained)
+    config.model.embed_dim = 24
+    shapes = r"fusion/embed/bias has shape \(16,\) in step 12 of .* but \(24,\) in"
+    with pytest.raises(ConfigError, match=shapes):
+        trainer.train(config, tmp_path / "probe")
+    config = _probe_config(demo_data, tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        trainer.train(config, tmp_path / "probe2")
+
+
+def test_a_head_for_another_class_count_starts_anew(demo_data, pretrained, tmp_path, caplog):
+    config = _probe_config(demo_data, pretrained)  # the source's head has 7 classes, not 4
+    config.init_parts = ("visual", "audio", "fusion", "head")
+    config.total_steps = 2
+    with caplog.at_level("INFO", logger="sora_jax"):
+        trainer.train(config, tmp_path / "probe")
+    assert "initialised anew" in caplog.text
+
+
+def test_sora_embed_writes_one_npz_of_a_split_or_of_files(demo_data, pretrained, tmp_path):
+    out = tmp_path / "test.npz"
+    assert embed_lib.main(["--workdir", str(pretrained), "--split", "test", "--out", str(out)]) == 0
+    z = np.load(out)
+    assert z["embedding"].shape == (20, 16) and z["embedding"].dtype == np.float32
+    assert z["video_embedding"].shape == z["audio_embedding"].shape == (20, 16)
+    assert len(set(z["id"])) == 20 and set(z["label"]) <= {0, 1, 2, 3}
+    assert list(z["class_names"]) == sorted(z["class_names"]) and len(z["class_names"]) == 4
+    assert all(z["label_name"][i] == z["class_names"][z["label"][i]] for i in range(20))
+    # Never over a file it did not write, unless asked.
+    assert embed_lib.main(["--workdir", str(pretrained), "--split", "test", "--out", str(out)]) == 2
+    # Raw files through an export: ids are absolute paths, so equal names never collide.
+    export_lib.export(pretrained, tmp_path / "export")
+    raw = pathlib.Path(demo_data[0]).parent / "raw" / "test"
+    files = sorted(raw.rglob("*.mp4"))[:3]
+    broken = tmp_path / "a" / files[0].name
+    broken.parent.mkdir()
+    broken.write_bytes(b"not a video")
+    args = ["--export", str(tmp_path / "export"), *map(str, files), str(broken)]
+    assert embed_lib.main([*args, "--out", str(tmp_path / "files.npz")]) == 3
+    z = np.load(tmp_path / "files.npz")
+    assert list(z["id"]) == [str(f.absolute()) for f in files] and set(z["label"]) == {-1}
+    # The split's embedding of a clip is the file's embedding of the same clip.
+    split = np.load(out)
+    row = [i for i, p in enumerate(split["path"]) if p.endswith(files[0].name)]
+    np.testing.assert_allclose(z["embedding"][0], split["embedding"][row[0]], atol=1e-4)
+
+
+def test_finetuning_trains_the_pretrained_parts_at_a_tenth_of_the_rate(
+    demo_data, pretrained, tmp_path
+):
+    from configs import finetune
+
+    config = finetune.get_config("runlocal")
+    config.data.update(dir=demo_data[0], name=demo_data[1], fps=8.0)
+    config.model.num_classes = 4
+    config.init_from = str(pretrained)
+    config.optimizer.update(schedule="constant", warmup_steps=0, grad_clip=0.0)
+    config.total_steps = 1
+    trainer.train(config, tmp_path / "finetune")
+    before, after = _params(pretrained), _params(tmp_path / "finetune")
+    # One Adam step moves every parameter by about its learning rate (the update is
+    # ~sign(gradient)): 1e-3 for the new head, 1e-4 for the pretrained tower.
+    lr = config.optimizer.learning_rate
+    moved = lambda a, b: np.median(np.abs(a - b))
+    visual = moved(
+        after["visual"]["stage0_block0"]["conv_b"]["kernel"],
+        before["visual"]["stage0_block0"]["conv_b"]["kernel"],
+    )
+    assert 0.05 * lr < visual < 0.2 * lr, visual
+    roles = param_roles(after, config)
+    assert roles["visual"]["stage0_block0"]["conv_b"]["kernel"] == "pretrained"
+    assert roles["fusion"]["classifier"]["kernel"] == "trained"
