@@ -50,6 +50,7 @@ bench: demo-data
 	$(BIN)/python bench/input_pipeline.py --train-steps 300 --out bench/results/input_pipeline.json
 	$(BIN)/python bench/compile_time.py --out bench/results/compile_time.json
 	$(BIN)/python bench/memory.py --out bench/results/memory.json
+	$(BIN)/python bench/pretrain.py --out bench/results/pretrain.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

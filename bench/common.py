@@ -22,11 +22,13 @@ process.configure()
 
 
 def load_config(path: str, overrides: list[str]):
-    """A config file's get_config(), with KEY=VALUE overrides (Python literals)."""
+    """A config file's get_config() (FILE:PRESET for a preset), with KEY=VALUE overrides
+    (Python literals)."""
+    path, _, preset = path.partition(":")
     spec = importlib.util.spec_from_file_location("bench_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config()
+    config = module.get_config(preset) if preset else module.get_config()
     for item in overrides:
         key, value = item.split("=", 1)
         with contextlib.suppress(ValueError, SyntaxError):  # else: a plain string

@@ -23,6 +23,9 @@ def get_config() -> ml_collections.ConfigDict:
         crop_size=112,
         min_crop_scale=0.3,  # random resized crop keeps at least this much of the area
         flip=True,
+        # 2: two random windows of each training clip; with a contrastive loss each
+        # window's sound is then also a positive for the other window's picture.
+        train_views=1,
         eval_temporal_views=4,
         eval_spatial_views=3,  # 1 (centre) or 3 (both ends and centre of the long side)
         # grain worker processes per host (0: decode in the training process). Two keep the

@@ -25,7 +25,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = base.get_config()
     if arg == "small":
         small.shrink_to_small_data(c)
-        c.total_steps, c.eval_every = 200, 0
+        c.total_steps, c.eval_every = 400, 0
         c.checkpoint.every_steps = 100
         arg = None
     else:

@@ -46,6 +46,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     check(0 < d.min_crop_scale <= 1, "data.min_crop_scale", "must be in (0, 1]")
     check(d.eval_spatial_views in (1, 3), "data.eval_spatial_views", "must be 1 or 3")
     check(d.eval_temporal_views >= 1, "data.eval_temporal_views", "must be >= 1")
+    check(d.train_views in (1, 2), "data.train_views", "must be 1 or 2")
     check(d.eval_batch_size >= 1, "data.eval_batch_size", "must be >= 1")
     check(d.workers >= 0, "data.workers", "must be >= 0 (0: decode in the training process)")
     check(d.audio_samples >= 0, "data.audio_samples", "must be >= 0 (0: the frames' span)")
@@ -182,6 +183,7 @@ SAVED_BEFORE_KEY = {
     "model.visual.conv_backend": "auto",
     "model.audio.lstm_backend": "auto",
     "model.audio.unroll": 1,
+    "data.train_views": 1,
     "model.projection.dim": 128,
     "model.projection.temperature": 0.07,
     "model.projection.min_temperature": 0.01,

@@ -82,6 +82,22 @@ def test_compile_time_and_memory_scripts():
     assert memory["no_remat"]["peak_host_rss_mb"] > 0 and memory["remat"]["step_ms"] > 0
 
 
+def test_pretrain_script(tmp_path):
+    result = _run(
+        "pretrain.py",
+        "--config=configs/pretrain_av.py:runlocal",
+        "--batches",
+        "8",
+        "--devices",
+        "2",
+        "--repeats",
+        "1",
+    )
+    assert result["device_count"] == 2
+    assert result["similarity"]["8"]["step_ms"] > 0 and result["similarity"]["8"]["compile_s"] > 0
+    assert result["train_step"]["8"]["clips_per_s"] > 0
+
+
 def test_input_pipeline_script(demo_data):
     data_dir, name = demo_data
     raw = pathlib.Path(data_dir).parent / "raw"

@@ -5,6 +5,8 @@ on the frozen encoder is held to the same architecture trained supervised from s
 (configs/small.py, which this test also holds to learning the set from each sense), and
 a probe of a random frozen encoder is the control."""
 
+import jax
+
 from configs import linear_probe, pretrain_av, small
 from data_prep import builder, layouts
 from data_prep.synthetic import make_paired_set
@@ -13,6 +15,10 @@ from sora_jax.data import pipeline
 from sora_jax.train import trainer
 
 SETTINGS = PrepSettings(fps=8.0, short_side=128)
+# One CPU device, as the README's commands run here (the tests force eight): the figures
+# are the ones a user sees, and one device is the faster on two cores. Sharded
+# pretraining is held to the same loss in test_transfer.py.
+DEVICES = jax.devices()[:1]
 
 
 def test_pretraining_without_labels_gives_an_encoder_a_linear_probe_carries_far(tmp_path):
@@ -29,18 +35,18 @@ def test_pretraining_without_labels_gives_an_encoder_a_linear_probe_carries_far(
 
     config = pretrain_av.get_config("small")
     config.data.update(dir=str(data), name="paired_unlabeled")
-    pretrained = trainer.train(config, tmp_path / "pretrain")
+    pretrained = trainer.train(config, tmp_path / "pretrain", DEVICES)
     r = pretrained["retrieval"]
     # Chance is 1/47 (0.02): a clip's picture finds its own sound among all held-out clips',
     # classmates included (they differ in hue with pitch, size with loudness). Measured:
-    # video->audio 0.47, audio->video 0.38.
+    # video->audio 0.47, audio->video 0.45 (recall@5 0.83, 0.87).
     assert r["num_examples"] == 47 and r["left_out"] == 0
     assert min(r["v2a_r1"], r["a2v_r1"]) >= 10 * r["chance_r1"], r
 
     def top1(config, workdir) -> dict:
         config.data.update(dir=str(data), name="paired")
         config.model.num_classes = 10
-        return trainer.train(config, tmp_path / workdir)
+        return trainer.train(config, tmp_path / workdir, DEVICES)
 
     probe = linear_probe.get_config("small")
     probe.init_from = str(tmp_path / "pretrain")
@@ -49,7 +55,7 @@ def test_pretraining_without_labels_gives_an_encoder_a_linear_probe_carries_far(
     supervised_config = small.get_config()
     supervised_config.eval_every = 0
     supervised = top1(supervised_config, "supervised")
-    # Measured: probe 0.96, control 0.65, supervised 1.00 (audio-only 0.95, video-only 0.72).
+    # Measured: probe 0.975, control 0.75, supervised 1.00.
     assert probed["top1"] >= 0.9 * supervised["top1"], (probed["top1"], supervised["top1"])
     assert control["top1"] <= probed["top1"] - 0.15, (control["top1"], probed["top1"])
     # configs/small.py, users' starting point for a small labelled set, learns it from each

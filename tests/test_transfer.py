@@ -258,3 +258,41 @@ def test_finetuning_trains_the_pretrained_parts_at_a_tenth_of_the_rate(
     roles = param_roles(after, config)
     assert roles["visual"]["stage0_block0"]["conv_b"]["kernel"] == "pretrained"
     assert roles["fusion"]["classifier"]["kernel"] == "trained"
+
+
+def test_two_windows_of_a_clip_are_positives_for_each_other(demo_data, tmp_path):
+    from sora_jax.data import pipeline
+
+    config = _pretrain_config(demo_data)
+    config.data.train_views = 2
+    batch = next(iter(pipeline.train_dataset(config, 8)))
+    assert batch["frames"].shape[:2] == (8, 2) and batch["label"].shape == (8,)
+    # Two random windows and crops of each clip: not the same pixels.
+    assert all(not np.array_equal(f[0], f[1]) for f in batch["frames"])
+    # The loss is the mean over the four pairings of windows (picture i, sound j).
+    rng = np.random.default_rng(1)
+    unit = lambda x: (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+    v, a = unit(rng.normal(size=(8, 2, 4))), unit(rng.normal(size=(8, 2, 4)))
+    flat = lambda x: x.reshape(16, 4)
+    out = {"video_projection": flat(v), "audio_projection": flat(a), "logit_scale": 5.0}
+    present = np.ones(16, bool)
+    got, metrics = objective.objective(
+        out, {"has_video": present, "has_audio": present}, config, views=2
+    )
+    valid = np.ones(8, bool)
+    want = np.mean(
+        [
+            objective.contrastive_loss(v[:, i], a[:, j], valid, 5.0)[0]
+            for i in (0, 1)
+            for j in (0, 1)
+        ]
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert metrics["pairs"] == 8  # clips, not windows
+    # ... and trains through the same trainer.
+    config.total_steps = 4
+    trainer.train(config, tmp_path / "two_views")
+    rows = [
+        json.loads(x) for x in (tmp_path / "two_views" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert len(rows) == 4 and all(np.isfinite(r["contrastive_loss"]) for r in rows)

@@ -108,11 +108,21 @@ def data_source(config: ml_collections.ConfigDict, split: str) -> Sequence[dict]
 
 
 class _TrainClip(grain.transforms.RandomMap):
-    def __init__(self, spec: sampling.ClipSpec, min_scale: float, flip: bool):
-        self.spec, self.min_scale, self.flip = spec, min_scale, flip
+    """One random window of a clip, or `views` of them stacked on a view axis [V, ...]
+    (the label once)."""
+
+    def __init__(self, spec: sampling.ClipSpec, min_scale: float, flip: bool, views: int = 1):
+        self.spec, self.min_scale, self.flip, self.views = spec, min_scale, flip, views
 
     def random_map(self, example, rng: np.random.Generator):
-        return sampling.train_clip(example, self.spec, rng, self.min_scale, self.flip)
+        clips = [
+            sampling.train_clip(example, self.spec, rng, self.min_scale, self.flip)
+            for _ in range(self.views)
+        ]
+        if self.views == 1:
+            return clips[0]
+        stacked = {k: np.stack([c[k] for c in clips]) for k in clips[0] if k != "label"}
+        return stacked | {"label": clips[0]["label"]}
 
 
 def train_dataset(config: ml_collections.ConfigDict, local_batch_size: int) -> grain.IterDataset:
@@ -134,7 +144,12 @@ def train_dataset(config: ml_collections.ConfigDict, local_batch_size: int) -> g
         .shuffle(seed=config.seed)
         .repeat(epochs)
         .random_map(
-            _TrainClip(clip_spec(config), config.data.min_crop_scale, config.data.flip),
+            _TrainClip(
+                clip_spec(config),
+                config.data.min_crop_scale,
+                config.data.flip,
+                config.data.train_views,
+            ),
             seed=config.seed,
         )
         .batch(local_batch_size, drop_remainder=True)

@@ -75,8 +75,12 @@ def objective(
     batch: dict[str, jax.Array],
     config: ml_collections.ConfigDict,
     mesh: Mesh | None = None,
+    views: int = 1,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """(loss, metrics) of one batch from the model's outputs."""
+    """(loss, metrics) of one batch from the model's outputs. With `views` windows of each
+    clip (rows [B * V], a clip's side by side), every window's picture has its own
+    window's sound and the other windows' sounds of the same clip as positives: the
+    contrastive loss is the mean over the V x V pairings of windows."""
     weights = config.loss
     loss = jnp.zeros((), jnp.float32)
     metrics = {}
@@ -90,10 +94,16 @@ def objective(
         loss += weights.supervised * supervised
         metrics |= {"supervised_loss": supervised, "accuracy": correct}
     if weights.contrastive > 0:
-        valid = batch["has_video"] & batch["has_audio"]
-        contrastive, matched = contrastive_loss(
-            out["video_projection"], out["audio_projection"], valid, out["logit_scale"], mesh
-        )
+        by_clip = lambda x: x.reshape(-1, views, *x.shape[1:])  # [B * V, ...] -> [B, V, ...]
+        valid = by_clip(batch["has_video"] & batch["has_audio"]).all(axis=1)  # [B]
+        video, audio = by_clip(out["video_projection"]), by_clip(out["audio_projection"])
+        pairs = [
+            contrastive_loss(video[:, i], audio[:, j], valid, out["logit_scale"], mesh)
+            for i in range(views)
+            for j in range(views)
+        ]
+        contrastive = sum(loss for loss, _ in pairs) / len(pairs)
+        matched = sum(hit for _, hit in pairs) / len(pairs)
         loss += weights.contrastive * contrastive
         metrics |= {
             "contrastive_loss": contrastive,

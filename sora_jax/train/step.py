@@ -25,7 +25,10 @@ def abstract_batch(
     views: int | None = None,
 ) -> dict[str, jax.ShapeDtypeStruct]:
     """The shapes, dtypes and sharding of a global batch, as the pipeline delivers it:
-    training batches [B, ...], evaluation batches with `views` per clip [B, V, ...]."""
+    training batches [B, ...] ([B, V, ...] with data.train_views V > 1), evaluation
+    batches with `views` per clip [B, V, ...]."""
+    if views is None and config.data.train_views > 1:
+        views = config.data.train_views
     shapes = spec.shapes(batch_size) | {"label": label_shape(config, batch_size)}
     if views is not None:
         shapes = {
@@ -44,6 +47,10 @@ def make_train_step(
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """train_step(state, batch) -> (state, metrics), compiled once for these shardings."""
     accum = config.accum_steps
+    views = config.data.train_views
+    flatten_views = lambda x, repeat: (
+        jnp.repeat(x, views, axis=0) if repeat else x.reshape(-1, *x.shape[2:])
+    )
     modality_embeddings = objective_lib.wants_modality_embeddings(config)
     ema_decay = config.optimizer.ema_decay
     base_rng = jax.random.key(config.seed)
@@ -51,6 +58,8 @@ def make_train_step(
     micro_sharding = NamedSharding(mesh, P(None, BATCH_AXES))
 
     def loss_fn(params, batch, rng):
+        if views > 1:  # [B, V, ...] -> [B * V, ...], a clip's windows side by side
+            batch = {k: flatten_views(v, k == "label") for k, v in batch.items()}
         inputs = {k: batch[k] for k in MODEL_INPUTS}
         out = model.apply(
             {"params": params},
@@ -59,7 +68,7 @@ def make_train_step(
             modality_embeddings=modality_embeddings,
             rngs={"dropout": rng},
         )
-        return objective_lib.objective(out, batch, config, mesh)
+        return objective_lib.objective(out, batch, config, mesh, views)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
