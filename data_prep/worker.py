@@ -46,13 +46,15 @@ def prepare_entry(entry: Entry, settings: PrepSettings) -> tuple[dict[str, Any],
     notes = []
     if not video.has_audio:
         notes.append("no audio stream (kept, has_audio=False)")
-    if len(video.frames) < settings.min_frames:
+    if not video.has_video:
+        notes.append("no video stream (kept, has_video=False)")
+    elif len(video.frames) < settings.min_frames:
         notes.append(f"short: {len(video.frames)} frames < {settings.min_frames} (kept, padded)")
     row.update(
         status="ok",
         reason="; ".join(notes),
         has_audio=video.has_audio,
-        has_video=True,
+        has_video=video.has_video,
         num_frames=len(video.frames),
     )
     example = stored_example(video, settings.jpeg_quality) | {"path": entry.key}

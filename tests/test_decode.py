@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sora_jax.data.decode import DecodeError, decode_video
+from sora_jax.data.decode import DecodeError, decode_video, stored_example
+from sora_jax.data.sampling import ClipSpec, eval_views, train_clip
 from tests.media import dominant_hz, write_audio_only, write_clip
 
 FORMATS = [
@@ -104,13 +105,24 @@ def test_bad_inputs_raise_decode_errors_with_reasons(tmp_path):
     garbage.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, np.uint8).tobytes())
     picture = tmp_path / "picture.jpg"
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(picture)
-    audio_only = write_audio_only(tmp_path / "audio_only.m4a")
     reasons = {}
-    for path in (empty, garbage, picture, audio_only):
+    for path in (empty, garbage, picture):
         with pytest.raises(DecodeError) as e:
             decode_video(path, fps=4.0, short_side=16)
         reasons[path.name] = str(e.value)
     assert reasons["empty.mp4"] == "empty file"
     assert "not a readable media file" in reasons["garbage.mp4"]
     assert "still picture" in reasons["picture.jpg"]
-    assert reasons["audio_only.m4a"] == "no video stream"
+    # A sound without a picture is a clip too: the model hears it, and never sees blanks.
+    sound = decode_video(write_audio_only(tmp_path / "audio_only.m4a"), fps=4.0, short_side=16)
+    assert not sound.has_video and sound.frames.shape[0] == 0
+    assert sound.has_audio and abs(sound.audio.size - 16_000) < 2_000  # one second
+    spec = ClipSpec(
+        num_frames=3, frame_stride=2, crop_size=8, fps=4.0, audio_samples=4000, num_classes=2
+    )
+    views = eval_views(stored_example(sound), spec, temporal_views=2, spatial_views=3)
+    assert views["frames"].shape == (6, 3, 8, 8, 3) and not views["frame_mask"].any()
+    assert not views["has_video"].any() and views["has_audio"].all()
+    assert (views["audio_len"] == 4000).all()
+    clip = train_clip(stored_example(sound), spec, np.random.default_rng(0), 0.5, True)
+    assert clip["frames"].shape == (3, 8, 8, 3) and clip["has_video"] == np.False_

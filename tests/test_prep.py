@@ -71,10 +71,12 @@ def test_bad_files_are_reported_and_never_stop_the_run(tmp_path):
     }
     assert len(rows) == 10  # every input is in the report
     skipped = {name: r["reason"] for name, r in rows.items() if r["status"] == "skipped"}
-    assert set(skipped) == {"empty.mp4", "garbage.avi", "photo.jpg", "podcast.m4a", "truncated.mp4"}
+    assert set(skipped) == {"empty.mp4", "garbage.avi", "photo.jpg", "truncated.mp4"}
     assert skipped["empty.mp4"] == "empty file"
     assert "still picture" in skipped["photo.jpg"]
-    assert skipped["podcast.m4a"] == "no video stream"
+    podcast = rows["podcast.m4a"]  # a sound without a picture: kept, marked
+    assert podcast["status"] == "ok" and podcast["has_video"] is False and podcast["has_audio"]
+    assert podcast["reason"] == "no video stream (kept, has_video=False)"
     assert rows["silent.mp4"]["status"] == "ok" and rows["silent.mp4"]["has_audio"] is False
     assert rows["short.mp4"]["status"] == "ok" and "short" in rows["short.mp4"]["reason"]
     assert rows["good.webm"]["status"] == "ok" and rows["good.webm"]["split"] == "test"
@@ -90,11 +92,13 @@ def test_bad_files_are_reported_and_never_stop_the_run(tmp_path):
 
     train = tfds.data_source("pets", split="train", data_dir=str(out))
     test = tfds.data_source("pets", split="test", data_dir=str(out))
-    assert (len(train), len(test)) == (3, 2)
+    assert (len(train), len(test)) == (4, 2)
     info = tfds.builder("pets", data_dir=str(out)).info
     assert info.features["label"].names == ["cat", "dog"]
     assert info.metadata["prep"]["fps"] == 4.0
-    examples = {e["path"]: e for e in (train[i] for i in range(3))}
+    examples = {e["path"]: e for e in (train[i] for i in range(4))}
+    podcast = examples[b"train/dog/podcast.m4a"]
+    assert podcast["num_frames"] == 0 and len(podcast["frames"]) == 0 and podcast["has_audio"]
     silent = examples[b"train/cat/silent.mp4"]
     assert not silent["has_audio"] and len(silent["audio"]) == 0
     short = examples[b"train/dog/short.mp4"]

@@ -192,8 +192,12 @@ def test_init_from_fails_naming_the_parameter_and_both_shapes(demo_data, pretrai
     with pytest.raises(ConfigError, match=shapes):
         trainer.train(config, tmp_path / "probe")
     config = _probe_config(demo_data, tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match="init_from"):
+    with pytest.raises(FileNotFoundError, match=r"config\.init_from: .*nowhere does not exist"):
         trainer.train(config, tmp_path / "probe2")
+    config = _probe_config(demo_data, pretrained)
+    config.init_parts = ("visual", "projection")  # a probe has no projection heads
+    with pytest.raises(ConfigError, match=r"config\.init_parts: 'projection': only runs"):
+        trainer.train(config, tmp_path / "probe3")
 
 
 def test_a_head_for_another_class_count_starts_anew(demo_data, pretrained, tmp_path, caplog):

@@ -35,11 +35,36 @@ class DecodeError(Exception):
 
 @dataclasses.dataclass
 class DecodedVideo:
-    frames: np.ndarray  # [N, H, W, 3] uint8, at `fps`, short side resized
+    frames: np.ndarray  # [N, H, W, 3] uint8, at `fps`, short side resized; N = 0: no picture
     audio: np.ndarray  # [S] int16 at 16 kHz mono; empty when there is no audio stream
     has_audio: bool
     fps: float
-    source_fps: float  # the stream's average rate, for the report
+    source_fps: float  # the stream's average rate, for the report (0 without a picture)
+
+    @property
+    def has_video(self) -> bool:
+        return len(self.frames) > 0
+
+
+def _decode_sound_only(container, audio, max_seconds: float, fps: float) -> DecodedVideo:
+    """A file with a sound and no picture (a podcast, a field recording): a clip the
+    model can hear but not see, kept with no frames."""
+    resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
+    chunks = []
+    try:
+        for frame in container.decode(audio):
+            chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(frame))
+        chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(None))
+    except av.error.FFmpegError as e:
+        if not chunks:
+            raise DecodeError(f"corrupt or truncated: {e.strerror}") from e
+    wave = np.concatenate(chunks).astype(np.int16) if chunks else np.zeros(0, np.int16)
+    if max_seconds:
+        wave = wave[: int(max_seconds * SAMPLE_RATE)]
+    if not wave.size:
+        raise DecodeError("no video stream, and no decodable audio")
+    frames = np.zeros((0, 0, 0, 3), np.uint8)
+    return DecodedVideo(frames=frames, audio=wave, has_audio=True, fps=fps, source_fps=0.0)
 
 
 def _resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
@@ -55,8 +80,9 @@ def decode_video(
 ) -> DecodedVideo:
     """Frames resampled to `fps` (by timestamps, so variable frame rates work) with the
     short side resized to `short_side` (0 keeps the size); audio as 16 kHz mono int16.
+    A file with a sound and no picture gives no frames (`has_video` False).
 
-    Raises DecodeError with a short reason for anything that is not a usable video.
+    Raises DecodeError with a short reason for anything that is not a usable clip.
     """
     path = os.fspath(path)
     if os.path.getsize(path) == 0:
@@ -69,7 +95,9 @@ def decode_video(
         if container.format.name in _PICTURE_FORMATS:
             raise DecodeError(f"a still picture ({container.format.name}), not a video")
         if not container.streams.video:
-            raise DecodeError("no video stream")
+            if not container.streams.audio:
+                raise DecodeError("no video or audio stream")
+            return _decode_sound_only(container, container.streams.audio[0], max_seconds, fps)
         video = container.streams.video[0]
         audio = container.streams.audio[0] if container.streams.audio else None
         video.thread_type = "AUTO"

@@ -65,11 +65,37 @@ def _resize(frame: np.ndarray, box: tuple[int, int, int, int], size: int) -> np.
     return np.asarray(image)
 
 
+def _sound_only(example: dict, spec: ClipSpec, starts: list[int]) -> dict[str, np.ndarray]:
+    """Views of a clip without a picture: blank, fully masked frames (the model never
+    sees them: has_video is False) and the sound of each window."""
+    views = len(starts)
+    windows = [audio_window(example["audio"], s, spec) for s in starts]
+    size = spec.crop_size
+    return {
+        "frames": np.zeros((views, spec.num_frames, size, size, 3), np.uint8),
+        "frame_mask": np.zeros((views, spec.num_frames), bool),
+        "audio": np.stack([w[0] for w in windows]),
+        "audio_len": np.asarray([w[1] for w in windows], np.int32),
+        "has_video": np.zeros(views, bool),
+        "has_audio": np.ones(views, bool),
+        "label": _target(example, spec),
+    }
+
+
+def _sound_frames(example: dict, spec: ClipSpec) -> int:
+    """A sound-only clip's length in frames at `spec.fps`: where its windows may start."""
+    return int(len(example["audio"]) / SAMPLE_RATE * spec.fps)
+
+
 def train_clip(
     example: dict, spec: ClipSpec, rng: np.random.Generator, min_scale: float, flip: bool
 ) -> dict[str, np.ndarray]:
     n = int(example["num_frames"])
     span = (spec.num_frames - 1) * spec.frame_stride + 1
+    if n == 0:  # a sound without a picture
+        start = int(rng.integers(0, max(_sound_frames(example, spec) - span, 0) + 1))
+        clip = _sound_only(example, spec, [start])
+        return {k: v if k == "label" else v[0] for k, v in clip.items()}
     start = int(rng.integers(0, max(n - span, 0) + 1))
     indices, mask = frame_indices(start, spec, n)
     frames = _decode(example, indices)
@@ -106,6 +132,10 @@ def eval_views(
     """Deterministic views: arrays gain a leading view axis V = temporal x spatial."""
     n = int(example["num_frames"])
     span = (spec.num_frames - 1) * spec.frame_stride + 1
+    if n == 0:  # a sound without a picture: the same number of views, each window's sound
+        sound = _sound_frames(example, spec)
+        starts = np.round(np.linspace(0, max(sound - span, 0), temporal_views)).astype(int)
+        return _sound_only(example, spec, [int(s) for s in starts for _ in range(spatial_views)])
     starts = np.round(np.linspace(0, max(n - span, 0), temporal_views)).astype(int)
     frames, masks, audios, lengths = [], [], [], []
     for start in starts:

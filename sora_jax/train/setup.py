@@ -29,12 +29,17 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
     first one that cannot work."""
     config_lib.validate(config, num_devices)
     models.check_config(config.model)
-    for key, parts in (
-        ("init_parts", config.init_parts),
-        ("optimizer.freeze", config.optimizer.freeze),
-    ):
+    named_parts = {"init_parts": config.init_parts, "optimizer.freeze": config.optimizer.freeze}
+    for key, parts in named_parts.items():
         for part in parts:
             config_lib.one_of(part, key, models.PARTS)
+    if config.loss.contrastive == 0:
+        for key, parts in named_parts.items():
+            config_lib.check(
+                "projection" not in parts,
+                key,
+                "'projection': only runs with loss.contrastive > 0 have projection heads",
+            )
 
 
 def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:

@@ -77,6 +77,12 @@ def merge(params: Any, source: dict, parts: tuple[str, ...], origin: str) -> Any
     (NumPy), each put on the devices as the leaf it replaces is."""
     wanted = _flatten(params)
     available = _flatten(source)
+    absent = sorted(set(parts) - {models.param_part(p) for p in wanted})
+    if absent:
+        raise config_lib.ConfigError(
+            f"config.init_parts: this run's model has no {absent} parameters to load "
+            f"(projection heads exist only in runs with loss.contrastive > 0)"
+        )
     # A classifier for another class count is this run's own, as initialised.
     head = [p for p in wanted if models.param_part(p) == "head"]
     new_head = "head" in parts and any(
@@ -105,12 +111,6 @@ def merge(params: Any, source: dict, parts: tuple[str, ...], origin: str) -> Any
         loaded[path] = jax.make_array_from_callback(
             leaf.shape, leaf.sharding, lambda index, v=value: v[index]
         )
-    missing = sorted(
-        {models.param_part(p) for p in wanted}
-        & set(parts) - {"head"} - {models.param_part(p) for p in loaded}
-    )
-    if missing:
-        raise config_lib.ConfigError(f"config.init_parts: {origin} holds no {missing} parameters")
     log.info(
         "init_from: loaded %d parameter arrays (%s) from %s",
         len(loaded),
