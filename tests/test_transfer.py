@@ -300,3 +300,23 @@ def test_two_windows_of_a_clip_are_positives_for_each_other(demo_data, tmp_path)
         json.loads(x) for x in (tmp_path / "two_views" / "metrics.jsonl").read_text().splitlines()
     ]
     assert len(rows) == 4 and all(np.isfinite(r["contrastive_loss"]) for r in rows)
+
+
+def test_supervised_and_contrastive_losses_combine_as_a_weighted_sum(demo_data):
+    config = _pretrain_config(demo_data)
+    config.loss.update(supervised=1.0, contrastive=0.5)
+    rng = np.random.default_rng(2)
+    unit = lambda x: (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+    out = {
+        "logits": rng.normal(size=(6, 7)).astype(np.float32),
+        "video_projection": unit(rng.normal(size=(6, 4))),
+        "audio_projection": unit(rng.normal(size=(6, 4))),
+        "logit_scale": np.float32(5.0),
+    }
+    present = np.ones(6, bool)
+    batch = {"label": rng.integers(0, 7, 6), "has_video": present, "has_audio": present}
+    loss, metrics = objective.objective(out, batch, config)
+    np.testing.assert_allclose(
+        loss, metrics["supervised_loss"] + 0.5 * metrics["contrastive_loss"], rtol=1e-6
+    )
+    assert {"accuracy", "match_accuracy", "temperature"} <= set(metrics)
