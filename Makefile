@@ -36,7 +36,7 @@ demo: demo-data
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -n 2 --dist worksteal --durations=15 tests
+	$(BIN)/python -m pytest -n 2 --durations=15 tests
 
 # Every benchmark, results in bench/results/*.json (see BENCHMARKS.md); ~13 min on 2 cores.
 bench: demo-data

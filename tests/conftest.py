@@ -45,23 +45,13 @@ def no_compilation_cache(monkeypatch):
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
 
 
-# The longest tests, longest first, start the run: `make test` runs pytest-xdist with
-# --dist worksteal, so a worker that runs out of tests takes the other's, and a long test
-# that started last would keep one worker busy while the other has nothing left to do.
-LONGEST_FIRST = (
-    "test_pretrain.py::",  # ~8 minutes of the ~25
-    "test_train.py::test_the_demo_config_learns",
-    "test_multihost.py::test_a_dead_process",
-    "test_multi_label.py::",
-)
+# The longest test (~8 of make test's ~25 minutes) starts the run: begun last, it would
+# keep one pytest-xdist worker busy long after the other had run out of tests.
+LONGEST = "tests/test_pretrain.py::"
 
 
 def pytest_collection_modifyitems(items: list) -> None:
-    def rank(item) -> int:
-        hits = [i for i, name in enumerate(LONGEST_FIRST) if name in item.nodeid]
-        return hits[0] if hits else len(LONGEST_FIRST)
-
-    items.sort(key=rank)
+    items.sort(key=lambda item: not item.nodeid.startswith(LONGEST))
 
 
 def pytest_report_header() -> str:
