@@ -18,7 +18,7 @@ from sora_jax.export.predict import Predictor
 from sora_jax.inputs import InputSpec
 from sora_jax.train import setup, trainer
 from sora_jax.train.evaluate import Evaluator
-from tests.conftest import small_config
+from tests.conftest import ONE_DEVICE, small_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -28,7 +28,7 @@ def exported(demo_data, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
     config = small_config(*demo_data)
     config.total_steps = 4
-    trainer.train(config, workdir)
+    trainer.train(config, workdir, ONE_DEVICE)
     output = workdir / "export"
     card = export_lib.export(workdir, output)
     return workdir, output, card
@@ -54,8 +54,9 @@ def test_exported_function_equals_the_model_at_two_batch_sizes(exported):
     for batch in (3, 7):
         inputs = _random_inputs(config, batch, batch)
         got = artifact.call(exported_params, inputs)
-        want = model.apply({"params": params}, inputs)
-        for key in ("logits", "embedding"):
+        want = model.apply({"params": params}, inputs, modality_embeddings=True)
+        assert set(got) == set(export_lib.EXPORTED_OUTPUTS)
+        for key in ("logits", "embedding", "video_embedding", "audio_embedding"):
             rel = np.linalg.norm(np.asarray(got[key]) - np.asarray(want[key])) / np.linalg.norm(
                 np.asarray(want[key])
             )

@@ -202,6 +202,23 @@ def test_missing_modality_acts_only_through_its_mask(fusion):
     assert not np.allclose(both, v) and not np.allclose(both, a) and not np.allclose(v, a)
 
 
+@pytest.mark.parametrize("fusion", ["concat", "mean", "gated", "attention"])
+def test_each_sense_alone_in_one_pass_is_the_clip_with_the_other_marked_missing(fusion):
+    # Evaluation, export and sora-embed read each sense's scores and embedding from the
+    # one pass of the towers (modality_embeddings=True): they must be what the model
+    # gives a clip whose other sense is missing.
+    model = build_model(tiny_config(**{"fusion.kind": fusion}).model)
+    x = random_inputs(6)
+    params = model.init(jax.random.key(0), x)["params"]
+    one_pass = model.apply({"params": params}, x, modality_embeddings=True)
+    for sense, missing in (("video", "has_audio"), ("audio", "has_video")):
+        alone = model.apply({"params": params}, dict(x, **{missing: jnp.zeros(B, bool)}))
+        for key in ("logits", "embedding"):
+            np.testing.assert_allclose(
+                one_pass[f"{sense}_{key}"], alone[key], rtol=1e-5, atol=1e-6, err_msg=sense
+            )
+
+
 def test_bfloat16_compute_stays_close_to_float32():
     config = tiny_config(**{"fusion.kind": "attention"})
     x = random_inputs(6)

@@ -28,7 +28,6 @@ arguments.
 """
 
 import argparse
-import json
 import os
 import pathlib
 import sys
@@ -38,30 +37,33 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from sora_jax import process
 
 BATCH = 8  # clips per call; the last batch is padded, so the model compiles once
-MODES = {"embedding": None, "video_embedding": "has_audio", "audio_embedding": "has_video"}
+EMBEDDINGS = ("embedding", "video_embedding", "audio_embedding")
 
 
 class Embedder:
-    """A work dir's checkpoint or an export dir, as `embed(views) -> {mode: [N, E]}`."""
+    """A work dir's checkpoint or an export dir, as `embed(views) -> {name: [N, E]}`: the
+    fused embedding and each sense's alone, from one pass of the model."""
 
     def __init__(self, workdir: str | None, export: str | None, step: int | None = None):
         from sora_jax import config as config_lib
 
         if export:
-            export_dir = pathlib.Path(export).absolute()
-            card = json.loads((export_dir / "model_card.json").read_text())
-            self.config = config_lib.from_dict(card["config"])
-            self.class_names = tuple(card["class_names"])
-            exported = jax.export.deserialize((export_dir / "model.jax").read_bytes())
-            params = ocp.StandardCheckpointer().restore(export_dir / "params")
-            self._apply = lambda inputs: exported.call(params, inputs)["embedding"]
-            frames = card["inputs"]["frames"]
-            self.short_side, self.jpeg_quality = frames["short_side_resize"], frames["jpeg_quality"]
+            from sora_jax.export.predict import Predictor
+
+            predictor = Predictor(export)
+            if not set(EMBEDDINGS) <= set(predictor.card["outputs"]):
+                raise ValueError(
+                    f"{export} was exported before exports gave each sense's embedding: "
+                    "export it again with this version of sora-export"
+                )
+            self.config = config_lib.from_dict(predictor.card["config"])
+            self.class_names = tuple(predictor.card["class_names"])
+            self.short_side, self.jpeg_quality = predictor.short_side, predictor.jpeg_quality
+            self._apply = lambda inputs: predictor.model.call(predictor.params, inputs)
         else:
             from sora_jax.train import setup
 
@@ -69,21 +71,23 @@ class Embedder:
             restored = setup.load_for_inference(self.config, workdir, step)
             model, params = restored.setup.model, restored.params
             self.class_names = restored.dataset.class_names
-            apply = jax.jit(lambda p, x: model.apply({"params": p}, x)["embedding"])
-            self._apply = lambda inputs: apply(params, inputs)
             self.short_side = restored.dataset.short_side
             self.jpeg_quality = restored.dataset.jpeg_quality
 
+            @jax.jit
+            def apply(params, inputs):
+                out = model.apply({"params": params}, inputs, modality_embeddings=True)
+                return {k: out[k] for k in EMBEDDINGS}
+
+            self._apply = lambda inputs: apply(params, inputs)
+
     def embed(self, views: dict[str, np.ndarray], clips: int) -> dict[str, np.ndarray]:
-        """views: [clips * V, ...], each clip's V views in a row -> {mode: [clips, E]}."""
-        out = {}
-        for mode, hidden in MODES.items():
-            inputs = dict(views)
-            if hidden:
-                inputs[hidden] = np.zeros_like(views[hidden])
-            rows = np.asarray(self._apply(jax.tree.map(jnp.asarray, inputs)), np.float32)
-            out[mode] = rows.reshape(clips, -1, rows.shape[-1]).mean(axis=1)
-        return out
+        """views: [clips * V, ...], each clip's V views in a row -> {name: [clips, E]}."""
+        out = self._apply(jax.tree.map(jnp.asarray, views))
+        return {
+            k: np.asarray(out[k], np.float32).reshape(clips, -1, out[k].shape[-1]).mean(axis=1)
+            for k in EMBEDDINGS
+        }
 
 
 def _split_clips(config: ml_collections.ConfigDict, split: str) -> Iterator[tuple[dict, str]]:
@@ -122,15 +126,15 @@ def embed_clips(
     config = embedder.config
     spec = pipeline.clip_spec(config)
     views_per_clip = (config.data.eval_temporal_views, config.data.eval_spatial_views)
-    rows: dict[str, list] = {k: [] for k in ("id", "path", "label", "has_audio", *MODES)}
+    rows: dict[str, list] = {k: [] for k in ("id", "path", "label", "has_audio", *EMBEDDINGS)}
     pending: list[dict] = []
 
     def flush():
         n = len(pending)
         padded = pending + [pending[-1]] * (BATCH - n)
         views = {k: np.concatenate([p[k] for p in padded]) for k in padded[0] if k != "label"}
-        for mode, values in embedder.embed(views, BATCH).items():
-            rows[mode].extend(values[:n])
+        for name, values in embedder.embed(views, BATCH).items():
+            rows[name].extend(values[:n])
         pending.clear()
 
     for example, path in clips:
@@ -147,8 +151,8 @@ def embed_clips(
     if not rows["id"]:
         raise ValueError("no clip to embed")
     out = {k: np.asarray(v) for k, v in rows.items()}
-    for mode in MODES:
-        out[mode] = np.asarray(rows[mode], np.float32).reshape(len(out["id"]), -1)
+    for name in EMBEDDINGS:
+        out[name] = np.asarray(rows[name], np.float32).reshape(len(out["id"]), -1)
     names = np.asarray(embedder.class_names, dtype=str)
     out["label"] = out["label"].astype(np.int32)
     out["label_name"] = np.asarray(
@@ -196,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         embedder = Embedder(args.workdir, args.export, args.checkpoint)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         print(f"sora-embed: {e}", file=sys.stderr)
         return 2
     if args.data_dir:

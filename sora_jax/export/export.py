@@ -2,7 +2,8 @@
 
 Writes, for teams that will never import sora_jax:
   OUT/params/          parameters only (no optimizer state), a plain orbax checkpoint
-  OUT/model.jax        jax.export of (params, inputs) -> (logits, embedding), int16 audio
+  OUT/model.jax        jax.export of (params, inputs) -> logits, embedding and each sense's
+                       embedding alone (video_embedding, audio_embedding), int16 audio
   OUT/model_float.jax  the same with float32 audio in [-1, 1]
   OUT/model_card.json  config, classes, input spec, data, metrics, code version
   OUT/model_card.md    the same, for people
@@ -38,6 +39,8 @@ if TYPE_CHECKING:  # annotations only
     from sora_jax.models import SoraModel
 
 ARTIFACTS = {"model.jax": jnp.int16, "model_float.jax": jnp.float32}
+# Each sense's embedding comes from the same pass of the towers as the fused one.
+EXPORTED_OUTPUTS = ("logits", "embedding", "video_embedding", "audio_embedding")
 
 
 def input_specs(
@@ -57,8 +60,8 @@ def export_inference(
     platforms: Sequence[str],
 ) -> jax.export.Exported:
     def infer(params, inputs):
-        out = model.apply({"params": params}, inputs)
-        return {"logits": out["logits"], "embedding": out["embedding"]}
+        out = model.apply({"params": params}, inputs, modality_embeddings=True)
+        return {k: out[k] for k in EXPORTED_OUTPUTS}
 
     abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     specs = input_specs(config, audio_dtype)
@@ -138,6 +141,8 @@ def model_card(
         "outputs": {
             "logits": ["batch", config.model.num_classes],
             "embedding": ["batch", config.model.embed_dim],
+            "video_embedding": ["batch", config.model.embed_dim],  # the picture alone
+            "audio_embedding": ["batch", config.model.embed_dim],  # the sound alone
             "scores": "sigmoid(logits)" if config.model.multi_label else "softmax(logits)",
         },
         # A pretrained encoder (contrastive only) has an untrained classifier: use its

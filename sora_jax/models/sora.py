@@ -45,9 +45,11 @@ class ContrastiveHeads(nn.Module):
 
 class SoraModel(nn.Module):
     """Raw clips -> {"embedding": [B, E], "logits": [B, C]}; with `modality_embeddings`
-    also each sense's embedding alone ("video_embedding", "audio_embedding": [B, E], the
-    same fusion head with the other sense absent) and, in a model with contrastive heads,
-    their projections ("video_projection", "audio_projection") and "logit_scale".
+    also each sense alone, from the same pass of the towers: "video_embedding",
+    "audio_embedding" [B, E] and "video_logits", "audio_logits" [B, C] (the fusion head
+    with the other sense absent: what the model gives a clip whose other sense is
+    missing) and, in a model with contrastive heads, the projections ("video_projection",
+    "audio_projection") and "logit_scale".
 
     Inputs: a dict, so exported signatures are self-describing; names, shapes, dtypes
     and meanings are defined once, in `sora_jax.inputs` (frames may also be float in
@@ -88,10 +90,12 @@ class SoraModel(nn.Module):
         out = {"embedding": embedding.astype(jnp.float32), "logits": logits.astype(jnp.float32)}
         if modality_embeddings:
             absent = jnp.zeros_like(has_video)
-            video_alone, _ = self.fusion(visual, audio, has_video, absent)
-            audio_alone, _ = self.fusion(visual, audio, absent, has_audio)
+            video_alone, video_logits = self.fusion(visual, audio, has_video, absent)
+            audio_alone, audio_logits = self.fusion(visual, audio, absent, has_audio)
             out["video_embedding"] = video_alone.astype(jnp.float32)
             out["audio_embedding"] = audio_alone.astype(jnp.float32)
+            out["video_logits"] = video_logits.astype(jnp.float32)
+            out["audio_logits"] = audio_logits.astype(jnp.float32)
             if self.contrastive is not None:
                 v_proj, a_proj, scale = self.contrastive(video_alone, audio_alone)
                 out |= {"video_projection": v_proj, "audio_projection": a_proj}

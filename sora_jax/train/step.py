@@ -140,6 +140,7 @@ def make_train_step(
 
 
 EMBEDDINGS = ("embedding", "video_embedding", "audio_embedding")
+MODE_LOGITS = {"full": "logits", "audio_only": "audio_logits", "video_only": "video_logits"}
 PROJECTIONS = ("video_projection", "audio_projection")
 
 
@@ -163,24 +164,20 @@ def make_eval_step(
     def _eval_step(params, batch: dict) -> dict:
         B, V = batch["frames"].shape[:2]
         flat = {k: batch[k].reshape(B * V, *batch[k].shape[2:]) for k in MODEL_INPUTS}
+        # One pass of the towers gives the clip fused and each sense alone (the fusion
+        # head with the other sense absent, as if it were missing from the input).
+        embedded = model.apply({"params": params}, flat, modality_embeddings=True)
+        per_clip = lambda x: x.reshape(B, V, -1).mean(axis=1)  # averaged over the views
         out = {}
-        for mode, drop in (
-            ("full", None),
-            ("audio_only", "has_video"),
-            ("video_only", "has_audio"),
-        ):
-            if not classify:
-                break
-            inputs = dict(flat)
-            if drop:
-                inputs[drop] = jnp.zeros_like(flat[drop])
-            logits = model.apply({"params": params}, inputs)["logits"]
-            probs = jax.nn.sigmoid(logits) if multi_label else jax.nn.softmax(logits)
-            out[mode] = probs.reshape(B, V, -1).mean(axis=1)
+        if classify:
+            for mode, key in MODE_LOGITS.items():
+                logits = embedded[key]
+                out[mode] = per_clip(
+                    jax.nn.sigmoid(logits) if multi_label else jax.nn.softmax(logits)
+                )
         if represent:
-            embedded = model.apply({"params": params}, flat, modality_embeddings=True)
             for k in EMBEDDINGS + PROJECTIONS:
-                x = embedded[k].reshape(B, V, -1).mean(axis=1)
+                x = per_clip(embedded[k])
                 out[k] = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
             for k in ("has_video", "has_audio"):
                 out[k] = batch[k].any(axis=1)
