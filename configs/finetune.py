@@ -15,14 +15,9 @@ from configs import base, small
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = base.get_config()
-    if arg == "small":
-        small.shrink_to_small_data(c)
-        c.total_steps, c.eval_every = 300, 0
-        c.checkpoint.every_steps = 100
-        arg = None
-    else:
-        c.total_steps, c.eval_every = 20_000, 2_000
-        c.optimizer.warmup_steps = 1_000
+    c.total_steps, c.eval_every = 20_000, 2_000
+    c.optimizer.warmup_steps = 1_000
+    arg = small.small_preset(c, arg, total_steps=300)
     c.init_parts = ("visual", "audio", "fusion")
     c.optimizer.pretrained_lr_scale = 0.1
     return base.apply_preset(c, arg)

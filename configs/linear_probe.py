@@ -23,13 +23,8 @@ ENCODER = ("visual", "audio", "fusion")
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = base.get_config()
-    if arg == "small":
-        small.shrink_to_small_data(c)
-        c.total_steps, c.eval_every = 400, 0
-        c.checkpoint.every_steps = 100
-        arg = None
-    else:
-        c.total_steps, c.eval_every = 10_000, 2_000
+    c.total_steps, c.eval_every = 10_000, 2_000
+    arg = small.small_preset(c, arg, total_steps=400)
     c.init_parts = ENCODER
     c.optimizer.update(
         freeze=ENCODER, learning_rate=1e-2, warmup_steps=20, weight_decay=0.0, ema_decay=0.0

@@ -23,17 +23,13 @@ from configs import base, small
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = base.get_config()
+    c.batch_size = 4096  # global: every clip is a negative for the 4095 others
+    c.total_steps = 100_000
+    c.optimizer.update(learning_rate=2e-3, warmup_steps=5_000, ema_decay=0.0)
     if arg == "small":
-        small.shrink_to_small_data(c)
-        c.batch_size, c.total_steps = 64, 300
+        arg = small.small_preset(c, arg, total_steps=300)
+        c.batch_size = 64  # twice small.py's: more negatives
         c.optimizer.update(learning_rate=2e-3, warmup_steps=30)
-        c.log_every, c.eval_every = 50, 0
-        c.checkpoint.every_steps = 100
-        arg = None
-    else:
-        c.batch_size = 4096  # global: every clip is a negative for the 4095 others
-        c.total_steps = 100_000
-        c.optimizer.update(learning_rate=2e-3, warmup_steps=5_000, ema_decay=0.0)
     c.data.name = "unlabeled"
     c.loss.update(supervised=0.0, contrastive=1.0)  # labels, if any, are never read
     # Each sense's embedding is computed with the other absent (models/sora.py): hiding

@@ -27,6 +27,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     return base.apply_preset(c, arg)
 
 
+def small_preset(c: ml_collections.ConfigDict, arg: str | None, total_steps: int) -> str | None:
+    """The `small` preset of the pretraining and transfer configs: with arg "small", `c`
+    shrunk to this file's sizes, `total_steps` long and evaluated at the end. Returns the
+    preset left for base.apply_preset."""
+    if arg != "small":
+        return arg
+    shrink_to_small_data(c)
+    c.total_steps, c.eval_every = total_steps, 0
+    c.checkpoint.every_steps = 100
+    return None
+
+
 def shrink_to_small_data(c: ml_collections.ConfigDict) -> None:
     """A few hundred clips at 128 px on a CPU: the data, model and schedule sizes of this
     config. The pretraining and transfer configs' `small` presets use the same ones, so
