@@ -5,7 +5,7 @@ The contrastive loss is written for a global batch sharded over the mesh: the
 similarity matrix keeps the batch's rows where they are and sees every clip of the
 global batch as a column, and the sharding annotations, not a hand-written
 all-gather, tell XLA to bring the columns together. So a batch split over 2 processes
-x 2 devices gives the loss of 1 process x 4 devices (tests/test_pretrain.py).
+x 2 devices gives the loss of 1 process x 4 devices (tests/test_transfer.py).
 """
 
 import jax
