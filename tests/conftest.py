@@ -15,8 +15,12 @@ import tempfile
 
 import pytest
 
-# Must be set before jax is imported anywhere in the test process.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Must be set before jax is imported anywhere in the test process (each pytest-xdist
+# worker too: it inherits the environment left below for the runs tests start).
+DEVICE_COUNT = "--xla_force_host_platform_device_count"
+_flags = os.environ.get("XLA_FLAGS", "").split()
+if not any(f.startswith(DEVICE_COUNT) for f in _flags):
+    os.environ["XLA_FLAGS"] = " ".join([*_flags, f"{DEVICE_COUNT}=8"])
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _worker = os.environ.get("PYTEST_XDIST_WORKER", "main")  # gw0, gw1, ... under `pytest -n`
@@ -31,9 +35,20 @@ if os.environ.get("SORA_JAX_TEST_CACHE_OF") != _worker:  # not inherited from th
     )
 
 # Tests compute as the entry points do: with the CPU's process settings.
-from sora_jax import process  # noqa: E402  (after the environment above)
+import jax  # noqa: E402  (after the environment above)
+
+from sora_jax import process  # noqa: E402
 
 process.configure()
+jax.devices()  # this process's backend starts now, with its eight devices ...
+# ... and the runs tests start (the commands, resume after a kill) compute on one CPU device,
+# as users' runs here do: eight virtual devices on two cores take ~1.8x as long (a 40-step
+# runlocal sora-train: 43 s against 24 s). Tests of several devices or processes set their
+# own (launch/local.py, the SLURM and bench tests).
+os.environ["XLA_FLAGS"] = " ".join(
+    f for f in os.environ["XLA_FLAGS"].split() if not f.startswith(DEVICE_COUNT)
+)
+ONE_DEVICE = jax.devices()[:1]  # for in-process runs that are not about sharding
 
 
 @pytest.fixture

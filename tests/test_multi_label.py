@@ -18,6 +18,7 @@ from data_prep.worker import PrepSettings
 from sora_jax.export import export as export_lib
 from sora_jax.export.predict import Predictor
 from sora_jax.train import trainer
+from tests.conftest import ONE_DEVICE
 
 
 def _multi_label_csv(raw: pathlib.Path) -> pathlib.Path:
@@ -52,7 +53,7 @@ def test_multi_label_clips_train_evaluate_export_and_predict(tmp_path):
     config.data.update(dir=str(tmp_path / "data"), name="multi", workers=0)
     config.model.multi_label = True
     config.total_steps = 200
-    result = trainer.train(config, tmp_path / "run")
+    result = trainer.train(config, tmp_path / "run", ONE_DEVICE)
 
     # Chance mAP with two of four labels per clip is about 0.5; each sense alone can
     # rank its own two labels perfectly and the other two only at chance (~0.75).

@@ -5,20 +5,17 @@ on the frozen encoder is held to the same architecture trained supervised from s
 (configs/small.py, which this test also holds to learning the set from each sense), and
 a probe of a random frozen encoder is the control."""
 
-import jax
-
 from configs import linear_probe, pretrain_av, small
 from data_prep import builder, layouts
 from data_prep.synthetic import make_paired_set
 from data_prep.worker import PrepSettings
 from sora_jax.data import pipeline
 from sora_jax.train import trainer
+from tests.conftest import ONE_DEVICE
 
 SETTINGS = PrepSettings(fps=8.0, short_side=128)
-# One CPU device, as the README's commands run here (the tests force eight): the figures
-# are the ones a user sees, and one device is the faster on two cores. Sharded
-# pretraining is held to the same loss in test_transfer.py.
-DEVICES = jax.devices()[:1]
+# On one CPU device, as the README's commands run here (the tests force eight): the
+# figures are the ones a user sees. Sharded pretraining: test_transfer.py.
 
 
 def test_pretraining_without_labels_gives_an_encoder_a_linear_probe_carries_far(tmp_path):
@@ -35,7 +32,7 @@ def test_pretraining_without_labels_gives_an_encoder_a_linear_probe_carries_far(
 
     config = pretrain_av.get_config("small")
     config.data.update(dir=str(data), name="paired_unlabeled")
-    pretrained = trainer.train(config, tmp_path / "pretrain", DEVICES)
+    pretrained = trainer.train(config, tmp_path / "pretrain", ONE_DEVICE)
     r = pretrained["retrieval"]
     # Chance is 1/47 (0.02): a clip's picture finds its own sound among all held-out clips',
     # classmates included (they differ in hue with pitch, size with loudness). Measured:
@@ -46,7 +43,7 @@ def test_pretraining_without_labels_gives_an_encoder_a_linear_probe_carries_far(
     def top1(config, workdir) -> dict:
         config.data.update(dir=str(data), name="paired")
         config.model.num_classes = 10
-        return trainer.train(config, tmp_path / workdir, DEVICES)
+        return trainer.train(config, tmp_path / workdir, ONE_DEVICE)
 
     probe = linear_probe.get_config("small")
     probe.init_from = str(tmp_path / "pretrain")

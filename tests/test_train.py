@@ -16,7 +16,7 @@ import pytest
 
 from sora_jax.config import ConfigError
 from sora_jax.train import checkpoint, setup, trainer
-from tests.conftest import small_config
+from tests.conftest import ONE_DEVICE, small_config
 
 
 def losses(workdir) -> dict[int, float]:
@@ -150,7 +150,7 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(demo_data, tmp_path):
     )
     config.total_steps, config.log_every, config.checkpoint.every_steps = 40, 4, 2
     with pytest.raises(trainer.NonFiniteError, match=r"at step (\d+)") as error:
-        trainer.train(config, tmp_path)
+        trainer.train(config, tmp_path, ONE_DEVICE)
     bad_step = int(error.value.args[0].split("at step ")[1].split(";")[0])
     saved = ocp.CheckpointManager((tmp_path / "checkpoints").absolute()).all_steps()
     assert all(step < bad_step for step in saved), (saved, bad_step)
@@ -197,7 +197,7 @@ def test_checkpoints_keep_the_last_k_plus_the_best(tmp_path):
 def test_sora_eval_reports_all_three_modes_as_json(demo_data, tmp_path):
     config = small_config(*demo_data)
     config.total_steps = 4
-    trainer.train(config, tmp_path)
+    trainer.train(config, tmp_path, ONE_DEVICE)
     done = subprocess.run(
         [pathlib.Path(sys.executable).parent / "sora-eval", "--workdir", str(tmp_path)],
         cwd=ROOT,
@@ -233,7 +233,7 @@ def test_the_demo_config_learns_the_demo_with_both_senses(tmp_path):
     )
     config = demo.get_config()
     config.data.dir = str(tmp_path / "data")
-    result = trainer.train(config, tmp_path / "run")
+    result = trainer.train(config, tmp_path / "run", ONE_DEVICE)
     assert result["top1"] >= 0.95, result["top1"]
     for mode in ("audio_only", "video_only"):
         assert 0.35 <= result[mode]["top1"] <= 0.65, (mode, result[mode]["top1"])
@@ -243,7 +243,7 @@ def test_inference_restores_only_the_parameters_it_evaluates(demo_data, tmp_path
     config = small_config(*demo_data)
     config.total_steps = 4
     config.optimizer.ema_decay = 0.5
-    trainer.train(config, tmp_path)
+    trainer.train(config, tmp_path, ONE_DEVICE)
     abstract = setup.build(config).abstract_state
     reader = checkpoint.make_manager(tmp_path, config, read_only=True)
     full = checkpoint.restore(reader, 4, abstract)
@@ -270,7 +270,7 @@ def test_each_step_compiles_once_per_run_and_steps_can_be_profiled(demo_data, tm
     config.total_steps, config.log_every, config.eval_every = 8, 4, 4  # two evaluations
     config.profile_steps = (2, 3)
     with jax.log_compiles(True), caplog.at_level(logging.WARNING):
-        result = trainer.train(config, tmp_path)
+        result = trainer.train(config, tmp_path, ONE_DEVICE)
     compiled = [
         r.getMessage().split()[1] for r in caplog.records if r.getMessage().startswith("Compiling ")
     ]

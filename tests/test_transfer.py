@@ -18,6 +18,7 @@ from sora_jax.export import embed as embed_lib
 from sora_jax.export import export as export_lib
 from sora_jax.train import objective, trainer, transfer
 from sora_jax.train.state import param_roles
+from tests.conftest import ONE_DEVICE
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -139,7 +140,7 @@ def test_a_linear_probe_loads_and_freezes_the_encoder_and_trains_only_the_head(
     demo_data, pretrained, tmp_path
 ):
     config = _probe_config(demo_data, pretrained)
-    trainer.train(config, tmp_path / "probe")
+    trainer.train(config, tmp_path / "probe", ONE_DEVICE)
     before, after = _params(pretrained), _params(tmp_path / "probe")
     for part in ("visual", "audio"):
         jax.tree.map(np.testing.assert_array_equal, before[part], after[part])
@@ -180,7 +181,7 @@ def test_init_from_a_step_dir_and_from_an_export_load_the_same_parameters(
     jax.tree.map(np.testing.assert_array_equal, from_export["visual"], from_step["visual"])
     config = _probe_config(demo_data, tmp_path / "export")
     config.total_steps = 4
-    trainer.train(config, tmp_path / "probe")
+    trainer.train(config, tmp_path / "probe", ONE_DEVICE)
     after = _params(tmp_path / "probe")
     jax.tree.map(np.testing.assert_array_equal, after["audio"], from_export["audio"])
 
@@ -190,14 +191,14 @@ def test_init_from_fails_naming_the_parameter_and_both_shapes(demo_data, pretrai
     config.model.embed_dim = 24
     shapes = r"fusion/embed/bias has shape \(16,\) in step 12 of .* but \(24,\) in"
     with pytest.raises(ConfigError, match=shapes):
-        trainer.train(config, tmp_path / "probe")
+        trainer.train(config, tmp_path / "probe", ONE_DEVICE)
     config = _probe_config(demo_data, tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match=r"config\.init_from: .*nowhere does not exist"):
-        trainer.train(config, tmp_path / "probe2")
+        trainer.train(config, tmp_path / "probe2", ONE_DEVICE)
     config = _probe_config(demo_data, pretrained)
     config.init_parts = ("visual", "projection")  # a probe has no projection heads
     with pytest.raises(ConfigError, match=r"config\.init_parts: 'projection': only runs"):
-        trainer.train(config, tmp_path / "probe3")
+        trainer.train(config, tmp_path / "probe3", ONE_DEVICE)
 
 
 def test_a_head_for_another_class_count_starts_anew(demo_data, pretrained, tmp_path, caplog):
@@ -205,7 +206,7 @@ def test_a_head_for_another_class_count_starts_anew(demo_data, pretrained, tmp_p
     config.init_parts = ("visual", "audio", "fusion", "head")
     config.total_steps = 2
     with caplog.at_level("INFO", logger="sora_jax"):
-        trainer.train(config, tmp_path / "probe")
+        trainer.train(config, tmp_path / "probe", ONE_DEVICE)
     assert "initialised anew" in caplog.text
 
 
@@ -248,7 +249,7 @@ def test_finetuning_trains_the_pretrained_parts_at_a_tenth_of_the_rate(
     config.init_from = str(pretrained)
     config.optimizer.update(schedule="constant", warmup_steps=0, grad_clip=0.0)
     config.total_steps = 1
-    trainer.train(config, tmp_path / "finetune")
+    trainer.train(config, tmp_path / "finetune", ONE_DEVICE)
     before, after = _params(pretrained), _params(tmp_path / "finetune")
     # One Adam step moves every parameter by about its learning rate (the update is
     # ~sign(gradient)): 1e-3 for the new head, 1e-4 for the pretrained tower.
@@ -295,7 +296,7 @@ def test_two_windows_of_a_clip_are_positives_for_each_other(demo_data, tmp_path)
     assert metrics["pairs"] == 8  # clips, not windows
     # ... and trains through the same trainer.
     config.total_steps = 4
-    trainer.train(config, tmp_path / "two_views")
+    trainer.train(config, tmp_path / "two_views", ONE_DEVICE)
     rows = [
         json.loads(x) for x in (tmp_path / "two_views" / "metrics.jsonl").read_text().splitlines()
     ]
