@@ -88,18 +88,12 @@ def restore_params(
     parameters are never read, so a changed optimizer config does not matter either.
     `manager` must be one that only restores this way (orbax binds a manager to one
     handler per item), as `make_manager(read_only=True)`."""
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {manager.directory}")
     wanted = "ema_params" if use_ema and abstract_state.ema_params is not None else "params"
-    target = {wanted: _abstract(getattr(abstract_state, wanted))}
+    target = _abstract(getattr(abstract_state, wanted))
     restore_args = jax.tree.map(
         lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), target
     )
-    # partial_restore: read the one subtree in `target`, whatever else the state holds.
-    item = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
-    restored = manager.restore(step, args=ocp.args.Composite(state=item))["state"]
-    return restored[wanted], step
+    return _restore_subtree(manager, step, wanted, target, restore_args)
 
 
 def restore_params_to_host(
@@ -107,12 +101,22 @@ def restore_params_to_host(
 ) -> tuple[dict, int]:
     """A checkpoint's parameters (the EMA ones if `ema`) as NumPy arrays on this host,
     whatever mesh wrote them: for starting another run from them (train/transfer.py)."""
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract_params)
+    return _restore_subtree(
+        manager, step, "ema_params" if ema else "params", abstract_params, restore_args
+    )
+
+
+def _restore_subtree(
+    manager: ocp.CheckpointManager, step: int | None, name: str, target: Any, restore_args: Any
+) -> tuple[Any, int]:
+    """One subtree of the saved state (the latest checkpoint's, or `step`'s); nothing else
+    is read."""
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {manager.directory}")
-    wanted = "ema_params" if ema else "params"
-    target = {wanted: abstract_params}
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-    item = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
-    restored = manager.restore(step, args=ocp.args.Composite(state=item))["state"]
-    return restored[wanted], step
+    # partial_restore: read the one subtree in `target`, whatever else the state holds.
+    item = ocp.args.PyTreeRestore(
+        item={name: target}, restore_args={name: restore_args}, partial_restore=True
+    )
+    return manager.restore(step, args=ocp.args.Composite(state=item))["state"][name], step
