@@ -20,7 +20,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from sora_jax.kernels import build
+from sora_jax.kernels import build, platform
 
 BACKENDS = ("auto", "xla", "onednn")
 DTYPES = (np.dtype("float32"), np.dtype(jax.numpy.bfloat16))
@@ -99,10 +99,10 @@ def resolve(backend: str, x: jax.Array, what: str) -> str:
         raise ValueError(f"{what} backend {backend!r} is not one of {BACKENDS}")
     if backend == "xla":
         return "xla"
-    platform = jax.default_backend()
+    target = platform.target_platform()  # the traced program's, not the host's
     why_not = None
-    if platform != "cpu":
-        why_not = f"the oneDNN kernels run on the CPU, not on {platform}"
+    if target != "cpu":
+        why_not = f"the oneDNN kernels run on the CPU, not on {target}"
     elif x.dtype not in DTYPES:
         why_not = f"the oneDNN kernels take float32 or bfloat16, not {x.dtype}"
     elif not all(isinstance(d, int) for d in x.shape):

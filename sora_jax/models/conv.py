@@ -9,7 +9,10 @@ Two backends compute the same convolution (BENCHMARKS.md has the measurements):
   device runs it on its own rows of the batch (`shard_map`) and weight gradients are summed
   across devices, as XLA would have done.
 * `xla` (accelerators, exported models, or `model.visual.conv_backend='xla'`): XLA's
-  forward pass and weight gradient. Two gradients are lowered differently from XLA's:
+  forward pass and weight gradient. For a program traced for the CPU
+  (kernels/platform.py), two gradients are lowered differently from XLA's, where they were
+  measured to help; on accelerators the plain autodiff of `lax.conv_general_dilated` and
+  a bias add:
 
 * Input gradient of a stride-2 3x3 convolution. XLA computes it as a convolution over the
   output gradient dilated with zeros, so three quarters of its multiplies are by zero (on
@@ -27,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sora_jax.kernels import onednn
+from sora_jax.kernels import onednn, platform
 from sora_jax.models.bias import bias_grad
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -82,7 +85,7 @@ def conv2d(
     `nn.relu`'s) whatever the backend; oneDNN applies the ReLU inside the kernel."""
     if onednn.resolve(backend, x, "conv") == "onednn":
         return _conv2d_onednn(x, w, b, stride, relu)
-    y = _conv2d_xla(x, w, b, stride)
+    y = _conv2d_xla(x, w, b, stride) if platform.for_cpu() else _conv(x, w, stride) + b
     return nn.relu(y) if relu else y  # XLA fuses it into the next operation itself
 
 
