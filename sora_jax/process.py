@@ -48,6 +48,10 @@ def configure() -> dict[str, bool]:
     quiet_tensorflow()
     if not computes_on_cpu():
         return {"xla_flag": False, "host_malloc": False}
+    # No accelerator here: JAX need not start the TPU or GPU plugins a machine may have
+    # installed (libtpu, for sora-compile, prints initialisation errors in every process
+    # that tries). Compiling for a TPU topology does not need them started.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     flags = os.environ.get("XLA_FLAGS", "")
     xla_flag = YNN_FLAG not in flags
     if xla_flag:

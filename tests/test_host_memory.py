@@ -102,3 +102,24 @@ def test_import_changes_nothing_and_the_cpu_settings_stay_on_the_cpu_path():
     assert (imported, configured) == ("None", "False None")
     assert not process.computes_on_cpu({"JAX_PLATFORMS": "cuda,cpu"})
     assert process.computes_on_cpu({"JAX_PLATFORMS": "cpu"})
+
+
+def test_a_machine_without_accelerators_keeps_jax_off_installed_tpu_plugins():
+    """libtpu (installed for sora-compile) would start, and print errors, in every
+    process; configure() keeps JAX on the CPU where no accelerator device exists."""
+    assert process.computes_on_cpu({}), "this test needs a machine without accelerators"
+    clean = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    script = textwrap.dedent(
+        """
+        import os
+        from sora_jax import process
+        process.configure()
+        import jax
+        print(os.environ["JAX_PLATFORMS"], jax.devices()[0].platform)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=clean, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.split() == ["cpu", "cpu"]
+    assert "TPU" not in done.stderr, done.stderr[-2000:]
