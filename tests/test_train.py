@@ -194,6 +194,23 @@ def test_bad_configs_fail_before_compiling_and_name_the_key(demo_data, tmp_path)
     assert not (tmp_path / "w" / "checkpoints").exists()
 
 
+def test_a_run_too_large_for_its_devices_fails_before_allocating_with_the_figures(
+    demo_data, tmp_path
+):
+    config = small_config(*demo_data)
+    # A million 16-frame clips at 224 px: terabytes of activations, on any host.
+    config.batch_size = 2**20
+    config.data.update(num_frames=16, crop_size=224)
+    with pytest.raises(ConfigError, match=r"config\.batch_size: the train step needs") as error:
+        trainer.train(config, tmp_path / "w", ONE_DEVICE)
+    figures = re.search(
+        r"needs ([\d.]+) GiB per device .* a device has ([\d.]+) GiB", str(error.value)
+    )
+    assert float(figures[1]) > 1000 > float(figures[2]), str(error.value)
+    assert "batch_size=1048576" in str(error.value) and "mesh.fsdp=1" in str(error.value)
+    assert not (tmp_path / "w").exists()  # nothing written, nothing allocated
+
+
 def test_checkpoints_keep_the_last_k_plus_the_best(tmp_path):
     config = small_config("unused", "unused")
     config.checkpoint.keep = 2

@@ -23,10 +23,10 @@ from jax.experimental import multihost_utils
 
 from sora_jax import config as config_lib
 from sora_jax.data import pipeline
-from sora_jax.train import checkpoint, evaluate, transfer
+from sora_jax.train import checkpoint, evaluate, fit, transfer
 from sora_jax.train import setup as setup_lib
 from sora_jax.train.state import NONFINITE_NAMES, TrainState, init_state
-from sora_jax.train.step import make_train_step
+from sora_jax.train.step import abstract_batch, make_train_step
 from sora_jax.train.tensorboard import ScalarWriter
 
 log = logging.getLogger("sora_jax")
@@ -192,6 +192,22 @@ class _Profile:
             self.active = False
 
 
+def _compile_train_step(run: setup_lib.Setup, config: ml_collections.ConfigDict):
+    """The train step compiled for the run's devices before anything is allocated, and
+    checked against their memory (fit.py). The loop runs this executable: it is compiled
+    once, and a batch of another shape or layout is an error, never a silent recompile."""
+    jitted = make_train_step(run.model, run.tx, config, run.mesh, run.state_sharding)
+    batch = abstract_batch(config, run.inputs, config.batch_size, run.batch_sharding)
+    compiled, report = fit.compile_step(jitted, run.abstract_state, batch)
+    fit.check_fits("train step", report, list(run.mesh.devices.flat), config, *fit.TRAIN_KEYS)
+    log.info(
+        "train step compiled in %.1f s; %.3f GiB per device",
+        report.compile_s,
+        report.total_bytes / fit.GiB,
+    )
+    return compiled
+
+
 def _restore_or_init(
     run: setup_lib.Setup,
     config: ml_collections.ConfigDict,
@@ -237,6 +253,7 @@ def train(
     summary = pipeline.check_dataset(config)
     setup_lib.check_processes_agree(config, summary)
     run = setup_lib.build(config, devices)
+    train_step = _compile_train_step(run, config)  # fails here if it cannot fit
     if main_process:
         workdir.mkdir(parents=True, exist_ok=True)
         config_lib.save(config, workdir)
@@ -246,7 +263,6 @@ def train(
     )
     manager = checkpoint.make_manager(workdir, config)
     state, step = _restore_or_init(run, config, manager, batches)
-    train_step = make_train_step(run.model, run.tx, config, run.mesh, run.state_sharding)
     evaluator: evaluate.Evaluator | None = None  # made at the first evaluation, kept for the rest
     logger = _Logger(workdir, config.total_steps, step, main_process)
     profile = _Profile(config.profile_steps, workdir / "tensorboard", main_process)
@@ -269,11 +285,6 @@ def train(
             if step % config.log_every == 0 or last or stop:  # stop: log every step run
                 _check_finite(state)
                 logger.steps(step - len(window.pending) + 1, *window.summary(config.batch_size))
-                if train_step.traces() > 1:
-                    log.warning(
-                        "train_step was compiled %d times: input shapes or shardings changed",
-                        train_step.traces(),
-                    )
                 window = _LogWindow()
             evaluate_now = last or (config.eval_every and step % config.eval_every == 0)
             if evaluate_now:
