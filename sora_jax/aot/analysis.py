@@ -1,0 +1,131 @@
+"""Compile a run's train and eval steps for any devices, attached or not, and read what the
+compiler says about them: memory per device, FLOPs and bytes per step, collectives and
+custom calls. The steps are the ones `sora-train` runs (setup.build, step.make_*_step), on
+abstract inputs: nothing is allocated, so a 256-chip program is checked on a laptop.
+"""
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from sora_jax.train import setup
+from sora_jax.train.fit import StepReport, compile_step
+from sora_jax.train.step import abstract_batch, make_eval_step, make_train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class RunReport:
+    batch_size: int  # global
+    devices: int
+    params_bytes: int  # per device, as sharded over the mesh
+    opt_state_bytes: int  # optimizer moments, the EMA copy of the parameters, counters
+    batch_bytes: int
+    train: StepReport
+    eval: StepReport
+
+
+def shard_bytes(tree) -> int:
+    """Bytes one device holds of a tree of sharded abstract arrays (its largest shard)."""
+    return sum(
+        int(np.prod(x.sharding.shard_shape(x.shape), dtype=np.int64)) * x.dtype.itemsize
+        for x in jax.tree.leaves(tree)
+    )
+
+
+def compile_run(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]) -> RunReport:
+    """The train step at config.batch_size and the eval step at data.eval_batch_size x
+    views, compiled for `devices` exactly as sora-train would build them."""
+    run = setup.build(config, devices)  # ConfigError for a config that cannot run there
+    state = run.abstract_state
+    batch = abstract_batch(config, run.inputs, config.batch_size, run.batch_sharding)
+    train_step = make_train_step(run.model, run.tx, config, run.mesh, run.state_sharding)
+    _, train = compile_step(train_step, state, batch)
+    d = config.data
+    views = d.eval_temporal_views * d.eval_spatial_views
+    eval_batch = abstract_batch(
+        config, run.inputs, d.eval_batch_size, run.batch_sharding, views=views
+    )
+    _, evaluation = compile_step(
+        make_eval_step(run.model, config, run.mesh), state.params, eval_batch
+    )
+    return RunReport(
+        batch_size=config.batch_size,
+        devices=len(devices),
+        params_bytes=shard_bytes(state.params),
+        opt_state_bytes=shard_bytes((state.opt_state, state.ema_params, state.step)),
+        batch_bytes=shard_bytes(batch),
+        train=train,
+        eval=evaluation,
+    )
+
+
+def fits(report: RunReport, device_memory_bytes: int) -> bool:
+    return max(report.train.total_bytes, report.eval.total_bytes) <= device_memory_bytes
+
+
+def largest_fitting_batch(
+    config: ml_collections.ConfigDict,
+    devices: Sequence[jax.Device],
+    device_memory_bytes: int,
+    first: RunReport,
+    max_compiles: int = 8,
+) -> dict:
+    """The largest global batch whose train step fits, found by compiling it at other
+    batch sizes (multiples of the devices x accum_steps): {"batch_size", "exact"}, exact
+    False when max_compiles ran out first (that batch fits; a larger one might)."""
+    unit = len(devices) * config.accum_steps
+
+    def train_fits(units: int) -> bool:
+        trial = config.copy_and_resolve_references()
+        trial.batch_size = units * unit
+        run = setup.build(trial, devices)
+        batch = abstract_batch(trial, run.inputs, trial.batch_size, run.batch_sharding)
+        step = make_train_step(run.model, run.tx, trial, run.mesh, run.state_sharding)
+        return compile_step(step, run.abstract_state, batch)[1].total_bytes <= device_memory_bytes
+
+    start_fits = first.train.total_bytes <= device_memory_bytes
+    units, exact = search_largest(train_fits, config.batch_size // unit, start_fits, max_compiles)
+    return {"batch_size": units * unit, "exact": exact}
+
+
+def search_largest(
+    fits: Callable[[int], bool], start: int, start_fits: bool, max_trials: int
+) -> tuple[int, bool]:
+    """The largest n >= 1 with fits(n), for a `fits` true up to some n and false above,
+    known at `start`: doubling from it while it fits (halving while it does not), then
+    bisecting. Returns (n, exact); n is 0 when not even 1 fits, exact False when the
+    trials ran out first (n fits; a larger one might)."""
+    trials = 0
+
+    def trial(n: int) -> bool:
+        nonlocal trials
+        trials += 1
+        return fits(n)
+
+    if start_fits:
+        good, bad = start, None
+        while bad is None:
+            if trials == max_trials:
+                return good, False
+            if trial(2 * good):
+                good *= 2
+            else:
+                bad = 2 * good
+    else:
+        good, bad = 0, start
+        while good == 0 and bad > 1:
+            if trials == max_trials:
+                return 0, False
+            half = bad // 2
+            good, bad = (half, bad) if trial(half) else (0, half)
+        if good == 0:
+            return 0, True
+    while bad - good > 1:
+        if trials == max_trials:
+            return good, False
+        middle = (good + bad) // 2
+        good, bad = (middle, bad) if trial(middle) else (good, middle)
+    return good, True

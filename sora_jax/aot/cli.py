@@ -1,0 +1,140 @@
+"""sora-compile: compile a run for a TPU slice that is not attached, before paying for one.
+
+  sora-compile --config configs/kinetics_sounds.py --topology v5e:4x4 [--slices 2]
+      [--config.KEY=VALUE ...] [--nosearch]
+
+Builds the mesh, model, optimizer state, train step and eval step exactly as sora-train
+would on that slice, compiles them with libtpu (`pip install -e '.[tpu]'`; no TPU needed)
+and prints a table, then one JSON object as the last line of stdout: per-chip bytes of
+parameters, optimizer state, batch, temporaries and the total; whether the train and eval
+steps fit the chip's HBM and by what margin; FLOPs and bytes accessed per chip per step and
+the lower bound on the step time they imply (topology.py says whose figures); the
+collectives and custom calls of the train program; and the largest global batch that fits,
+found by compiling (--nosearch skips it). Exit 0 when it compiled, fitting or not; 2 for a
+config or topology that cannot compile.
+"""
+
+import json
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from sora_jax import process
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file (optionally FILE:PRESET).", lock_config=True
+)
+_TOPOLOGY = flags.DEFINE_string("topology", None, "A TPU slice, VERSION:SHAPE, e.g. v5e:4x4.")
+_SLICES = flags.DEFINE_integer("slices", 1, "Slices of that shape (multislice).")
+_SEARCH = flags.DEFINE_boolean("search", True, "Search for the largest batch that fits.")
+_MAX_COMPILES = flags.DEFINE_integer("max_compiles", 8, "Compiles the batch search may use.")
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def report_dict(topology: str, slices: int, chip, run, search: dict | None) -> dict:
+    from sora_jax.aot import analysis
+
+    train = run.train
+    memory = chip.hbm_bytes
+    compute_s = train.flops / chip.peak_flops
+    memory_s = train.bytes_accessed / chip.hbm_bytes_per_s
+    return {
+        "topology": topology,
+        "slices": slices,
+        "devices": run.devices,
+        "chip": chip.name,
+        "batch_size": run.batch_size,
+        "fits": analysis.fits(run, memory),
+        "device_memory_bytes": memory,
+        "margin_bytes": memory - max(train.total_bytes, run.eval.total_bytes),
+        "bytes_per_device": {
+            "params": run.params_bytes,
+            "opt_state": run.opt_state_bytes,
+            "batch": run.batch_bytes,
+            "temp": train.temp_bytes,
+            "total": train.total_bytes,
+        },
+        "eval_bytes_per_device": {"temp": run.eval.temp_bytes, "total": run.eval.total_bytes},
+        "flops_per_step": train.flops,  # per chip
+        "bytes_accessed_per_step": train.bytes_accessed,  # per chip
+        "flops_per_byte": train.flops / max(train.bytes_accessed, 1.0),
+        "ridge_flops_per_byte": chip.ridge_flops_per_byte,
+        "step_time_bound_s": max(compute_s, memory_s),
+        "bound_by": "compute" if compute_s >= memory_s else "memory",
+        "chip_figures": {
+            "peak_bf16_flops_per_s": chip.peak_flops,
+            "hbm_bytes_per_s": chip.hbm_bytes_per_s,
+        },
+        "collectives": train.collectives,
+        "custom_calls": train.custom_calls,
+        "compile_s": {"train": train.compile_s, "eval": run.eval.compile_s},
+        "largest_fitting_batch": search,
+    }
+
+
+def print_table(r: dict) -> None:
+    b = r["bytes_per_device"]
+    rows = [
+        ("slice", f"{r['slices']} x {r['topology']} ({r['devices']} chips)"),
+        ("global batch", str(r["batch_size"])),
+        ("params / chip", _size(b["params"])),
+        ("optimizer state / chip", _size(b["opt_state"])),
+        ("batch / chip", _size(b["batch"])),
+        ("temporaries / chip", _size(b["temp"])),
+        ("train step / chip", f"{_size(b['total'])} of {_size(r['device_memory_bytes'])}"),
+        ("eval step / chip", _size(r["eval_bytes_per_device"]["total"])),
+        ("fits", f"{r['fits']} (margin {_size(r['margin_bytes'])})"),
+        ("FLOPs / chip / step", f"{r['flops_per_step']:.3e}"),
+        ("FLOP per byte", f"{r['flops_per_byte']:.0f} (ridge {r['ridge_flops_per_byte']:.0f})"),
+        ("step time >=", f"{r['step_time_bound_s'] * 1e3:.2f} ms ({r['bound_by']}-bound)"),
+        ("collectives", ", ".join(f"{k} {v}" for k, v in r["collectives"].items()) or "none"),
+        ("custom calls", ", ".join(r["custom_calls"]) or "none"),
+        ("compile", f"train {r['compile_s']['train']:.1f} s, eval {r['compile_s']['eval']:.1f} s"),
+    ]
+    if r["largest_fitting_batch"]:
+        s = r["largest_fitting_batch"]
+        rows.append(("largest batch that fits", f"{s['batch_size']}" + ("" if s["exact"] else "+")))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+
+
+def _compile(argv) -> None:
+    del argv
+    from sora_jax.aot import analysis, topology
+    from sora_jax.config import ConfigError
+
+    config = _CONFIG.value
+    try:
+        chip, _ = topology.parse(_TOPOLOGY.value)
+        devices = topology.tpu_devices(_TOPOLOGY.value, _SLICES.value)
+        run = analysis.compile_run(config, devices)
+    except (ConfigError, ValueError, RuntimeError) as e:
+        print(f"sora-compile: {e}", file=sys.stderr)
+        sys.exit(2)
+    search = None
+    if _SEARCH.value:
+        search = analysis.largest_fitting_batch(
+            config, devices, chip.hbm_bytes, run, _MAX_COMPILES.value
+        )
+    result = report_dict(_TOPOLOGY.value, _SLICES.value, chip, run, search)
+    print_table(result)
+    print(json.dumps(result))
+
+
+def main() -> None:
+    """sora-compile."""
+    # It compiles for the topology's devices and computes nothing: even on a TPU VM the
+    # attached chips (maybe training) are left alone.
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    process.configure()
+    flags.mark_flags_as_required(["config", "topology"])
+    app.run(_compile)

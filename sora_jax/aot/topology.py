@@ -1,0 +1,83 @@
+"""TPU slices that are not attached: their devices, for compiling, and their chips' figures.
+
+With `libtpu` installed (`pip install -e '.[tpu]'`), `jax.experimental.topologies` describes
+any slice libtpu knows (`v5e:4x4` is 16 v5e chips; `v4:2x2x4` 16 v4 chips) as compile-only
+devices on a machine without a TPU: `jax.jit(...).lower(...).compile()` on a mesh of them
+gives the executable XLA would run on that slice, with its memory and cost analysis.
+
+The chips' figures are Google's published ones (Cloud TPU documentation, the system
+architecture page of each version: tpu/docs/v4, v5e, v5p, v6e): peak bfloat16 matmul
+throughput, HBM capacity and bandwidth, per chip. They bound a step's time from below;
+they do not predict it.
+"""
+
+import dataclasses
+import os
+
+import jax
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    name: str
+    hbm_bytes: int  # per chip
+    peak_flops: float  # bfloat16 FLOP/s per chip
+    hbm_bytes_per_s: float
+
+    @property
+    def ridge_flops_per_byte(self) -> float:
+        """Arithmetic intensity above which a step is bound by compute, not memory."""
+        return self.peak_flops / self.hbm_bytes_per_s
+
+
+GiB = 1 << 30
+CHIPS = {
+    "v4": Chip("v4", 32 * GiB, 275e12, 1200e9),
+    "v5e": Chip("v5e", 16 * GiB, 197e12, 819e9),
+    "v5p": Chip("v5p", 95 * GiB, 459e12, 2765e9),
+    "v6e": Chip("v6e", 32 * GiB, 918e12, 1638e9),
+}
+# The accelerator types libtpu is told it runs on; only so it does not look for the TPU
+# VM's metadata server (and print errors) before describing a topology. Several processes
+# may compile at once (ALLOW_MULTIPLE_LIBTPU_LOAD): without a TPU there is no chip for
+# libtpu's lock file (/tmp/libtpu_lockfile) to guard.
+_ACCELERATOR_TYPES = {"v4": "v4-8", "v5e": "v5litepod-4", "v5p": "v5p-8", "v6e": "v6e-4"}
+
+
+def parse(topology: str) -> tuple[Chip, str]:
+    """'v5e:4x4' -> (the v5e chip, '4x4'), or ValueError naming what is known."""
+    version, _, shape = topology.partition(":")
+    if version not in CHIPS or not shape:
+        raise ValueError(
+            f"topology {topology!r}: expected VERSION:SHAPE with VERSION one of "
+            f"{sorted(CHIPS)}, e.g. v5e:4x4 or v4:2x2x4"
+        )
+    return CHIPS[version], shape
+
+
+def tpu_devices(topology: str, slices: int = 1) -> list[jax.Device]:
+    """The compile-only devices of `slices` slices of `topology`, e.g. ('v5e:16x16', 2)
+    for 512 chips in two slices joined by the data-centre network."""
+    chip, _ = parse(topology)
+    try:
+        import libtpu  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError(
+            "compiling for a TPU topology needs libtpu: pip install -e '.[tpu]'"
+        ) from e
+    from jax.experimental import topologies
+
+    for name, value in {
+        "TPU_SKIP_MDS_QUERY": "1",
+        "TPU_ACCELERATOR_TYPE": _ACCELERATOR_TYPES[chip.name],
+        "TPU_WORKER_HOSTNAMES": "localhost",
+        "TPU_WORKER_ID": "0",
+        "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+    }.items():
+        os.environ.setdefault(name, value)
+    kwargs = {"num_slices": slices} if slices > 1 else {}
+    try:
+        description = topologies.get_topology_desc(topology, "tpu", **kwargs)
+    except jax.errors.JaxRuntimeError as e:
+        raise ValueError(f"topology {topology!r} x {slices} slices: {e}") from e
+    return list(description.devices)
