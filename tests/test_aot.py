@@ -2,12 +2,12 @@
 attached (libtpu compiles them here; nothing runs on a TPU)."""
 
 import json
-import logging
+import os
 import pathlib
+import re
 import subprocess
 import sys
 
-import jax
 import pytest
 
 from configs import demo
@@ -35,6 +35,7 @@ def test_sora_compile_prints_the_contract_for_a_tpu_slice():
         capture_output=True,
         text=True,
         timeout=300,
+        env=dict(os.environ, JAX_LOG_COMPILES="1"),
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -43,36 +44,31 @@ def test_sora_compile_prints_the_contract_for_a_tpu_slice():
     b = result["bytes_per_device"]
     assert set(b) == {"params", "opt_state", "batch", "temp", "total"}
     assert b["total"] >= b["params"] + b["opt_state"] + b["batch"] > 0
-    assert result["margin_bytes"] == 16 * 2**30 - max(
-        b["total"], result["eval_bytes_per_device"]["total"]
-    )
+    peak = max(b["total"], result["eval_bytes_per_device"]["total"])
+    assert result["margin_bytes"] == 16 * 2**30 - peak
     assert result["flops_per_step"] > 0 and result["step_time_bound_s"] > 0
     # Four chips, two data-parallel groups of two: gradients are summed across chips.
-    assert (
-        result["collectives"].get("all-reduce", 0) + result["collectives"].get("reduce-scatter", 0)
-        > 0
-    )
+    collectives = result["collectives"]
+    assert collectives.get("all-reduce", 0) + collectives.get("reduce-scatter", 0) > 0
+    # Neither program calls this project's CPU kernels: they are chosen by the devices a
+    # program is compiled for, not by this CPU host (kernels/platform.py).
     assert not [t for t in result["custom_calls"] if t.startswith(OWN_KERNELS)]
     # One compile for the search, at twice the batch: it fits, so the answer is a lower bound.
     assert result["largest_fitting_batch"] == {"batch_size": 16, "exact": False}
-    assert "TPU" not in done.stderr, done.stderr[-2000:]  # libtpu's start-up errors are kept quiet
+    # Each step compiled once (the train step once more, for the search's batch).
+    compiled = re.findall(r"Compiling (jit\(\w+\))", done.stderr)
+    assert compiled.count("jit(train_step)") == 2 and compiled.count("jit(eval_step)") == 1
+    assert "libtpu" not in done.stderr and "TPU_" not in done.stderr  # its start-up is quiet
 
 
-def test_the_tpu_program_has_no_cpu_kernels_and_each_step_compiles_once(caplog):
-    config = demo.get_config("runlocal")
-    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
-        report = analysis.compile_run(config, topology.tpu_devices("v5e:2x2"))
-    compiled = [
-        r.getMessage().split()[1] for r in caplog.records if r.getMessage().startswith("Compiling ")
-    ]
-    assert compiled.count("jit(train_step)") == 1 and compiled.count("jit(eval_step)") == 1
-    for step in (report.train, report.eval):
-        assert not [t for t in step.custom_calls if t.startswith(OWN_KERNELS)], step.custom_calls
-    # The same program compiled for this CPU does call them (where they can be built), so
-    # the check above can fail: the kernels are chosen by the program's devices, not the host.
-    if onednn.available():
-        on_cpu = analysis.compile_run(config, ONE_DEVICE)
-        assert "SoraLstmForward" in on_cpu.train.custom_calls, on_cpu.train.custom_calls
+@pytest.mark.skipif(
+    not onednn.available(), reason=f"no oneDNN kernels: {onednn.unavailable_reason()}"
+)
+def test_the_same_program_compiled_for_this_cpu_calls_the_cpu_kernels():
+    """What the command's check above rules out for TPU programs does happen on the CPU,
+    so that check can fail."""
+    on_cpu = analysis.compile_run(demo.get_config("runlocal"), ONE_DEVICE)
+    assert "SoraLstmForward" in on_cpu.train.custom_calls, on_cpu.train.custom_calls
 
 
 def test_parameter_and_optimizer_bytes_per_chip_shrink_with_fsdp():

@@ -74,7 +74,7 @@ def report_dict(topology: str, slices: int, chip, run, search: dict | None) -> d
             "hbm_bytes_per_s": chip.hbm_bytes_per_s,
         },
         "collectives": train.collectives,
-        "custom_calls": train.custom_calls,
+        "custom_calls": sorted(set(train.custom_calls) | set(run.eval.custom_calls)),
         "compile_s": {"train": train.compile_s, "eval": run.eval.compile_s},
         "largest_fitting_batch": search,
     }
