@@ -29,7 +29,7 @@ def compile_seconds(config) -> float:
 def main(argv=None) -> int:
     p = common.parser(__doc__)
     p.add_argument("--audio-frames", type=int, nargs="+", default=[100, 400, 1600])
-    p.add_argument("--video-frames", type=int, nargs="+", default=[8, 32])
+    p.add_argument("--video-frames", type=int, nargs="*", default=[8, 32])
     args = p.parse_args(argv)
     audio, video = {}, {}
     for frames in args.audio_frames:

@@ -106,6 +106,7 @@ def main(argv=None) -> int:
     p.add_argument("--name", default="sora_demo")
     p.add_argument("--raw-dir", default="data/demo_raw")
     p.add_argument("--examples", type=int, default=256)
+    p.add_argument("--grain-batches", type=int, default=12, help="timed per worker count")
     p.add_argument("--train-steps", type=int, default=0, help="0: skip the training run")
     args = p.parse_args(argv)
     config = common.load_config(
@@ -118,7 +119,7 @@ def main(argv=None) -> int:
         "prepared_clips_per_s_per_core": prepared_clips_per_s(config, args.examples),
         "raw_pyav_clips_per_s_per_core": raw_clips_per_s(config, raw, summary.short_side),
         "grain_clips_per_s": {
-            str(w): grain_clips_per_s(config.copy_and_resolve_references(), w, 12)
+            str(w): grain_clips_per_s(config.copy_and_resolve_references(), w, args.grain_batches)
             for w in (0, 1, 2)
         },
         "clip": {

@@ -43,7 +43,7 @@ def test_train_step_prints_the_contract(tmp_path):
     result = _run("train_step.py", *TINY, "--steps", "3", "--out", str(out))
     for key in ("clips_per_s", "step_ms", "flops_per_step", "device", "mfu"):
         assert key in result, key
-    assert result["flops_per_step"] > 0 and result["recompiles"] == 0
+    assert result["flops_per_step"] > 0
     assert json.loads(out.read_text()) == result
 
 
@@ -74,10 +74,13 @@ def test_peers_pytorch():
     assert not [r for r in frameworks.values() if "error" in r], frameworks
 
 
-def test_compile_time_and_memory_scripts():
-    compile_result = _run("compile_time.py", *TINY, "--audio-frames", "50", "--video-frames", "2")
-    assert set(compile_result["audio_frames_s"]) == {"50"}
+def test_compile_time_script():
+    compile_result = _run("compile_time.py", *TINY, "--audio-frames", "50", "--video-frames")
+    assert set(compile_result["audio_frames_s"]) == {"50"} and not compile_result["video_frames_s"]
     assert all(s > 0 for s in compile_result["audio_frames_s"].values())
+
+
+def test_memory_script():
     memory = _run("memory.py", *TINY, "--steps", "1")
     assert memory["no_remat"]["peak_host_rss_mb"] > 0 and memory["remat"]["step_ms"] > 0
 
@@ -112,6 +115,8 @@ def test_input_pipeline_script(demo_data):
         "--examples",
         "8",
         "--set=batch_size=8",
+        "--grain-batches",
+        "2",
         "--train-steps",
         "4",
         "--set=model.visual.widths=(8,8,8)",
