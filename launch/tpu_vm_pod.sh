@@ -23,13 +23,18 @@ WORKDIR=${WORKDIR:-gs://my-bucket/runs/kinetics_sounds}
 
 mode=${1:?usage: launch/tpu_vm_pod.sh setup|train [--config.KEY=VALUE ...]}
 shift
+# The remote command is a shell string: every value is quoted for that shell, so an
+# argument arrives as one argument, whatever spaces, quotes or semicolons it holds.
+quote() { printf '%q' "$1"; }
+args=""
+for arg in "$@"; do args+=" $(quote "$arg")"; done
 case "$mode" in
   setup)
     remote="cd $REPO_DIR && make .venv/.installed && .venv/bin/pip install --quiet \
 'jax[tpu]==\$(.venv/bin/python -c \"import jax; print(jax.__version__)\")'" ;;
   train)
-    remote="cd $REPO_DIR && .venv/bin/sora-train --config $CONFIG --workdir $WORKDIR \
---config.distributed.num_processes=-1 $*" ;;
+    remote="cd $REPO_DIR && .venv/bin/sora-train --config $(quote "$CONFIG") \
+--workdir $(quote "$WORKDIR") --config.distributed.num_processes=-1$args" ;;
   *) echo "unknown mode $mode (setup or train)" >&2; exit 2 ;;
 esac
 command=(gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --project "$PROJECT"

@@ -3,6 +3,7 @@ srun (SLURM itself cannot exist here), and the TPU pod command line."""
 
 import os
 import pathlib
+import shlex
 import subprocess
 import sys
 
@@ -62,16 +63,25 @@ def test_slurm_script_trains_with_jax_detecting_the_cluster(demo_data, tmp_path)
 
 
 def test_tpu_pod_script_runs_one_command_on_every_worker():
+    hostile = "--config.data.name=a b'; touch /tmp/pwned #"
     done = subprocess.run(
-        ["bash", "launch/tpu_vm_pod.sh", "train", "--config.total_steps=10"],
+        ["bash", "launch/tpu_vm_pod.sh", "train", "--config.total_steps=10", hostile],
         cwd=ROOT,
-        env=dict(os.environ, DRY_RUN="1", TPU_NAME="pod-a"),
+        env=dict(os.environ, DRY_RUN="1", TPU_NAME="pod-a", WORKDIR="gs://b/run one"),
         capture_output=True,
         text=True,
         check=True,
     )
-    line = done.stdout
-    assert line.startswith("gcloud compute tpus tpu-vm ssh pod-a")
-    assert "--worker=all" in line
-    for part in ("sora-train", "num_processes=-1", "total_steps=10", "~/sora_jax"):
-        assert part in line.replace("\\", ""), part
+    argv = shlex.split(done.stdout)  # the gcloud command, as the local shell runs it
+    assert argv[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pod-a"]
+    assert "--worker=all" in argv
+    remote = shlex.split(argv[argv.index("--command") + 1])  # as each worker's shell runs it
+    assert remote[:3] == ["cd", "~/sora_jax", "&&"]
+    train = remote[3:]
+    assert train[0] == ".venv/bin/sora-train"
+    assert train[train.index("--workdir") + 1] == "gs://b/run one"
+    assert train[-3:] == [
+        "--config.distributed.num_processes=-1",
+        "--config.total_steps=10",
+        hostile,
+    ]
