@@ -142,6 +142,9 @@ def test_an_interrupted_run_resumes_with_the_same_losses(demo_data, tmp_path, si
     subprocess.run(command(workdir), check=True, cwd=ROOT, capture_output=True)
     resumed, expected = losses(workdir), losses(reference)
     assert sorted(resumed) == sorted(expected) == list(range(1, 41))
+    # Steps run again after the checkpoint replace their earlier lines: each logged once.
+    logged = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert logged == list(range(1, 41)), logged
     np.testing.assert_allclose([resumed[s] for s in expected], list(expected.values()), rtol=1e-6)
 
 
@@ -227,6 +230,10 @@ def test_sora_eval_reports_all_three_modes_as_json(demo_data, tmp_path):
     config = small_config(*demo_data)
     config.total_steps = 4
     trainer.train(config, tmp_path, ONE_DEVICE)
+    config.total_steps = 2  # below the checkpoint: refused, and config.json left as it was
+    with pytest.raises(ConfigError, match=r"config\.total_steps: 2 is below step 4"):
+        trainer.train(config, tmp_path, ONE_DEVICE)
+    assert json.loads((tmp_path / "config.json").read_text())["total_steps"] == 4
     done = subprocess.run(
         [pathlib.Path(sys.executable).parent / "sora-eval", "--workdir", str(tmp_path)],
         cwd=ROOT,

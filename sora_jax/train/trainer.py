@@ -71,6 +71,25 @@ def _check_finite(state) -> None:
         )
 
 
+def _keep_steps_up_to(path: pathlib.Path, step: int) -> None:
+    """A resumed run runs again the steps after its checkpoint: their lines from before
+    (and a line cut short by a kill) go, so each step is logged once."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError):
+            pass
+    if len(kept) < len(lines):
+        partial = path.with_suffix(".partial")
+        partial.write_text("".join(kept))
+        partial.replace(path)
+
+
 class _Logger:
     """TensorBoard scalars, metrics.jsonl (every step's loss) and the progress bar."""
 
@@ -81,6 +100,8 @@ class _Logger:
         self.writer = None
         self.bar = None
         if enabled:
+            for path in (self.jsonl, self.throughput):
+                _keep_steps_up_to(path, start)
             self.writer = ScalarWriter(workdir / "tensorboard")
             self.bar = tqdm.tqdm(
                 total=total, initial=start, desc="train", unit="step", dynamic_ncols=True
@@ -192,6 +213,19 @@ class _Profile:
             self.active = False
 
 
+def _check_not_past_the_end(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+    """A work dir whose checkpoints are past total_steps would train nothing."""
+    if not (workdir / "checkpoints").is_dir():
+        return
+    saved = checkpoint.make_manager(workdir, config, read_only=True).latest_step()
+    config_lib.check(
+        saved is None or saved <= config.total_steps,
+        "total_steps",
+        f"{config.total_steps} is below step {saved} of the checkpoints in {workdir}: "
+        "raise it to train on from there, or start a new --workdir",
+    )
+
+
 def _compile_train_step(run: setup_lib.Setup, config: ml_collections.ConfigDict):
     """The train step compiled for the run's devices before anything is allocated, and
     checked against their memory (fit.py). The loop runs this executable: it is compiled
@@ -252,8 +286,10 @@ def train(
     setup_lib.check_config(config)
     summary = pipeline.check_dataset(config)
     setup_lib.check_processes_agree(config, summary)
+    _check_not_past_the_end(config, workdir)
     run = setup_lib.build(config, devices)
     train_step = _compile_train_step(run, config)  # fails here if it cannot fit
+    manager = checkpoint.make_manager(workdir, config)
     if main_process:
         workdir.mkdir(parents=True, exist_ok=True)
         config_lib.save(config, workdir)
@@ -261,7 +297,6 @@ def train(
     batches = pipeline.DevicePrefetch(
         iter(pipeline.train_dataset(config, local_batch)), run.batch_sharding
     )
-    manager = checkpoint.make_manager(workdir, config)
     state, step = _restore_or_init(run, config, manager, batches)
     evaluator: evaluate.Evaluator | None = None  # made at the first evaluation, kept for the rest
     logger = _Logger(workdir, config.total_steps, step, main_process)
