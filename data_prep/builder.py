@@ -8,6 +8,7 @@ import hashlib
 import itertools
 import json
 import multiprocessing
+import os
 import pathlib
 import re
 import shutil
@@ -21,6 +22,7 @@ import tqdm
 
 from data_prep.layouts import Entry
 from data_prep.worker import PrepSettings, prepare_entry
+from sora_jax import process
 
 VERSION = "1.0.0"
 
@@ -152,7 +154,9 @@ class SoraVideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             if self._workers > 1:
                 # spawn: workers import only PyAV/NumPy/PIL, never a forked TensorFlow.
                 context = multiprocessing.get_context("spawn")
-                self._pool = stack.enter_context(context.Pool(self._workers))
+                # Each worker exits if sora-prep is killed (process.exit_with_parent).
+                pool = context.Pool(self._workers, process.exit_with_parent, (os.getpid(),))
+                self._pool = stack.enter_context(pool)
             # Nothing is downloaded; a scratch download dir keeps DATA_DIR free of tfds's
             # otherwise empty `downloads/` folder.
             scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="sora_prep_"))

@@ -10,6 +10,8 @@ and starts the threads whose malloc arenas host_memory.py settles), so entry poi
 
 import glob
 import os
+import threading
+import time
 
 from sora_jax import host_memory
 
@@ -57,3 +59,18 @@ def configure() -> dict[str, bool]:
     if xla_flag:
         os.environ["XLA_FLAGS"] = f"{flags} {YNN_SETTING}".strip()
     return {"xla_flag": xla_flag, "host_malloc": host_memory.keep_freed_memory()}
+
+
+def exit_with_parent(parent: int, *_: object) -> None:
+    """Run first thing in a worker process (grain's `worker_init_fn`, a Pool's
+    `initializer`): the worker exits once `parent`, the process that started it, is gone.
+    A parent killed with SIGKILL runs none of its cleanup, and its workers (a few hundred
+    MB each) would otherwise live on, re-parented, for good. A thread, not
+    PR_SET_PDEATHSIG, which fires when the parent's starting *thread* ends."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()

@@ -148,6 +148,47 @@ def test_an_interrupted_run_resumes_with_the_same_losses(demo_data, tmp_path, si
     np.testing.assert_allclose([resumed[s] for s in expected], list(expected.values()), rtol=1e-6)
 
 
+def _live_children(pid: int) -> set[int]:
+    """Processes whose parent is `pid` and that have not exited (from /proc)."""
+    children = set()
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, parent = stat.read_text().rsplit(")", 1)[1].split()[:2]
+        except (OSError, IndexError):
+            continue
+        if int(parent) == pid and state != "Z":
+            children.add(int(stat.parent.name))
+    return children
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_killed_trainer_leaves_no_decoding_workers_behind(demo_data, tmp_path):
+    config = small_config(*demo_data)
+    config.data.workers, config.total_steps, config.log_every = 2, 10_000, 2
+    process = subprocess.Popen(
+        _train_command(config, tmp_path),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    metrics = tmp_path / "metrics.jsonl"
+    _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 4, process)
+    workers = _live_children(process.pid)
+    assert len(workers) >= 2, workers  # grain's decoding processes (and its resource tracker)
+    process.kill()  # SIGKILL: none of the trainer's own cleanup runs
+    process.wait(timeout=60)
+    deadline = time.monotonic() + 20
+    while any(map(_alive, workers)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in workers if _alive(pid)], "workers outlived the killed trainer"
+
+
 def test_a_non_finite_loss_stops_the_run_naming_the_step(demo_data, tmp_path):
     config = small_config(*demo_data)
     config.optimizer.update(

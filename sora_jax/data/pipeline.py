@@ -9,8 +9,10 @@ examples so that every process runs the same number of steps.
 
 import collections
 import dataclasses
+import functools
 import json
 import math
+import os
 from collections.abc import Sequence
 
 import grain
@@ -21,6 +23,7 @@ import tensorflow_datasets as tfds
 from absl import flags
 
 from sora_jax import config as config_lib
+from sora_jax import process
 from sora_jax.data import sampling
 
 
@@ -125,6 +128,11 @@ class _TrainClip(grain.transforms.RandomMap):
         return stacked | {"label": clips[0]["label"]}
 
 
+def _workers_exit_with_us():
+    """grain's worker_init_fn: each decoding worker exits if this process is killed."""
+    return functools.partial(process.exit_with_parent, os.getpid())
+
+
 def train_dataset(config: ml_collections.ConfigDict, local_batch_size: int) -> grain.IterDataset:
     """Endless shuffled training batches for this process.
 
@@ -156,7 +164,9 @@ def train_dataset(config: ml_collections.ConfigDict, local_batch_size: int) -> g
     )[shard.shard_index :: shard.shard_count]
     it = ds.to_iter_dataset()
     if config.data.workers > 0:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.workers))
+        it = it.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=config.data.workers), _workers_exit_with_us()
+        )
     return it
 
 
@@ -227,7 +237,9 @@ def eval_dataset(
     # otherwise go on decoding the next evaluation's clips while training runs.
     ds = ds.to_iter_dataset(grain.ReadOptions(prefetch_buffer_size=2))
     if d.workers > 0:
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.workers))
+        ds = ds.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=d.workers), _workers_exit_with_us()
+        )
     return ds
 
 
