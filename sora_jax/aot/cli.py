@@ -17,11 +17,16 @@ config or topology that cannot compile.
 import json
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from absl import app, flags
 from ml_collections import config_flags
 
 from sora_jax import process
+
+if TYPE_CHECKING:  # the heavy imports wait until flags are parsed
+    from sora_jax.aot.analysis import RunReport
+    from sora_jax.aot.topology import Chip
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file (optionally FILE:PRESET).", lock_config=True
@@ -39,7 +44,10 @@ def _size(n: float) -> str:
     return f"{n:.0f} B"
 
 
-def report_dict(topology: str, slices: int, chip, run, search: dict | None) -> dict:
+def report_dict(
+    topology: str, slices: int, chip: "Chip", run: "RunReport", search: dict | None
+) -> dict:
+    """The command's JSON: the figures of one compiled run on one slice."""
     from sora_jax.aot import analysis
 
     train = run.train
