@@ -252,6 +252,10 @@ def test_a_run_too_large_for_its_devices_fails_before_allocating_with_the_figure
     )
     assert float(figures[1]) > 1000 > float(figures[2]), str(error.value)
     assert "batch_size=1048576" in str(error.value) and "mesh.fsdp=1" in str(error.value)
+    # The same for the evaluation: its step is compiled and checked before training starts.
+    config.batch_size, config.data.eval_batch_size = 8, 2**20
+    with pytest.raises(ConfigError, match=r"config\.data\.eval_batch_size: the eval step needs"):
+        trainer.train(config, tmp_path / "w", ONE_DEVICE)
     assert not (tmp_path / "w").exists()  # nothing written, nothing allocated
 
 

@@ -105,6 +105,9 @@ def eval_main(argv: list[str] | None = None) -> int:
         if "top1" in result:
             for mode in evaluate.MODES:
                 r = result if mode == "full" else result[mode]
+                if "top1" not in r:
+                    print(f"{mode:<11} no clip of the split has this sense", file=sys.stderr)
+                    continue
                 print(
                     f"{mode:<11} top1 {r['top1']:.4f}  "
                     + (f"top5 {r['top5']:.4f}  " if "top5" in r else "")

@@ -15,13 +15,27 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from sora_jax.data import pipeline
+from sora_jax.train import fit, representation
 from sora_jax.train import metrics as metrics_lib
-from sora_jax.train import representation
 from sora_jax.train.setup import Setup
-from sora_jax.train.step import make_eval_step
+from sora_jax.train.step import abstract_batch, make_eval_step
 
 MODES = ("full", "audio_only", "video_only")
 _PER_PROCESS = ("label", "valid", "index")  # host-side keys, never sent to the devices
+
+
+def compile_eval_step(run: Setup, config: ml_collections.ConfigDict):
+    """The eval step compiled for data.eval_batch_size clips x their views before anything
+    is allocated, and checked against the devices' memory (fit.py): ConfigError if it
+    cannot fit. Runs with the parameters' shardings and the inputs _SplitReader sends."""
+    d = config.data
+    views = d.eval_temporal_views * d.eval_spatial_views
+    batch = abstract_batch(config, run.inputs, d.eval_batch_size, run.batch_sharding, views)
+    inputs = {k: v for k, v in batch.items() if k not in _PER_PROCESS}
+    step = make_eval_step(run.model, config, run.mesh)
+    compiled, report = fit.compile_step(step, run.abstract_state.params, inputs)
+    fit.check_fits("eval step", report, list(run.mesh.devices.flat), config, *fit.EVAL_KEYS)
+    return compiled
 
 
 class _SplitReader:
@@ -78,12 +92,13 @@ class Evaluator:
         config: ml_collections.ConfigDict,
         split: str,
         class_names: Sequence[str],
+        step=None,  # compile_eval_step's executable, if compiled already
     ):
         self.config, self.split, self.class_names = config, split, tuple(class_names)
         self.classify = config.loss.supervised > 0
         self.represent = config.loss.contrastive > 0
-        # One jitted step for the evaluator's life: compiled at the first evaluation only.
-        self._step = make_eval_step(run.model, config, run.mesh)
+        # One compiled step for the evaluator's life.
+        self._step = compile_eval_step(run, config) if step is None else step
         self._reader = _SplitReader(config, split, run)
         self.batches = self._reader.batches
         # kNN needs single labels on both sides; the bank is the train split's first clips.
@@ -120,11 +135,10 @@ class Evaluator:
         return summary
 
     def _classification(self, outputs, labels, out_dir, step) -> dict:
-        results = {}
-        for mode in MODES:
-            report = metrics_lib.classification_report(
-                outputs[mode], labels, self.class_names, self.config.model.multi_label
-            )
+        results = classification_by_mode(
+            outputs, labels, self.class_names, self.config.model.multi_label
+        )
+        for mode, report in results.items():
             if out_dir is not None and "confusion_matrix" in report and jax.process_index() == 0:
                 metrics_lib.save_confusion_png(
                     report["confusion_matrix"],
@@ -132,7 +146,6 @@ class Evaluator:
                     pathlib.Path(out_dir) / f"confusion_{self.split}_{mode}.png",
                     f"{self.config.data.name} {self.split} ({mode.replace('_', '-')}), step {step}",
                 )
-            results[mode] = report
         return dict(results["full"]) | {
             "audio_only": results["audio_only"],
             "video_only": results["video_only"],
@@ -163,6 +176,34 @@ class Evaluator:
             self._bank.close()
 
 
+def classification_by_mode(
+    outputs: dict[str, np.ndarray],
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    multi_label: bool,
+) -> dict[str, dict]:
+    """Each mode's report over the clips it applies to: every clip for the fused scores,
+    the clips with a sound track for audio-only, those with frames for video-only (a clip
+    without that sense has nothing to be scored on; counted in, it read as a wrong answer).
+    `num_examples` says how many; a mode no clip applies to reports only that 0."""
+    applies = {"full": None, "audio_only": "has_audio", "video_only": "has_video"}
+    reports = {}
+    for mode, sense in applies.items():
+        keep = np.ones(len(labels), bool) if sense is None else np.asarray(outputs[sense], bool)
+        reports[mode] = (
+            metrics_lib.classification_report(
+                outputs[mode][keep], labels[keep], class_names, multi_label
+            )
+            if keep.any()
+            else {"num_examples": 0}
+        )
+    return reports
+
+
+def _top1(report: dict) -> str:
+    return f"{report['top1']:.4f}" if "top1" in report else "n/a, no clip has it"
+
+
 def brief(result: dict) -> dict:
     """The headline numbers of a report."""
     keep = ("top1", "top5", "map", "num_examples")
@@ -174,8 +215,8 @@ def headline(result: dict) -> str:
     parts = []
     if "top1" in result:
         parts.append(
-            f"top1 {result['top1']:.4f} (audio-only {result['audio_only']['top1']:.4f}, "
-            f"video-only {result['video_only']['top1']:.4f})"
+            f"top1 {result['top1']:.4f} (audio-only {_top1(result['audio_only'])}, "
+            f"video-only {_top1(result['video_only'])})"
         )
     if "retrieval" in result:
         r = result["retrieval"]

@@ -149,8 +149,8 @@ def make_eval_step(
 ) -> Callable[[dict, dict], dict]:
     """eval_step(params, batch [B, V, ...]) -> per clip, averaged over its V views:
     class scores [B, C] for full, audio-only and video-only inputs (runs with a
-    supervised loss); and, in runs with a contrastive loss, unit-length embeddings [B, E]
-    of the fused clip and of each sense alone, the senses' projections [B, P], and which
+    supervised loss); in runs with a contrastive loss, unit-length embeddings [B, E] of
+    the fused clip and of each sense alone and the senses' projections [B, P]; and which
     senses the clip has ([B] bool)."""
     multi_label = config.model.multi_label
     classify = config.loss.supervised > 0
@@ -179,8 +179,8 @@ def make_eval_step(
             for k in EMBEDDINGS + PROJECTIONS:
                 x = per_clip(embedded[k])
                 out[k] = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
-            for k in ("has_video", "has_audio"):
-                out[k] = batch[k].any(axis=1)
+        for k in ("has_video", "has_audio"):  # which senses each clip has: [B] bool
+            out[k] = batch[k].any(axis=1)
         return out
 
     return eval_step

@@ -289,6 +289,7 @@ def train(
     _check_not_past_the_end(config, workdir)
     run = setup_lib.build(config, devices)
     train_step = _compile_train_step(run, config)  # fails here if it cannot fit
+    eval_step = evaluate.compile_eval_step(run, config)  # or here
     manager = checkpoint.make_manager(workdir, config)
     if main_process:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -325,7 +326,7 @@ def train(
             if evaluate_now:
                 if evaluator is None:
                     evaluator = evaluate.Evaluator(
-                        run, config, config.data.eval_split, summary.class_names
+                        run, config, config.data.eval_split, summary.class_names, eval_step
                     )
                 result = evaluator(
                     _inference_params(state), workdir if main_process else None, step
