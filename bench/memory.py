@@ -22,7 +22,7 @@ def run_one(config_path: str, overrides: list[str], steps: int) -> dict:
     from train_step import measure
 
     config = common.load_config(config_path, overrides)
-    timing = measure(config, steps=steps, warmup=1)
+    timing = measure(config, steps=steps, warmup=1, count_flops=False)
     stats = jax.devices()[0].memory_stats() or {}
     return {
         "peak_host_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
