@@ -24,7 +24,7 @@ MODES = ("full", "audio_only", "video_only")
 _PER_PROCESS = ("label", "valid", "index")  # host-side keys, never sent to the devices
 
 
-def compile_eval_step(run: Setup, config: ml_collections.ConfigDict):
+def compile_eval_step(run: Setup, config: ml_collections.ConfigDict) -> jax.stages.Compiled:
     """The eval step compiled for data.eval_batch_size clips x their views before anything
     is allocated, and checked against the devices' memory (fit.py): ConfigError if it
     cannot fit. Runs with the parameters' shardings and the inputs _SplitReader sends."""
@@ -92,7 +92,7 @@ class Evaluator:
         config: ml_collections.ConfigDict,
         split: str,
         class_names: Sequence[str],
-        step=None,  # compile_eval_step's executable, if compiled already
+        step: jax.stages.Compiled | None = None,  # compile_eval_step(), if compiled already
     ):
         self.config, self.split, self.class_names = config, split, tuple(class_names)
         self.classify = config.loss.supervised > 0

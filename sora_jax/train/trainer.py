@@ -226,7 +226,9 @@ def _check_not_past_the_end(config: ml_collections.ConfigDict, workdir: pathlib.
     )
 
 
-def _compile_train_step(run: setup_lib.Setup, config: ml_collections.ConfigDict):
+def _compile_train_step(
+    run: setup_lib.Setup, config: ml_collections.ConfigDict
+) -> jax.stages.Compiled:
     """The train step compiled for the run's devices before anything is allocated, and
     checked against their memory (fit.py). The loop runs this executable: it is compiled
     once, and a batch of another shape or layout is an error, never a silent recompile."""
