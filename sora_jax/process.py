@@ -44,6 +44,25 @@ def quiet_tensorflow() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+# What libtpu, loaded on a machine without a TPU (sora-compile's topologies; loading a
+# multi-platform export), must be told so that it does not look for a TPU VM's metadata
+# server and print errors. There is no chip for its lock file (/tmp/libtpu_lockfile) to
+# guard, so several such processes may load it at once.
+LIBTPU_WITHOUT_TPU = {
+    "TPU_SKIP_MDS_QUERY": "1",
+    "TPU_ACCELERATOR_TYPE": "v5litepod-4",
+    "TPU_WORKER_HOSTNAMES": "localhost",
+    "TPU_WORKER_ID": "0",
+    "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+}
+
+
+def quiet_libtpu() -> None:
+    """For processes with no TPU attached; values the user set are kept."""
+    for name, value in LIBTPU_WITHOUT_TPU.items():
+        os.environ.setdefault(name, value)
+
+
 def configure() -> dict[str, bool]:
     """Quiet TensorFlow, and apply the CPU settings if this process computes on the CPU;
     returns which CPU settings were applied (the XLA flag, the malloc settings)."""
@@ -54,6 +73,7 @@ def configure() -> dict[str, bool]:
     # installed (libtpu, for sora-compile, prints initialisation errors in every process
     # that tries). Compiling for a TPU topology does not need them started.
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    quiet_libtpu()
     flags = os.environ.get("XLA_FLAGS", "")
     xla_flag = YNN_FLAG not in flags
     if xla_flag:

@@ -12,9 +12,10 @@ they do not predict it.
 """
 
 import dataclasses
-import os
 
 import jax
+
+from sora_jax import process
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,11 +38,6 @@ CHIPS = {
     "v5p": Chip("v5p", 95 * GiB, 459e12, 2765e9),
     "v6e": Chip("v6e", 32 * GiB, 918e12, 1638e9),
 }
-# The accelerator types libtpu is told it runs on; only so it does not look for the TPU
-# VM's metadata server (and print errors) before describing a topology. Several processes
-# may compile at once (ALLOW_MULTIPLE_LIBTPU_LOAD): without a TPU there is no chip for
-# libtpu's lock file (/tmp/libtpu_lockfile) to guard.
-_ACCELERATOR_TYPES = {"v4": "v4-8", "v5e": "v5litepod-4", "v5p": "v5p-8", "v6e": "v6e-4"}
 
 
 def parse(topology: str) -> tuple[Chip, str]:
@@ -58,7 +54,7 @@ def parse(topology: str) -> tuple[Chip, str]:
 def tpu_devices(topology: str, slices: int = 1) -> list[jax.Device]:
     """The compile-only devices of `slices` slices of `topology`, e.g. ('v5e:16x16', 2)
     for 512 chips in two slices joined by the data-centre network."""
-    chip, _ = parse(topology)
+    parse(topology)  # ValueError for a topology libtpu would not know
     try:
         import libtpu  # noqa: F401
     except ImportError as e:
@@ -67,14 +63,7 @@ def tpu_devices(topology: str, slices: int = 1) -> list[jax.Device]:
         ) from e
     from jax.experimental import topologies
 
-    for name, value in {
-        "TPU_SKIP_MDS_QUERY": "1",
-        "TPU_ACCELERATOR_TYPE": _ACCELERATOR_TYPES[chip.name],
-        "TPU_WORKER_HOSTNAMES": "localhost",
-        "TPU_WORKER_ID": "0",
-        "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
-    }.items():
-        os.environ.setdefault(name, value)
+    process.quiet_libtpu()  # no TPU here: libtpu must not look for one
     kwargs = {"num_slices": slices} if slices > 1 else {}
     try:
         description = topologies.get_topology_desc(topology, "tpu", **kwargs)
