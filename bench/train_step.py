@@ -17,7 +17,7 @@ import numpy as np
 
 from sora_jax.data.pipeline import to_global
 from sora_jax.inputs import InputSpec
-from sora_jax.train import setup
+from sora_jax.train import fit, setup
 from sora_jax.train.state import init_state
 from sora_jax.train.step import make_train_step
 
@@ -28,12 +28,6 @@ def random_batch(config, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
     return out | {"label": rng.integers(0, config.model.num_classes, batch).astype(np.int32)}
 
 
-def flops_of(compiled) -> float:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost
-    return float(cost.get("flops", 0.0))
-
-
 def model_flops(config, state, batch) -> float:
     """FLOPs of the step from XLA's cost analysis, counted on XLA's own convolutions: the
     same mathematics, but XLA cannot see inside the oneDNN custom calls that run on CPU."""
@@ -42,7 +36,7 @@ def model_flops(config, state, batch) -> float:
     config.model.audio.lstm_backend = "xla"
     run = setup.build(config)
     step = make_train_step(run.model, run.tx, config, run.mesh, run.state_sharding)
-    return flops_of(step.lower(state, batch).compile())
+    return fit.compile_step(step, state, batch)[1].flops
 
 
 def measure(config, steps: int = 20, warmup: int = 3, count_flops: bool = True) -> dict:
