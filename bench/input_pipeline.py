@@ -16,8 +16,9 @@ import time
 import common
 import numpy as np
 
-from sora_jax.data import pipeline, sampling
-from sora_jax.data.decode import decode_video
+from sora_jax.data import pipeline
+from sora_jax.media import sampling
+from sora_jax.media.decode import decode_video
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -118,7 +118,8 @@ def get_config() -> ml_collections.ConfigDict:
         heartbeat_timeout_s=100,  # a dead peer stops the others after this long
         cpu_collectives="gloo",  # how CPU-only processes exchange data
     )
-    c.export = dict(platforms=("cpu", "cuda", "tpu"))  # what sora-export compiles for
+    # What sora-export compiles for, and whether it also writes a TensorFlow SavedModel.
+    c.export = dict(platforms=("cpu", "cuda", "tpu"), saved_model=True)
     return c
 
 

@@ -19,7 +19,7 @@ from PIL import Image
 
 from data_prep import builder
 from data_prep.worker import PrepSettings
-from sora_jax.data.decode import SAMPLE_RATE, encode_jpeg
+from sora_jax.media.decode import SAMPLE_RATE, encode_jpeg
 
 FRAMES_KEY = "image/encoded"
 AUDIO_KEY = "WAVEFORM/feature/floats"

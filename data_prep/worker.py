@@ -8,7 +8,7 @@ import dataclasses
 from typing import Any
 
 from data_prep.layouts import Entry
-from sora_jax.data.decode import DecodeError, decode_video, stored_example
+from sora_jax.media.decode import DecodeError, decode_video, stored_example
 
 
 @dataclasses.dataclass(frozen=True)

@@ -120,6 +120,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     one_of(dist.cpu_collectives, "distributed.cpu_collectives", ("gloo", "mpi", "none"))
     for platform in config.export.platforms:
         one_of(platform, "export.platforms", PLATFORMS)
+    check(
+        isinstance(config.export.get("saved_model", True), bool),
+        "export.saved_model",
+        "must be True or False",
+    )
     if num_devices is not None:
         check(
             num_devices % config.mesh.fsdp == 0,

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sora_jax.data.decode import DecodeError, decode_video, stored_example
-from sora_jax.data.sampling import ClipSpec, eval_views, train_clip
+from sora_jax.media.decode import DecodeError, decode_video, stored_example
+from sora_jax.media.sampling import ClipSpec, eval_views, train_clip
 from tests.media import dominant_hz, write_audio_only, write_clip
 
 FORMATS = [

@@ -1,8 +1,11 @@
 """sora-export and sora-predict: exact equality with the trained model and with sora-eval,
 and an artifact that runs without sora_jax."""
 
+import importlib.metadata
 import json
+import os
 import pathlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -11,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from packaging.requirements import Requirement
 
 from sora_jax import config as config_lib
 from sora_jax.export import export as export_lib
@@ -51,10 +55,11 @@ def test_exported_function_equals_the_model_at_two_batch_sizes(exported):
     from orbax.checkpoint import StandardCheckpointer
 
     exported_params = StandardCheckpointer().restore(output / "params")
+    apply = jax.jit(lambda p, x: model.apply({"params": p}, x, modality_embeddings=True))
     for batch in (3, 7):
         inputs = _random_inputs(config, batch, batch)
         got = artifact.call(exported_params, inputs)
-        want = model.apply({"params": params}, inputs, modality_embeddings=True)
+        want = apply(params, inputs)
         assert set(got) == set(export_lib.EXPORTED_OUTPUTS)
         for key in ("logits", "embedding", "video_embedding", "audio_embedding"):
             rel = np.linalg.norm(np.asarray(got[key]) - np.asarray(want[key])) / np.linalg.norm(
@@ -91,13 +96,97 @@ def test_sora_predict_agrees_with_sora_eval_on_a_demo_clip(exported, demo_data):
         assert has_audio and embedding.shape == (16,)
 
 
-def test_sora_predict_command_handles_silent_and_corrupt_files(exported, tmp_path):
-    _, output, _ = exported
+# Run by the client tests in place of `python`: the modules of every distribution that
+# the export's requirements.txt would not install cannot be imported, as in a fresh
+# virtual environment; the modules the run imported are reported.
+AS_A_CLIENT = """
+import json, runpy, sys
+
+blocked, report, sys.argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+for name in json.load(open(blocked)):
+    sys.modules[name] = None  # an import fails; importlib.util.find_spec says None
+before = set(sys.modules)
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    with open(report, "w") as f:
+        json.dump(sorted({m.partition(".")[0] for m in set(sys.modules) - before}), f)
+"""
+PROJECT_MODULES = ("sora_jax", "data_prep", "configs", "tests")  # an editable install
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _distributions(requirements: list[str]) -> set[str]:
+    """The distributions `pip install -r` of these requirements installs: them and their
+    dependencies (with the extras asked for), as installed here."""
+    found, todo = set(), [Requirement(r) for r in requirements]
+    while todo:
+        req = todo.pop()
+        name, extras = _canonical(req.name), {"", *req.extras}
+        if (name, frozenset(extras)) in found:
+            continue
+        found.add((name, frozenset(extras)))
+        for spec in importlib.metadata.requires(name) or []:
+            dep = Requirement(spec)
+            if dep.marker is None or any(dep.marker.evaluate({"extra": e}) for e in extras):
+                todo.append(dep)
+    return {name for name, _ in found}
+
+
+def _run_as_a_client(export: pathlib.Path, script: pathlib.Path, *args: str, cwd: pathlib.Path):
+    """(completed process, top-level modules it imported) of `python script args` from
+    `cwd`, able to import only the standard library and what the export's
+    requirements.txt installs: sora_jax, flax, optax, tensorflow and the rest of this
+    environment are out of reach."""
+    requirements = [
+        line
+        for line in (export / "requirements.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    installed = _distributions(requirements)
+    blocked = [
+        module
+        for module, dists in importlib.metadata.packages_distributions().items()
+        if not {_canonical(d) for d in dists} & installed and module not in sys.stdlib_module_names
+    ]
+    assert {"flax", "optax", "tensorflow"} <= set(blocked)
+    (cwd / "_blocked.json").write_text(json.dumps([*blocked, *PROJECT_MODULES]))
+    (cwd / "_as_a_client.py").write_text(AS_A_CLIENT)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [sys.executable, "_as_a_client.py", "_blocked.json", "_imported.json", str(script), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    report = cwd / "_imported.json"
+    return done, json.loads(report.read_text()) if report.exists() else []
+
+
+def _python_blocks(markdown: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", markdown, flags=re.S)
+
+
+def test_the_client_scores_files_as_sora_predict_and_needs_only_its_requirements(
+    exported, demo_data, tmp_path
+):
+    _, output, card = exported
     from tests.media import write_clip
 
+    clip = pathlib.Path(demo_data[0]).parent / "raw" / "test" / "red_high" / "red_high_000.mp4"
     silent = write_clip(tmp_path / "silent.mp4", seconds=2.0, fps=8, audio=False)
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"\x00\x01" * 500)
+    files = [str(clip), str(silent), str(broken)]
+    # The client, as a downstream team runs it: with only what requirements.txt installs.
+    done, imported = _run_as_a_client(output, output / "client.py", *files, cwd=tmp_path)
+    assert done.returncode == 3, done.stderr[-3000:]
+    client = [json.loads(line) for line in done.stdout.strip().splitlines()]
+    # sora-predict on the same files.
     done = subprocess.run(
         [
             sys.executable,
@@ -105,8 +194,7 @@ def test_sora_predict_command_handles_silent_and_corrupt_files(exported, tmp_pat
             "sora_jax.export.predict",
             "--export",
             str(output),
-            str(broken),
-            str(silent),
+            *files,
             "--top-k",
             "2",
             "--embeddings",
@@ -116,41 +204,108 @@ def test_sora_predict_command_handles_silent_and_corrupt_files(exported, tmp_pat
         text=True,
         cwd=ROOT,
     )
-    assert done.returncode == 3
-    broken_line, silent_line = (json.loads(x) for x in done.stdout.strip().splitlines())
-    assert "not a readable media file" in broken_line["error"]
-    assert silent_line["has_audio"] is False and len(silent_line["top"]) == 2
-    assert np.load(tmp_path / "emb" / "silent.npy").shape == (16,)
+    assert done.returncode == 3, done.stderr[-3000:]
+    predicted = [json.loads(line) for line in done.stdout.strip().splitlines()]
+    assert [r["path"] for r in client] == [r["path"] for r in predicted] == files
+    for ours, theirs in zip(client[:2], predicted[:2], strict=True):
+        assert set(ours) == {"path", "scores", "has_audio"}
+        assert ours["has_audio"] == theirs["has_audio"]
+        assert list(ours["scores"]) == list(theirs["scores"]) == card["class_names"]
+        np.testing.assert_allclose(
+            list(ours["scores"].values()), list(theirs["scores"].values()), atol=1e-5
+        )
+    assert client[0]["has_audio"] and not client[1]["has_audio"]
+    assert len(predicted[1]["top"]) == 2 and np.load(tmp_path / "emb" / "silent.npy").shape == (16,)
+    assert "not a readable media file" in client[2]["error"] == predicted[2]["error"]
+    assert {"jax", "orbax", "av", "PIL", "numpy", "flatbuffers"} <= set(imported)
 
 
-def test_an_export_runs_in_a_process_that_cannot_import_sora_jax(exported, tmp_path):
+def test_the_readme_and_model_card_code_runs_as_printed(exported, demo_data, tmp_path):
+    """The README's client snippet, as printed, from a directory laid out as the README's
+    commands leave it; and the model card's, in a process that has only the client's
+    modules."""
     _, output, _ = exported
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    (tmp_path / "runs" / "demo" / "export").symlink_to(output)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "demo_raw").symlink_to(pathlib.Path(demo_data[0]).parent / "raw")
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### 4. Export and predict") :]
+    section = section[: section.index("\n## ")]
+    card = (output / "model_card.md").read_text()
+    snippets = [*_python_blocks(section), *_python_blocks(card)]
+    snippets = [code for code in snippets if "tensorflow" not in code]  # SavedModel: below
+    assert len(snippets) == 3  # the README's, then the card's client and raw-artifact code
+    printed = []
+    for i, code in enumerate(snippets):
+        script = tmp_path / f"snippet_{i}.py"
+        script.write_text(code)
+        done, _ = _run_as_a_client(output, script, cwd=tmp_path)
+        assert done.returncode == 0, (code, done.stderr[-3000:])
+        printed.append(done.stdout)
+    assert "'red_high':" in printed[0]  # the README's prints the scores of the demo clip
+
+
+def test_the_saved_model_gives_the_artifacts_outputs(exported, tmp_path):
+    workdir, output, card = exported
+    config = config_lib.load(workdir)
+    inputs = _random_inputs(config, 3, 5)
+    np.savez(tmp_path / "inputs.npz", **inputs)
+    # TensorFlow in its own process, as a TF Serving user has it: the signature, as the
+    # model card documents it, then the card's own example, as printed.
+    (snippet,) = [c for c in _python_blocks((output / "model_card.md").read_text()) if "tf." in c]
     script = textwrap.dedent(f"""
-        import sys
-        sys.modules["sora_jax"] = None  # any import of sora_jax now fails
-        import json
-        import jax, numpy as np
-        import orbax.checkpoint as ocp
-        card = json.load(open("{output}/model_card.json"))
-        model = jax.export.deserialize(open("{output}/model.jax", "rb").read())
-        params = ocp.StandardCheckpointer().restore("{output}/params")
-        frames = card["inputs"]["frames"]["shape"][1:]
-        n = card["inputs"]["audio"]["samples"]
-        b = 2
-        inputs = dict(frames=np.zeros((b, *frames), np.uint8),
-                      frame_mask=np.ones((b, frames[0]), bool),
-                      audio=np.zeros((b, n), np.int16), audio_len=np.full((b,), n, np.int32),
-                      has_video=np.ones(b, bool), has_audio=np.ones(b, bool))
-        out = model.call(params, inputs)
-        assert out["logits"].shape == (b, len(card["class_names"]))
-        assert not any(m.startswith("sora_jax") for m in sys.modules if sys.modules[m])
-        print("ok")
+        import numpy as np, tensorflow as tf
+        saved = tf.saved_model.load("{output}/saved_model")
+        serve = saved.signatures["serving_default"]
+        inputs = dict(np.load("{tmp_path}/inputs.npz"))
+        out = serve(**{{k: tf.constant(v) for k, v in inputs.items()}})
+        np.savez("{tmp_path}/outputs.npz", **{{k: v.numpy() for k, v in out.items()}})
     """)
     done = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True
+        [sys.executable, "-c", script + "\n" + snippet],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().endswith("ok")
+    got = np.load(tmp_path / "outputs.npz")
+    artifact = jax.export.deserialize((output / "model.jax").read_bytes())
+    from orbax.checkpoint import StandardCheckpointer
+
+    want = artifact.call(StandardCheckpointer().restore(output / "params"), inputs)
+    assert set(got.files) == set(export_lib.EXPORTED_OUTPUTS) == set(card["outputs"])
+    for key in export_lib.EXPORTED_OUTPUTS:
+        np.testing.assert_allclose(got[key], np.asarray(want[key]), rtol=1e-4, atol=1e-5)
+
+
+def test_the_model_card_states_the_whole_input_contract(exported):
+    _, output, card = exported
+    config = config_lib.load(exported[0])
+    shapes = InputSpec.from_config(config).shapes(1)
+    assert list(card["inputs"]) == list(shapes)
+    for name, (shape, dtype) in shapes.items():
+        spec = card["inputs"][name]
+        assert spec["shape"] == ["batch", *shape[1:]] and spec["meaning"], name
+        assert spec["dtype"].split()[0] == dtype.name, name
+    p = card["preprocessing"]
+    assert (p["num_frames"], p["crop_size"], p["fps"]) == (
+        config.data.num_frames,
+        config.data.crop_size,
+        config.data.fps,
+    )
+    assert p["short_side"] == 40 and p["temporal_views"] == config.data.eval_temporal_views
+    assert card["outputs"]["logits"] == {
+        "shape": ["batch", config.model.num_classes],
+        "dtype": "float32",
+        "meaning": export_lib.OUTPUT_MEANINGS["logits"],
+    }
+    md = (output / "model_card.md").read_text()
+    for name in (*shapes, *card["outputs"]):
+        assert f"| `{name}` |" in md, name
+    # The client is sora_jax's own media code, copied as it is.
+    for source in (ROOT / "sora_jax" / "media").glob("*.py"):
+        assert (output / "sora_media" / source.name).read_bytes() == source.read_bytes()
 
 
 def test_export_never_deletes_what_it_did_not_write(exported, tmp_path, capsys):

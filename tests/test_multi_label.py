@@ -53,6 +53,8 @@ def test_multi_label_clips_train_evaluate_export_and_predict(tmp_path):
     config.data.update(dir=str(tmp_path / "data"), name="multi", workers=0)
     config.model.multi_label = True
     config.total_steps = 200
+    # The export for the CPU alone: other platforms and the SavedModel: test_export.py.
+    config.export.update(platforms=("cpu",), saved_model=False)
     result = trainer.train(config, tmp_path / "run", ONE_DEVICE)
 
     # Chance mAP with two of four labels per clip is about 0.5; each sense alone can

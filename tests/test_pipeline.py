@@ -7,8 +7,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sora_jax.data import pipeline, sampling
-from sora_jax.data.decode import encode_jpeg
+from sora_jax.data import pipeline
+from sora_jax.media import sampling
+from sora_jax.media.decode import encode_jpeg
 from tests.conftest import small_config
 
 

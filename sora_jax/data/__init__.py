@@ -1,1 +1,2 @@
-"""Reading prepared datasets: decoding, clip sampling, augmentation and global batches."""
+"""Reading prepared datasets: clip sampling and augmentation in grain workers (the clip
+code is in sora_jax.media), and global batches."""

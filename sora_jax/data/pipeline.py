@@ -24,7 +24,7 @@ from absl import flags
 
 from sora_jax import config as config_lib
 from sora_jax import process
-from sora_jax.data import sampling
+from sora_jax.media import sampling
 
 
 @dataclasses.dataclass(frozen=True)

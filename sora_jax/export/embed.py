@@ -103,7 +103,7 @@ def _split_clips(config: ml_collections.ConfigDict, split: str) -> Iterator[tupl
 def _file_clips(
     files: list[str], embedder: Embedder, failures: list[str]
 ) -> Iterator[tuple[dict, str]]:
-    from sora_jax.data.decode import DecodeError, decode_video, stored_example
+    from sora_jax.media.decode import DecodeError, decode_video, stored_example
 
     for name in files:
         path = pathlib.Path(name).absolute()
@@ -121,7 +121,7 @@ def embed_clips(
 ) -> dict[str, np.ndarray]:
     """Every clip's row of the output file."""
     from sora_jax.data import pipeline
-    from sora_jax.data.sampling import eval_views
+    from sora_jax.media.sampling import eval_views
 
     config = embedder.config
     spec = pipeline.clip_spec(config)

@@ -5,15 +5,23 @@ Writes, for teams that will never import sora_jax:
   OUT/model.jax        jax.export of (params, inputs) -> logits, embedding and each sense's
                        embedding alone (video_embedding, audio_embedding), int16 audio
   OUT/model_float.jax  the same with float32 audio in [-1, 1]
-  OUT/model_card.json  config, classes, input spec, data, metrics, code version
-  OUT/model_card.md    the same, for people
-Both artifacts take any batch size (a symbolic batch dimension) and carry code for the
+  OUT/saved_model/     the same function as a TensorFlow SavedModel (jax2tf), parameters
+                       inside, for TF Serving and tf.saved_model.load
+  OUT/client.py        `python OUT/client.py FILE...`: files in, scores out, through
+  OUT/sora_media/      the decoding and view sampling of sora_jax.media, copied as it is
+  OUT/requirements.txt what the client needs (no sora_jax, flax, optax or tensorflow)
+  OUT/model_card.json  the input contract, preprocessing, outputs, classes, data,
+                       metrics and code version
+  OUT/model_card.md    the same, for people, with code to call the model
+The artifacts take any batch size (a symbolic batch dimension) and carry code for the
 CPU and for the platforms in config.export.platforms.
 """
 
 import argparse
 import datetime
 import hashlib
+import importlib.metadata
+import inspect
 import json
 import os
 import pathlib
@@ -26,13 +34,15 @@ from typing import TYPE_CHECKING
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 import sora_jax
 from sora_jax import config as config_lib
-from sora_jax import process
+from sora_jax import media, process
 from sora_jax.data.pipeline import DatasetSummary
-from sora_jax.inputs import MODEL_INPUTS, InputSpec
+from sora_jax.inputs import MEANINGS, MODEL_INPUTS, InputSpec
+from sora_jax.media.decode import SAMPLE_RATE
 from sora_jax.train import setup
 
 if TYPE_CHECKING:  # annotations only
@@ -40,7 +50,17 @@ if TYPE_CHECKING:  # annotations only
 
 ARTIFACTS = {"model.jax": jnp.int16, "model_float.jax": jnp.float32}
 # Each sense's embedding comes from the same pass of the towers as the fused one.
-EXPORTED_OUTPUTS = ("logits", "embedding", "video_embedding", "audio_embedding")
+OUTPUT_MEANINGS = {
+    "logits": "class logits (scores: softmax, or sigmoid for a multi-label model)",
+    "embedding": "the clip's fused embedding: both senses, as present",
+    "video_embedding": "the embedding of the picture alone",
+    "audio_embedding": "the embedding of the sound alone",
+}
+EXPORTED_OUTPUTS = tuple(OUTPUT_MEANINGS)
+# The client's distributions: the artifact needs jax (and flatbuffers to deserialize it),
+# the parameters orbax, the preprocessing PyAV, Pillow and NumPy.
+CLIENT_REQUIREMENTS = ("jax", "orbax-checkpoint", "flatbuffers", "numpy", "av", "pillow")
+CLIENT_SCRIPT = pathlib.Path(__file__).with_name("client_script.py")
 
 
 def input_specs(
@@ -89,12 +109,80 @@ def code_version() -> dict:
     }
 
 
+def input_contract(config: ml_collections.ConfigDict) -> dict:
+    """Every input's shape, dtype and meaning, from the one definition the model uses."""
+    shapes = InputSpec.from_config(config).shapes("batch")
+    contract = {
+        name: {"shape": list(shape), "dtype": dtype.name, "meaning": MEANINGS[name]}
+        for name, (shape, dtype) in shapes.items()
+    }
+    contract["audio"]["dtype"] = "int16 (model.jax); float32 in [-1, 1] (model_float.jax)"
+    return contract
+
+
+def output_contract(exported: jax.export.Exported) -> dict:
+    """Every output's shape and dtype, read from the artifact itself."""
+    avals = jax.tree.unflatten(exported.out_tree, exported.out_avals)
+    return {
+        name: {
+            "shape": ["batch", *(int(d) for d in avals[name].shape[1:])],
+            "dtype": np.dtype(avals[name].dtype).name,
+            "meaning": meaning,
+        }
+        for name, meaning in OUTPUT_MEANINGS.items()
+    }
+
+
+def preprocessing(config: ml_collections.ConfigDict, summary: DatasetSummary) -> dict:
+    """The parameters sora_media needs to turn a file into the inputs, and the steps in
+    words: what data preparation and evaluation did to the training data."""
+    d = config.data
+    p = {
+        "fps": d.fps,
+        "short_side": summary.short_side,
+        "jpeg_quality": summary.jpeg_quality,
+        "sample_rate": SAMPLE_RATE,
+        "num_frames": d.num_frames,
+        "frame_stride": d.frame_stride,
+        "crop_size": d.crop_size,
+        "audio_samples": config_lib.audio_samples(config),
+        "temporal_views": d.eval_temporal_views,
+        "spatial_views": d.eval_spatial_views,
+        "clip_seconds": d.num_frames * d.frame_stride / d.fps,
+    }
+    span = (d.num_frames - 1) * d.frame_stride + 1
+    crops = "the centre square" if d.eval_spatial_views == 1 else "left, centre and right squares"
+    p["steps"] = [
+        f"Decode with FFmpeg (PyAV). Frames: resampled to {d.fps:g} fps by timestamp (at "
+        f"each time k/{d.fps:g} s, the latest frame shown), scaled so the short side is "
+        f"{summary.short_side} px (even sizes), turned by the stream's display rotation.",
+        f"Each frame JPEG-encoded and decoded again (Pillow, quality {summary.jpeg_quality}), "
+        "as the training data was stored.",
+        f"Audio: mixed to mono, resampled to {SAMPLE_RATE} Hz, int16.",
+        f"Views: {d.eval_temporal_views} windows of {d.num_frames} frames, one every "
+        f"{d.frame_stride} frames, starting at round(linspace(0, N - span, "
+        f"{d.eval_temporal_views})) for N frames and span {span}; past the end of a short "
+        "video the last frame repeats, with frame_mask False.",
+        f"Crops: {crops} of side min(H, W), resized to {d.crop_size}x{d.crop_size} "
+        "(Pillow, bilinear).",
+        f"Each window's audio: {p['audio_samples']} samples from round(start_frame / fps * "
+        f"{SAMPLE_RATE}), zero-padded; audio_len the valid count, 0 without a sound track "
+        "(then has_audio is False).",
+        ("Scores: sigmoid" if config.model.multi_label else "Scores: softmax")
+        + " of each view's logits, averaged over the views.",
+        "sora_media/ (run by client.py) is the code that does all of this: the code the "
+        "model was trained and evaluated with.",
+    ]
+    return p
+
+
 def model_card(
     config: ml_collections.ConfigDict,
     summary: DatasetSummary,
     step: int,
     workdir: pathlib.Path,
     platforms: Sequence[str],
+    exported: jax.export.Exported,
 ) -> dict:
     d = config.data
     metrics = None
@@ -118,37 +206,14 @@ def model_card(
         "checkpoint_step": step,
         "class_names": list(summary.class_names),
         "multi_label": bool(config.model.multi_label),
-        "inputs": {
-            "order": list(MODEL_INPUTS),
-            "frames": {
-                "shape": ["batch", d.num_frames, d.crop_size, d.crop_size, 3],
-                "dtype": "uint8",
-                "fps": d.fps,
-                "frame_stride": d.frame_stride,
-                "short_side_resize": summary.short_side,
-                "jpeg_quality": summary.jpeg_quality,
-                "note": "RGB pixels 0-255; normalisation happens inside the model",
-            },
-            "audio": {
-                "samples": config_lib.audio_samples(config),
-                "sample_rate": 16_000,
-                "channels": 1,
-                "dtype": {"model.jax": "int16", "model_float.jax": "float32 in [-1, 1]"},
-            },
-            "clip_seconds": d.num_frames * d.frame_stride / d.fps,
-            "views": {"temporal": d.eval_temporal_views, "spatial": d.eval_spatial_views},
-        },
-        "outputs": {
-            "logits": ["batch", config.model.num_classes],
-            "embedding": ["batch", config.model.embed_dim],
-            "video_embedding": ["batch", config.model.embed_dim],  # the picture alone
-            "audio_embedding": ["batch", config.model.embed_dim],  # the sound alone
-            "scores": "sigmoid(logits)" if config.model.multi_label else "softmax(logits)",
-        },
+        "inputs": input_contract(config),  # a dict keyed by these names, in any order
+        "preprocessing": preprocessing(config, summary),
+        "outputs": output_contract(exported),
         # A pretrained encoder (contrastive only) has an untrained classifier: use its
         # embedding, or train a head on it (configs/linear_probe.py, finetune.py).
         "objective": {k: float(v) for k, v in config.loss.items()},
         "platforms": list(platforms),
+        "saved_model": _saved_model_wanted(config),
         "training_data": {"dataset": d.name, "splits": summary.splits, "fps": summary.fps},
         "metrics": metrics,
         "version": code_version(),
@@ -156,29 +221,92 @@ def model_card(
     }
 
 
-def card_markdown(card: dict) -> str:
-    i = card["inputs"]
+def _saved_model_wanted(config: ml_collections.ConfigDict) -> bool:
+    return bool(config.get("export", {}).get("saved_model", True))
+
+
+def _example_inputs(card: dict, batch: int) -> str:
+    """Python source of inputs of the contract's shapes, every frame and sample present
+    (a runnable example)."""
+    items = []
+    for name, spec in card["inputs"].items():
+        shape = tuple(batch if d == "batch" else d for d in spec["shape"])
+        dtype = spec["dtype"].split()[0]
+        fill = card["preprocessing"]["audio_samples"] if name == "audio_len" else 1
+        items.append(f'"{name}": np.full({shape}, {fill}, np.{dtype})')
+    return "inputs = {" + ", ".join(items) + "}"
+
+
+def card_markdown(card: dict, export_dir: pathlib.Path) -> str:
+    p, m = card["preprocessing"], card["metrics"]
     lines = [
         f"# {card['name']}",
         "",
-        "A Sora (Spatio-temporal Relational Audio-visual) classifier exported by sora_jax.",
+        "A Sora (Spatio-temporal Relational Audio-visual) model exported by sora_jax: a "
+        "clip's frames and its sound in, class scores and embeddings out.",
         "",
-        f"- classes ({len(card['class_names'])}): {', '.join(card['class_names'])}",
-        f"- frames: {i['frames']['shape']} uint8 RGB at {i['frames']['fps']} fps "
-        f"(every {i['frames']['frame_stride']} frame), short side resized to "
-        f"{i['frames']['short_side_resize']} then cropped",
-        f"- audio: {i['audio']['samples']} samples, 16 kHz mono",
-        f"- views averaged at evaluation: {i['views']['temporal']} temporal x "
-        f"{i['views']['spatial']} spatial",
+        f"- classes ({len(card['class_names'])}): {', '.join(card['class_names']) or 'none'}"
+        + (" (multi-label: each scored alone)" if card["multi_label"] else ""),
+        f"- a clip: {p['num_frames']} frames over {p['clip_seconds']:g} s and its sound; "
+        f"scores averaged over {p['temporal_views']} x {p['spatial_views']} views",
         f"- platforms: {', '.join(card['platforms'])}",
         f"- trained on: {card['training_data']['dataset']} {card['training_data']['splits']}",
         f"- checkpoint step: {card['checkpoint_step']}",
         f"- code: sora_jax {card['version']['sora_jax']}, commit {card['version']['git_commit']}",
         "",
-        "## Metrics",
+        "## Call it",
+        "",
+        "Files in, scores out (needs only `pip install -r requirements.txt`):",
+        "",
+        "```bash",
+        f"python {export_dir}/client.py clip1.mp4 clip2.mkv",
+        "```",
+        "",
+        "From Python, the same client:",
+        "",
+        "```python",
+        "import sys",
+        f'sys.path.insert(0, "{export_dir}")  # this directory',
+        "from sora_media.predictor import Predictor",
+        f'predictor = Predictor("{export_dir}")',
+        'print(predictor.predict("clip.mp4"))  # {"path", "scores": {class: p}, "has_audio"}',
+        "```",
+        "",
+        "The artifact on inputs you prepare yourself (see the contract below):",
+        "",
+        "```python",
+        "import jax, numpy as np, orbax.checkpoint as ocp",
+        f'model = jax.export.deserialize(open("{export_dir}/model.jax", "rb").read())',
+        f'params = ocp.StandardCheckpointer().restore("{export_dir}/params")',
+        _example_inputs(card, 2),
+        'print(model.call(params, inputs)["logits"])',
+        "```",
         "",
     ]
-    m = card["metrics"]
+    if card["saved_model"]:
+        lines += [
+            "The same function as a TensorFlow SavedModel (`saved_model/`, signature "
+            "`serving_default`, the inputs below as keyword arguments, a dict of the outputs "
+            "back), for TF Serving or:",
+            "",
+            "```python",
+            "import numpy as np, tensorflow as tf",
+            f'saved = tf.saved_model.load("{export_dir}/saved_model")',
+            'serve = saved.signatures["serving_default"]',
+            _example_inputs(card, 2),
+            'print(serve(**inputs)["logits"])',
+            "```",
+            "",
+        ]
+    lines += ["## Inputs", "", "| name | shape | dtype | meaning |", "|---|---|---|---|"]
+    for name, spec in card["inputs"].items():
+        lines.append(f"| `{name}` | {spec['shape']} | {spec['dtype']} | {spec['meaning']} |")
+    lines += ["", "## Preprocessing", ""]
+    lines += [f"{i}. {step}" for i, step in enumerate(p["steps"], 1)]
+    lines += ["", "## Outputs", "", "| name | shape | dtype | meaning |", "|---|---|---|---|"]
+    for name, spec in card["outputs"].items():
+        lines.append(f"| `{name}` | {spec['shape']} | {spec['dtype']} | {spec['meaning']} |")
+    lines += ["", "## Metrics", ""]
     if card["objective"].get("supervised", 1.0) == 0:
         lines += [
             "Pretrained without labels (contrastive): the classifier is untrained. Use the "
@@ -195,7 +323,13 @@ def card_markdown(card: dict) -> str:
     if m and "knn" in m:
         lines += [f"- {m['knn']['k']}-nearest-neighbour top-1: {m['knn']['top1']:.4f}", ""]
     if m and "full" in m:
-        lines += ["| inputs | top-1 | top-5 | mAP | clips |", "|---|---|---|---|---|"]
+        lines += [
+            f"On the {m['split']} split at step {m['step']}; each sense alone is scored on "
+            "the clips that have it.",
+            "",
+            "| inputs | top-1 | top-5 | mAP | clips |",
+            "|---|---|---|---|---|",
+        ]
         for mode in ("full", "audio_only", "video_only"):
             r = m[mode]
             lines.append(
@@ -204,20 +338,72 @@ def card_markdown(card: dict) -> str:
             )
     elif not m:
         lines.append("No evaluation was found in the work dir (run sora-eval first).")
-    lines += [
-        "",
-        "## Use without sora_jax",
-        "",
-        "```python",
-        "import jax, numpy as np",
-        "import orbax.checkpoint as ocp",
-        "model = jax.export.deserialize(open('model.jax', 'rb').read())",
-        "params = ocp.StandardCheckpointer().restore('/abs/path/params')",
-        "out = model.call(params, inputs)  # inputs: dict with the keys of inputs.order",
-        "```",
-        "",
+    return "\n".join(lines) + "\n"
+
+
+def client_requirements() -> str:
+    """requirements.txt: the client's distributions, at least the versions exported with
+    (an artifact is read by its jax version and later ones)."""
+    lines = ["# What client.py (and any code calling model.jax) needs: pip install -r this"]
+    for dist in CLIENT_REQUIREMENTS:
+        lines.append(f"{dist}>={importlib.metadata.version(dist)}")
+    return "\n".join(lines) + "\n"
+
+
+def write_client(directory: pathlib.Path) -> None:
+    """client.py, sora_media/ (sora_jax.media as it is) and requirements.txt."""
+    package = directory / "sora_media"
+    package.mkdir()
+    for source in sorted(pathlib.Path(media.__file__).parent.glob("*.py")):
+        shutil.copyfile(source, package / source.name)
+    shutil.copyfile(CLIENT_SCRIPT, directory / "client.py")
+    (directory / "requirements.txt").write_text(client_requirements())
+
+
+def write_saved_model(
+    exported: jax.export.Exported,
+    params: dict,
+    config: ml_collections.ConfigDict,
+    platforms: Sequence[str],
+    directory: pathlib.Path,
+) -> None:
+    """The int16-audio artifact as a TensorFlow SavedModel: jax2tf wraps the exported
+    function itself (not a new lowering of the model), so both compute the same thing;
+    the parameters are the SavedModel's variables."""
+    import tensorflow as tf  # only here: nothing else in sora-export needs TensorFlow
+    from jax.experimental import jax2tf
+
+    specs = input_specs(config, jnp.int16)
+    converted = jax2tf.convert(
+        exported.call,
+        polymorphic_shapes=[None, {name: "(b, ...)" for name in specs}],
+        with_gradient=False,
+        native_serialization_platforms=tuple(platforms),
+    )
+    module = tf.Module()
+    # A flat list: TensorFlow wraps a tracked dict in a type the artifact does not take.
+    leaves, treedef = jax.tree.flatten(params)
+    module.params = [tf.Variable(x, trainable=False) for x in leaves]
+
+    # TF Serving's signatures take flat keyword arguments: the inputs, by name.
+    def serve(frames, frame_mask, audio, audio_len, has_video, has_audio):
+        inputs = dict(
+            frames=frames,
+            frame_mask=frame_mask,
+            audio=audio,
+            audio_len=audio_len,
+            has_video=has_video,
+            has_audio=has_audio,
+        )
+        return converted(jax.tree.unflatten(treedef, list(module.params)), inputs)
+
+    assert tuple(inspect.signature(serve).parameters) == tuple(specs) == MODEL_INPUTS
+    signature = [
+        tf.TensorSpec((None, *spec.shape[1:]), tf.as_dtype(spec.dtype), name=name)
+        for name, spec in specs.items()
     ]
-    return "\n".join(lines)
+    module.serve = tf.function(serve, input_signature=signature, autograph=False)
+    tf.saved_model.save(module, str(directory), signatures={"serving_default": module.serve})
 
 
 def export(
@@ -249,19 +435,34 @@ def export(
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(staging / "params", params)
         checkpointer.wait_until_finished()
+        artifacts = {}
         for name, audio_dtype in ARTIFACTS.items():
-            exported = export_inference(model, params, config, audio_dtype, platforms)
-            (staging / name).write_bytes(exported.serialize())
-        card = model_card(config, summary, step, workdir, platforms)
+            artifacts[name] = export_inference(model, params, config, audio_dtype, platforms)
+            (staging / name).write_bytes(artifacts[name].serialize())
+        card = model_card(config, summary, step, workdir, platforms, artifacts["model.jax"])
+        if card["saved_model"]:
+            write_saved_model(
+                artifacts["model.jax"], params, config, platforms, staging / "saved_model"
+            )
+        write_client(staging)
         (staging / "model_card.json").write_text(json.dumps(card, indent=1))
-        (staging / "model_card.md").write_text(card_markdown(card))
+        (staging / "model_card.md").write_text(card_markdown(card, output))
         _swap_into_place(staging, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return card
 
 
-EXPORT_ENTRIES = {"params", *ARTIFACTS, "model_card.json", "model_card.md"}
+EXPORT_ENTRIES = {
+    "params",
+    *ARTIFACTS,
+    "saved_model",
+    "client.py",
+    "sora_media",
+    "requirements.txt",
+    "model_card.json",
+    "model_card.md",
+}
 
 
 class OutputError(ValueError):

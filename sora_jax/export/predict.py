@@ -1,12 +1,14 @@
 """sora-predict --export OUT FILE... [--top-k 5] [--embeddings DIR]
 
-Classifies raw video files with an exported model. Each file goes through the same code
-as data preparation (PyAV decode, fps resampling, resize, JPEG round trip) and
-evaluation (the same multi-view sampling, scores averaged over views), so predictions
-match sora-eval's for the same clip. A file without audio is predicted from video alone;
-a file that cannot be decoded gets an error line and the others go on.
+Classifies raw video files with an exported model, through the export's own client
+(sora_jax.media.predictor, copied beside the artifact as sora_media/): the same decoding
+as data preparation and the same views as evaluation, so predictions match sora-eval's
+for the same clip and `python OUT/client.py FILE...`'s to the last digit. A file without
+audio is predicted from video alone; a file that cannot be decoded gets an error line and
+the others go on.
 
-stdout: one JSON object per file. Exit code 0, or 3 when some files failed.
+stdout: one JSON object per file, the client's ({"path", "scores", "has_audio"}) with the
+top classes; exit code 0, or 3 when some files failed.
 """
 
 import argparse
@@ -14,50 +16,13 @@ import json
 import pathlib
 import sys
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from sora_jax import process
-from sora_jax.data.decode import DecodeError, decode_video, stored_example
-from sora_jax.data.sampling import ClipSpec, eval_views
+from sora_jax.media.decode import DecodeError
+from sora_jax.media.predictor import Predictor
 
-
-class Predictor:
-    """An export directory, loaded with jax and orbax only."""
-
-    def __init__(self, export_dir: str | pathlib.Path):
-        export_dir = pathlib.Path(export_dir).absolute()
-        self.card = json.loads((export_dir / "model_card.json").read_text())
-        self.model = jax.export.deserialize((export_dir / "model.jax").read_bytes())
-        self.params = ocp.StandardCheckpointer().restore(export_dir / "params")
-        i = self.card["inputs"]
-        self.spec = ClipSpec(
-            num_frames=i["frames"]["shape"][1],
-            frame_stride=i["frames"]["frame_stride"],
-            crop_size=i["frames"]["shape"][2],
-            fps=i["frames"]["fps"],
-            audio_samples=i["audio"]["samples"],
-            num_classes=len(self.card["class_names"]),
-        )
-        self.short_side = i["frames"]["short_side_resize"]
-        self.views = (i["views"]["temporal"], i["views"]["spatial"])
-        self.jpeg_quality = i["frames"]["jpeg_quality"]
-
-    def scores(self, path: str | pathlib.Path) -> tuple[np.ndarray, np.ndarray, bool]:
-        """(class scores [C], embedding [E], has_audio) averaged over the clip's views."""
-        video = decode_video(path, self.spec.fps, self.short_side)
-        example = stored_example(video, self.jpeg_quality)
-        views = eval_views(example, self.spec, *self.views)
-        inputs = {k: views[k] for k in self.card["inputs"]["order"]}
-        out = self.model.call(self.params, inputs)
-        logits = np.asarray(out["logits"], np.float32)
-        if self.card["multi_label"]:
-            probs = 1 / (1 + np.exp(-logits))
-        else:
-            probs = np.exp(logits - logits.max(-1, keepdims=True))
-            probs /= probs.sum(-1, keepdims=True)
-        return probs.mean(0), np.asarray(out["embedding"]).mean(0), video.has_audio
+__all__ = ["Predictor", "main"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,8 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--embeddings", default=None, help="write <DIR>/<file stem>.npy")
     args = parser.parse_args(argv)
     predictor = Predictor(args.export)
-    names = predictor.card["class_names"]
+    names = predictor.class_names
     if args.embeddings:
+        stems = [pathlib.Path(path).stem for path in args.files]
+        clashes = sorted({s for s in stems if stems.count(s) > 1})
+        if clashes:  # <DIR>/<stem>.npy would be overwritten
+            parser.error(f"--embeddings: several files are named {', '.join(clashes)}")
         pathlib.Path(args.embeddings).mkdir(parents=True, exist_ok=True)
     failed = 0
     for path in args.files:
@@ -88,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         top = np.argsort(-probs)[: args.top_k]
         result = {
             "path": path,
+            "scores": {name: float(p) for name, p in zip(names, probs, strict=True)},
             "has_audio": has_audio,
             "top": [{"class": names[i], "score": float(probs[i])} for i in top],
         }

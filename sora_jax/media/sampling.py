@@ -10,7 +10,7 @@ import dataclasses
 import numpy as np
 from PIL import Image
 
-from sora_jax.data.decode import SAMPLE_RATE, decode_jpeg
+from .decode import SAMPLE_RATE, decode_jpeg
 
 
 @dataclasses.dataclass(frozen=True)
