@@ -52,7 +52,7 @@ def test_pretraining_without_labels_gives_an_encoder_a_linear_probe_carries_far(
     supervised_config = small.get_config()
     supervised_config.eval_every = 0
     supervised = top1(supervised_config, "supervised")
-    # Measured: probe 0.975, control 0.75, supervised 1.00.
+    # Measured: probe 0.95, control 0.65 (200 steps each), supervised 1.00 (400 steps).
     assert probed["top1"] >= 0.9 * supervised["top1"], (probed["top1"], supervised["top1"])
     assert control["top1"] <= probed["top1"] - 0.15, (control["top1"], probed["top1"])
     # configs/small.py, users' starting point for a small labelled set, learns it from each
