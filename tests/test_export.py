@@ -279,7 +279,7 @@ def test_the_saved_model_gives_the_artifacts_outputs(exported, tmp_path):
         np.testing.assert_allclose(got[key], np.asarray(want[key]), rtol=1e-4, atol=1e-5)
 
 
-def test_the_model_card_states_the_whole_input_contract(exported):
+def test_the_model_card_states_the_whole_input_contract(exported, tmp_path):
     _, output, card = exported
     config = config_lib.load(exported[0])
     shapes = InputSpec.from_config(config).shapes(1)
@@ -303,6 +303,12 @@ def test_the_model_card_states_the_whole_input_contract(exported):
     md = (output / "model_card.md").read_text()
     for name in (*shapes, *card["outputs"]):
         assert f"| `{name}` |" in md, name
+    # An export from before the card had the preprocessing is named, not misread.
+    old = tmp_path / "old_export"
+    old.mkdir()
+    (old / "model_card.json").write_text(json.dumps({"class_names": ["a"], "inputs": {}}))
+    with pytest.raises(ValueError, match="older sora-export"):
+        Predictor(old)
     # The client is sora_jax's own media code, copied as it is.
     for source in (ROOT / "sora_jax" / "media").glob("*.py"):
         assert (output / "sora_media" / source.name).read_bytes() == source.read_bytes()

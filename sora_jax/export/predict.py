@@ -37,7 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--embeddings", default=None, help="write <DIR>/<file stem>.npy")
     args = parser.parse_args(argv)
-    predictor = Predictor(args.export)
+    try:
+        predictor = Predictor(args.export)
+    except (OSError, ValueError) as e:  # not an export, or one written by an older version
+        parser.error(str(e))
     names = predictor.class_names
     if args.embeddings:
         stems = [pathlib.Path(path).stem for path in args.files]

@@ -34,6 +34,11 @@ class Predictor:
     def __init__(self, export_dir: str | pathlib.Path):
         export_dir = pathlib.Path(export_dir).absolute()
         self.card = json.loads((export_dir / "model_card.json").read_text())
+        if "preprocessing" not in self.card:
+            raise ValueError(
+                f"{export_dir} was written by an older sora-export (its model card has no "
+                "preprocessing): export the run again"
+            )
         self.model = jax.export.deserialize((export_dir / "model.jax").read_bytes())
         self.params = ocp.StandardCheckpointer().restore(export_dir / "params")
         self.class_names: list[str] = self.card["class_names"]
@@ -89,7 +94,10 @@ def main(argv: Sequence[str] | None = None, export_dir: str | pathlib.Path | Non
     if export_dir is None:
         parser.add_argument("--export", required=True, help="the sora-export directory")
     args = parser.parse_args(argv)
-    predictor = Predictor(export_dir or args.export)
+    try:
+        predictor = Predictor(export_dir or args.export)
+    except (OSError, ValueError) as e:  # not an export, or one this client cannot read
+        parser.error(str(e))
     failed = 0
     for path in args.files:
         result = predictor.predict(path)
