@@ -60,31 +60,13 @@ def no_compilation_cache(monkeypatch):
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
 
 
-# Longest first: the files whose tests take a minute or more begin the run (the
-# pretraining test, ~10 of make test's ~27 minutes, first of all), and the many short
-# tests fill the end. Begun last, a long test would keep one pytest-xdist worker busy
-# long after the other had run out of tests. Whole files move, in their own order, so a
-# module-scoped fixture is still set up once per worker.
-LONG_FILES = (
-    "test_pretrain.py",
-    "test_train.py",
-    "test_multihost.py",
-    "test_multi_label.py",
-    "test_bench.py",
-    "test_launch.py",
-    "test_tensorboard.py",
-    "test_transfer.py",
-    "test_export.py",
-    "test_aot.py",
-)
+# The longest test (~10 of make test's ~27 minutes) starts the run: begun last, it would
+# keep one pytest-xdist worker busy long after the other had run out of tests.
+LONGEST = "tests/test_pretrain.py::"
 
 
 def pytest_collection_modifyitems(items: list) -> None:
-    def rank(item) -> int:
-        name = item.nodeid.split("::")[0].rsplit("/", 1)[-1]
-        return LONG_FILES.index(name) if name in LONG_FILES else len(LONG_FILES)
-
-    items.sort(key=rank)
+    items.sort(key=lambda item: not item.nodeid.startswith(LONGEST))
 
 
 def pytest_report_header() -> str:

@@ -24,8 +24,6 @@ import orbax.checkpoint as ocp
 from .decode import DecodeError, decode_video, stored_example
 from .sampling import ClipSpec, eval_views
 
-ARTIFACTS = ("model.jax", "model_float.jax")  # int16 audio, float32 audio in [-1, 1]
-
 
 class Predictor:
     """An export directory: the artifact, its parameters and the model card's
