@@ -3,7 +3,7 @@
 Classifies raw video files with an exported model, through the export's own client
 (sora_jax.media.predictor, copied beside the artifact as sora_media/): the same decoding
 as data preparation and the same views as evaluation, so predictions match sora-eval's
-for the same clip and `python OUT/client.py FILE...`'s to the last digit. A file without
+for the same clip and `python OUT/client.py FILE...`'s up to float rounding. A file without
 audio is predicted from video alone; a file that cannot be decoded gets an error line and
 the others go on.
 
