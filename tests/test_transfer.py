@@ -35,7 +35,11 @@ def _pretrain_config(demo_data):
 def pretrained(demo_data, tmp_path_factory) -> pathlib.Path:
     """A pretraining run's work dir (12 steps, no labels read)."""
     workdir = tmp_path_factory.mktemp("pretrained")
-    trainer.train(_pretrain_config(demo_data), workdir)
+    config = _pretrain_config(demo_data)
+    # Its exports are read here on the CPU only (every platform and the SavedModel:
+    # test_export.py).
+    config.export.update(platforms=("cpu",), saved_model=False)
+    trainer.train(config, workdir)
     return workdir
 
 
