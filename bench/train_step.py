@@ -17,6 +17,7 @@ import numpy as np
 
 from sora_jax.data.pipeline import to_global
 from sora_jax.inputs import InputSpec
+from sora_jax.kernels import onednn
 from sora_jax.train import fit, setup
 from sora_jax.train.state import init_state
 from sora_jax.train.step import make_train_step
@@ -40,17 +41,22 @@ def model_flops(config, state, batch) -> float:
 
 
 def measure(config, steps: int = 20, warmup: int = 3, count_flops: bool = True) -> dict:
-    """Time the trainer's step on random clips; FLOPs from XLA's cost analysis (a second
-    compile, of the XLA-only variant: skipped with count_flops=False)."""
+    """Time the trainer's step on random clips; FLOPs from XLA's cost analysis of the timed
+    program, or, when it calls oneDNN kernels XLA cannot count, of a second compile of its
+    XLA-only variant (skipped with count_flops=False)."""
     run = setup.build(config)
     init = lambda r: init_state(run.model, run.tx, run.inputs, config, r)
     state = jax.jit(init, out_shardings=run.state_sharding)(run.rng)
     batch = to_global(random_batch(config, config.batch_size), run.batch_sharding)
     step = make_train_step(run.model, run.tx, config, run.mesh, run.state_sharding)
-    start = time.perf_counter()
-    compiled = step.lower(state, batch).compile()  # the executable timed below
-    compile_s = time.perf_counter() - start
-    flops = model_flops(config, state, batch) if count_flops else float("nan")
+    compiled, report = fit.compile_step(step, state, batch)  # the executable timed below
+    compile_s = report.compile_s
+    if not count_flops:
+        flops = float("nan")
+    elif set(report.custom_calls) & set(onednn.CUSTOM_CALL_TARGETS):
+        flops = model_flops(config, state, batch)
+    else:  # XLA's own program: its count is whole
+        flops = report.flops
     for _ in range(warmup):
         state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
