@@ -19,7 +19,6 @@ import sys
 import numpy as np
 
 from sora_jax import process
-from sora_jax.media.decode import DecodeError
 from sora_jax.media.predictor import Predictor
 
 __all__ = ["Predictor", "main"]
@@ -41,7 +40,6 @@ def main(argv: list[str] | None = None) -> int:
         predictor = Predictor(args.export)
     except (OSError, ValueError) as e:  # not an export, or one written by an older version
         parser.error(str(e))
-    names = predictor.class_names
     if args.embeddings:
         stems = [pathlib.Path(path).stem for path in args.files]
         clashes = sorted({s for s in stems if stems.count(s) > 1})
@@ -50,28 +48,24 @@ def main(argv: list[str] | None = None) -> int:
         pathlib.Path(args.embeddings).mkdir(parents=True, exist_ok=True)
     failed = 0
     for path in args.files:
-        try:
-            probs, embedding, has_audio = predictor.scores(path)
-        except (DecodeError, FileNotFoundError) as e:
+        result = predictor.predict(path, with_embedding=bool(args.embeddings))
+        if "error" in result:
             failed += 1
-            print(json.dumps({"path": path, "error": str(e)}))
-            print(f"{path}: error: {e}", file=sys.stderr)
+            print(json.dumps(result))
+            print(f"{path}: error: {result['error']}", file=sys.stderr)
             continue
-        top = np.argsort(-probs)[: args.top_k]
-        result = {
-            "path": path,
-            "scores": {name: float(p) for name, p in zip(names, probs, strict=True)},
-            "has_audio": has_audio,
-            "top": [{"class": names[i], "score": float(probs[i])} for i in top],
-        }
+        scores = result["scores"]
+        top = sorted(scores, key=scores.get, reverse=True)[: args.top_k]
+        result["top"] = [{"class": name, "score": scores[name]} for name in top]
         if args.embeddings:
             out = pathlib.Path(args.embeddings) / f"{pathlib.Path(path).stem}.npy"
-            np.save(out, embedding)
+            np.save(out, result.pop("embedding"))
             result["embedding"] = str(out)
         print(json.dumps(result))
-        best = ", ".join(f"{names[i]} {probs[i]:.3f}" for i in top[:3])
+        best = ", ".join(f"{name} {scores[name]:.3f}" for name in top[:3])
         print(
-            f"{path}: {best}" + ("" if has_audio else "  (no audio: video only)"), file=sys.stderr
+            f"{path}: {best}" + ("" if result["has_audio"] else "  (no audio: video only)"),
+            file=sys.stderr,
         )
     return 3 if failed else 0
 

@@ -72,15 +72,17 @@ class Predictor:
             probs /= probs.sum(-1, keepdims=True)
         return probs.mean(0), np.asarray(out["embedding"]).mean(0), has_audio
 
-    def predict(self, path: str | pathlib.Path) -> dict:
+    def predict(self, path: str | pathlib.Path, with_embedding: bool = False) -> dict:
         """{"path", "scores": {class: probability}, "has_audio"}, or {"path", "error"}
-        for a file that cannot be read."""
+        for a file that cannot be read. With `with_embedding`, also "embedding": the
+        clip's embedding [E] (an array, not JSON)."""
         try:
-            probs, _, has_audio = self.scores(path)
+            probs, embedding, has_audio = self.scores(path)
         except (DecodeError, FileNotFoundError) as e:
             return {"path": str(path), "error": str(e)}
         scores = {name: float(p) for name, p in zip(self.class_names, probs, strict=True)}
-        return {"path": str(path), "scores": scores, "has_audio": has_audio}
+        result = {"path": str(path), "scores": scores, "has_audio": has_audio}
+        return (result | {"embedding": embedding}) if with_embedding else result
 
 
 def main(argv: Sequence[str] | None = None, export_dir: str | pathlib.Path | None = None) -> int:
