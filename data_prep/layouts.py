@@ -55,9 +55,10 @@ def detect_layout(source: pathlib.Path) -> str:
 
 
 def _is_candidate(path: pathlib.Path) -> bool:
-    # Every regular file is a candidate: a stray picture or a broken file must show up in
-    # the report, not vanish. Hidden files (.DS_Store and friends) are the one exception.
-    return path.is_file() and not path.name.startswith(".")
+    # Everything but a folder is a candidate: a stray picture, a broken file, a FIFO or a
+    # dangling link must show up in the report (decode says why it is skipped), not vanish.
+    # Hidden files (.DS_Store and friends) are the one exception.
+    return not path.is_dir() and not path.name.startswith(".")
 
 
 def _seeded_split(key: str, seed: int, test_fraction: float) -> str:

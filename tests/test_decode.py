@@ -1,5 +1,8 @@
 """Decoding real files of many containers, codecs, rates, sizes and channel layouts."""
 
+import os
+import shutil
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -126,3 +129,44 @@ def test_bad_inputs_raise_decode_errors_with_reasons(tmp_path):
     assert (views["audio_len"] == 4000).all()
     clip = train_clip(stored_example(sound), spec, np.random.default_rng(0), 0.5, True)
     assert clip["frames"].shape == (3, 8, 8, 3) and clip["has_video"] == np.False_
+
+
+def test_only_the_local_file_itself_is_read(tmp_path):
+    """A downloaded dataset's file must not make FFmpeg read anything else: a playlist or a
+    concat list naming another file (here a real clip, which FFmpeg would decode and store
+    as this one), a URL, a FIFO (reading it would hang), a device, a dangling link."""
+    (tmp_path / "elsewhere").mkdir()
+    elsewhere = write_clip(tmp_path / "elsewhere" / "private.mp4", seconds=2.0)
+    playlist = tmp_path / "clip.m3u8"
+    playlist.write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:2.0,\n{elsewhere}\n")
+    disguised = tmp_path / "clip.mp4"  # the same playlist, named as a video
+    shutil.copy(playlist, disguised)
+    concat = tmp_path / "list.mkv"
+    concat.write_text("ffconcat version 1.0\nfile 'elsewhere/private.mp4'\n")
+    fifo = tmp_path / "fifo.mp4"
+    os.mkfifo(fifo)
+    dangling = tmp_path / "dangling.mp4"
+    dangling.symlink_to(tmp_path / "deleted.mp4")
+    reasons = {}
+    for path in (
+        playlist,
+        disguised,
+        concat,
+        fifo,
+        dangling,
+        "/dev/zero",
+        "http://127.0.0.1:9/a.mp4",
+    ):
+        with pytest.raises(DecodeError) as e:
+            decode_video(path, fps=4.0, short_side=16)
+        reasons[os.path.basename(path)] = str(e.value)
+    assert "not a plain media file" in reasons["clip.m3u8"]
+    assert "not a readable media file" in reasons["clip.mp4"]
+    assert "not a plain media file" in reasons["list.mkv"]
+    assert reasons["fifo.mp4"] == "not a regular file (a FIFO)"
+    assert reasons["dangling.mp4"] == "a dangling link"
+    assert reasons["zero"] == "not a regular file (a device, socket or folder)"
+    assert reasons["a.mp4"] == "file not found"
+    # A plain file whose name reads like an FFmpeg protocol is still just that file.
+    odd = shutil.copy(elsewhere, tmp_path / "concat:a.mp4|b.mp4")
+    assert decode_video(odd, fps=4.0, short_side=16).frames.shape[0] == 8

@@ -46,6 +46,12 @@ def test_bad_files_are_reported_and_never_stop_the_run(tmp_path):
     write_audio_only(source / "train/dog/podcast.m4a")
     whole = (source / "train/cat/good.mp4").read_bytes()
     (source / "train/dog/truncated.mp4").write_bytes(whole[: len(whole) // 3])
+    # Inputs that are not plain local files are reported too, never followed or hung on.
+    (source / "train/dog/playlist.m3u8").write_text(
+        f"#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:2.0,\n{source / 'train/cat/good.mp4'}\n"
+    )
+    os.mkfifo(source / "train/dog/fifo.mp4")
+    (source / "train/cat/dangling.mp4").symlink_to(tmp_path / "deleted.mp4")
 
     out = tmp_path / "data"
     code = cli.main(
@@ -69,10 +75,21 @@ def test_bad_files_are_reported_and_never_stop_the_run(tmp_path):
     rows = {
         pathlib.Path(r["path"]).name: r for r in json.loads((out / "pets_report.json").read_text())
     }
-    assert len(rows) == 10  # every input is in the report
+    assert len(rows) == 13  # every input is in the report
     skipped = {name: r["reason"] for name, r in rows.items() if r["status"] == "skipped"}
-    assert set(skipped) == {"empty.mp4", "garbage.avi", "photo.jpg", "truncated.mp4"}
+    assert set(skipped) == {
+        "empty.mp4",
+        "garbage.avi",
+        "photo.jpg",
+        "truncated.mp4",
+        "playlist.m3u8",
+        "fifo.mp4",
+        "dangling.mp4",
+    }
     assert skipped["empty.mp4"] == "empty file"
+    assert "not a plain media file" in skipped["playlist.m3u8"]
+    assert skipped["fifo.mp4"] == "not a regular file (a FIFO)"
+    assert skipped["dangling.mp4"] == "a dangling link"
     assert "still picture" in skipped["photo.jpg"]
     podcast = rows["podcast.m4a"]  # a sound without a picture: kept, marked
     assert podcast["status"] == "ok" and podcast["has_video"] is False and podcast["has_audio"]

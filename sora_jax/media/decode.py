@@ -8,6 +8,7 @@ import dataclasses
 import io
 import math
 import os
+import stat
 
 import av
 import numpy as np
@@ -27,6 +28,44 @@ _PICTURE_FORMATS = {
     "pgm_pipe",
     "ppm_pipe",
 }
+
+# What FFmpeg may do with a file it is given (the sources are untrusted downloads): read
+# that local file, through the demuxers of plain media files and single pictures (refused
+# below, with a reason). Not allowed: other protocols (http, tcp, pipe, concat:, ...) and the
+# demuxers that open further inputs or devices (hls playlists, concat lists, dash, v4l2, ...),
+# which would store whatever they point at as the clip.
+_PROTOCOLS = "file"
+_DEMUXERS = ",".join(
+    sorted(
+        {
+            "mov",  # mov, mp4, m4a, 3gp, 3g2, mj2: one demuxer
+            "matroska",  # matroska, webm
+            "avi",
+            "flv",
+            "mpegts",
+            "mpeg",
+            "m4v",
+            "h264",
+            "hevc",
+            "asf",  # wmv, wma
+            "ogg",
+            "mxf",
+            "nut",
+            "ivf",
+            "dv",
+            "rm",
+            "wav",
+            "w64",
+            "aiff",
+            "caf",
+            "mp3",
+            "aac",
+            "flac",
+            "amr",
+            *_PICTURE_FORMATS,
+        }
+    )
+)
 
 
 class DecodeError(Exception):
@@ -85,10 +124,30 @@ def decode_video(
     Raises DecodeError with a short reason for anything that is not a usable clip.
     """
     path = os.fspath(path)
-    if os.path.getsize(path) == 0:
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        gone = "a dangling link" if os.path.islink(path) else "file not found"
+        raise DecodeError(gone) from None
+    except OSError as e:
+        raise DecodeError(f"cannot read ({e.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a device, socket or folder"
+        raise DecodeError(f"not a regular file ({kind})")
+    if info.st_size == 0:
         raise DecodeError("empty file")
     try:
-        container = av.open(path)
+        container = av.open(
+            "file:" + os.path.abspath(path),  # a name like "concat:a|b" stays a file name
+            container_options={
+                "protocol_whitelist": _PROTOCOLS,
+                "format_whitelist": _DEMUXERS,
+            },
+        )
+    except av.error.ArgumentError as e:  # what the whitelists above refuse
+        raise DecodeError(
+            "not a plain media file (playlists, concat lists and devices are not opened)"
+        ) from e
     except av.error.FFmpegError as e:
         raise DecodeError(f"not a readable media file ({type(e).__name__}: {e.strerror})") from e
     with container:
