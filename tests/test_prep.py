@@ -367,7 +367,7 @@ def test_unlabeled_layout_reads_any_tree_or_a_path_only_csv_and_stores_no_labels
     from sora_jax.config import ConfigError
 
     config = demo.get_config("runlocal")
-    config.data.update(dir=str(tmp_path / "data"), name="raw_video", fps=4.0)
+    config.data.update(dir=str(tmp_path / "data"), name="raw_video", fps=4.0, crop_size=16)
     with pytest.raises(ConfigError, match=r"config\.loss\.supervised: .* has no labels"):
         pipeline.check_dataset(config)
     # ... and a contrastive one reads its clips, the silent one marked so.

@@ -210,6 +210,7 @@ def test_bad_configs_fail_before_compiling_and_name_the_key(demo_data, tmp_path)
         "data.fps": 25.0,
         "batch_size": 12,
         "accum_steps": 3,
+        "data.crop_size": 48,  # the dataset's frames are 40 px high: all would be upscaled
     }
     for key, value in bad_values.items():
         config = small_config(*demo_data)
@@ -218,6 +219,16 @@ def test_bad_configs_fail_before_compiling_and_name_the_key(demo_data, tmp_path)
         with pytest.raises(ConfigError, match=re.escape(f"config.{key}")):
             trainer.train(config, tmp_path / "w")
     assert not (tmp_path / "w").exists()
+    # Every disagreement with the dataset at once, not one per attempt.
+    config = small_config(*demo_data)
+    config.model.num_classes, config.data.fps, config.data.eval_split = 7, 25.0, "dev"
+    with pytest.raises(ConfigError) as error:
+        trainer.train(config, tmp_path / "w")
+    assert [line.split(":")[0] for line in str(error.value).splitlines()] == [
+        "config.model.num_classes",
+        "config.data.fps",
+        "config.data.eval_split",
+    ]
     # The command: a ConfigError is exit code 2 naming the key; a flag absl cannot parse, 1.
     config = small_config(*demo_data)
     cases = [
@@ -242,16 +253,16 @@ def test_a_run_too_large_for_its_devices_fails_before_allocating_with_the_figure
     demo_data, tmp_path
 ):
     config = small_config(*demo_data)
-    # A million 16-frame clips at 224 px: terabytes of activations, on any host.
-    config.batch_size = 2**20
-    config.data.update(num_frames=16, crop_size=224)
+    # 16 million 16-frame clips: terabytes of activations, on any host.
+    config.batch_size = 2**24
+    config.data.update(num_frames=16)
     with pytest.raises(ConfigError, match=r"config\.batch_size: the train step needs") as error:
         trainer.train(config, tmp_path / "w", ONE_DEVICE)
     figures = re.search(
         r"needs ([\d.]+) GiB per device .* a device has ([\d.]+) GiB", str(error.value)
     )
     assert float(figures[1]) > 1000 > float(figures[2]), str(error.value)
-    assert "batch_size=1048576" in str(error.value) and "mesh.fsdp=1" in str(error.value)
+    assert "batch_size=16777216" in str(error.value) and "mesh.fsdp=1" in str(error.value)
     # The same for the evaluation: its step is compiled and checked before training starts.
     config.batch_size, config.data.eval_batch_size = 8, 2**20
     with pytest.raises(ConfigError, match=r"config\.data\.eval_batch_size: the eval step needs"):

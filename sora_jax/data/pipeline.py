@@ -57,31 +57,41 @@ def dataset_summary(data_dir: str, name: str) -> DatasetSummary:
 
 
 def check_dataset(config: ml_collections.ConfigDict) -> DatasetSummary:
-    """Fail before compiling when config and dataset disagree, naming the key."""
+    """Fail before compiling when config and dataset disagree: every disagreement at once,
+    each naming its key, so one attempt finds them all."""
     summary = dataset_summary(config.data.dir, config.data.name)
+    name, problems = config.data.name, []
     supervised = config.loss.supervised > 0
     if supervised and not summary.class_names:
-        raise config_lib.ConfigError(
-            f"config.loss.supervised: {config.loss.supervised}, but dataset "
-            f"{config.data.name} has no labels (prepared with --layout unlabeled); "
-            f"pretrain on it with loss.supervised=0 (configs/pretrain_av.py)"
+        problems.append(
+            f"config.loss.supervised: {config.loss.supervised}, but dataset {name} has no "
+            f"labels (prepared with --layout unlabeled); pretrain on it with "
+            f"loss.supervised=0 (configs/pretrain_av.py)"
         )
-    if supervised and len(summary.class_names) != config.model.num_classes:
-        raise config_lib.ConfigError(
-            f"config.model.num_classes: {config.model.num_classes}, but dataset "
-            f"{config.data.name} has {len(summary.class_names)} classes"
+    if supervised and summary.class_names and len(summary.class_names) != config.model.num_classes:
+        problems.append(
+            f"config.model.num_classes: {config.model.num_classes}, but dataset {name} has "
+            f"{len(summary.class_names)} classes"
         )
     if abs(summary.fps - config.data.fps) > 1e-6:
-        raise config_lib.ConfigError(
-            f"config.data.fps: {config.data.fps}, but dataset {config.data.name} was "
-            f"prepared at {summary.fps} fps (sora-prep --fps)"
+        problems.append(
+            f"config.data.fps: {config.data.fps}, but dataset {name} was prepared at "
+            f"{summary.fps} fps (sora-prep --fps)"
+        )
+    if summary.short_side and config.data.crop_size > summary.short_side:
+        problems.append(
+            f"config.data.crop_size: {config.data.crop_size}, but dataset {name} was prepared "
+            f"with a short side of {summary.short_side} px: every frame would be upscaled; "
+            f"lower crop_size, or prepare again with --short-side >= {config.data.crop_size}"
         )
     for key in ("train_split", "eval_split"):
         if config.data[key] not in summary.splits:
-            raise config_lib.ConfigError(
-                f"config.data.{key}: no split {config.data[key]!r} in {config.data.name} "
+            problems.append(
+                f"config.data.{key}: no split {config.data[key]!r} in {name} "
                 f"(has {sorted(summary.splits)})"
             )
+    if problems:
+        raise config_lib.ConfigError("\n".join(problems))
     return summary
 
 

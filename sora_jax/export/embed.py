@@ -198,9 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists() and not args.overwrite:
         print(f"sora-embed: --out {out} exists; pass --overwrite to replace it", file=sys.stderr)
         return 2
+    from sora_jax.train.checkpoint import CorruptCheckpointError
+
     try:
         embedder = Embedder(args.workdir, args.export, args.checkpoint)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, CorruptCheckpointError) as e:
         print(f"sora-embed: {e}", file=sys.stderr)
         return 2
     if args.data_dir:

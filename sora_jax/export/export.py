@@ -44,6 +44,7 @@ from sora_jax.data.pipeline import DatasetSummary
 from sora_jax.inputs import MEANINGS, MODEL_INPUTS, InputSpec
 from sora_jax.media.decode import SAMPLE_RATE
 from sora_jax.train import setup
+from sora_jax.train.checkpoint import CorruptCheckpointError
 
 if TYPE_CHECKING:  # annotations only
     from sora_jax.models import SoraModel
@@ -518,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         card = export(args.workdir, args.output, args.checkpoint, args.data_dir)
-    except (FileNotFoundError, OutputError) as e:
+    except (FileNotFoundError, OutputError, CorruptCheckpointError) as e:
         print(f"sora-export: {e}", file=sys.stderr)
         return 2
     print(

@@ -3,9 +3,20 @@
 Saves are asynchronous and atomic (orbax writes to a temporary directory and renames it
 when complete), so a process killed at any moment leaves the previous checkpoint as the
 readable latest one. Kept: the last `keep` checkpoints plus the best by `best_metric`.
+
+Atomic is not intact: orbax reads flipped bytes back without a word (parameters of NaN
+and 3e38, a top-1 fallen from 1.0 to 0.25). So each finished checkpoint gets the SHA-256
+of every file in it (`sealed`), checked before any restore; a corrupt latest checkpoint
+is passed over for the newest intact one, saying so, by resume, eval and export alike.
+A checkpoint without digests (written by an older version, or the trainer was killed
+between orbax finishing it and the digests being written) is used unchecked.
 """
 
+import hashlib
+import json
+import logging
 import pathlib
+import shutil
 from typing import Any
 
 import grain
@@ -13,9 +24,18 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
 from sora_jax.train.state import TrainState
+
+log = logging.getLogger("sora_jax")
+
+DIGESTS = "sora_sha256.json"  # in each checkpoint's folder, beside orbax's files
+
+
+class CorruptCheckpointError(RuntimeError):
+    """No intact checkpoint to restore (the one asked for, or all of them, are corrupt)."""
 
 
 def make_manager(
@@ -51,10 +71,103 @@ def save(
     iterator: grain.DatasetIterator | None = None,
     metrics: dict | None = None,
 ) -> None:
+    """Start writing a checkpoint (asynchronously); the ones before it are sealed first
+    (orbax would wait for them to finish here anyway)."""
+    seal(manager)
     items = {"state": ocp.args.StandardSave(state)}
     if iterator is not None:
         items["data"] = grain.checkpoint.CheckpointSave(iterator)
     manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+
+
+def _step_dir(manager: ocp.CheckpointManager, step: int) -> pathlib.Path:
+    return pathlib.Path(manager.directory) / str(step)
+
+
+def _digests(folder: pathlib.Path) -> dict[str, str]:
+    digests = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.name != DIGESTS:
+            with path.open("rb") as f:
+                digests[str(path.relative_to(folder))] = hashlib.file_digest(
+                    f, "sha256"
+                ).hexdigest()
+    return digests
+
+
+def seal(manager: ocp.CheckpointManager) -> None:
+    """Wait for the checkpoint being written, then record the digests of every finished
+    checkpoint that has none (process 0 writes them, once all processes have finished)."""
+    manager.wait_until_finished()
+    if jax.process_index() != 0:
+        return
+    for step in manager.all_steps():
+        record = _step_dir(manager, step) / DIGESTS
+        if not record.exists():
+            partial = record.with_suffix(".partial")
+            partial.write_text(json.dumps(_digests(record.parent), indent=0))
+            partial.replace(record)
+
+
+def problem_with(manager: ocp.CheckpointManager, step: int) -> str | None:
+    """Why checkpoint `step` is not intact, or None when it is (or has no digests)."""
+    folder = _step_dir(manager, step)
+    record = folder / DIGESTS
+    if not record.exists():
+        return None
+    try:
+        recorded = json.loads(record.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return f"{record} is damaged"
+    actual = _digests(folder)
+    for name, digest in recorded.items():
+        if name not in actual:
+            return f"{folder / name} is missing"
+        if actual[name] != digest:
+            return f"{folder / name} changed after it was written"
+    return None
+
+
+def intact_step(manager: ocp.CheckpointManager, step: int | None = None) -> int | None:
+    """`step` if it is intact (CorruptCheckpointError if not); without `step`, the newest
+    intact checkpoint, warning about each newer one passed over; None if there is none."""
+    if step is not None:
+        problem = problem_with(manager, step)
+        if problem:
+            raise CorruptCheckpointError(f"checkpoint {step} is corrupt: {problem}")
+        return step
+    steps = sorted(manager.all_steps(), reverse=True)
+    for step in steps:
+        problem = problem_with(manager, step)
+        if problem is None:
+            return step
+        log.warning("checkpoint %d is corrupt (%s): passing over it", step, problem)
+    if steps:
+        raise CorruptCheckpointError(
+            f"every checkpoint in {manager.directory} is corrupt (steps {sorted(steps)})"
+        )
+    return None
+
+
+def set_aside_newer_than(manager: ocp.CheckpointManager, step: int | None, workdir) -> None:
+    """Move the (corrupt) checkpoints after `step` to WORKDIR/corrupt_checkpoints, so the
+    resumed run can write those steps again and nothing is deleted."""
+    newer = [s for s in manager.all_steps() if step is None or s > step]
+    if newer and jax.process_count() > 1:  # every process has checked them before any move
+        multihost_utils.sync_global_devices("corrupt checkpoints found")
+    if newer and jax.process_index() == 0:
+        aside = pathlib.Path(workdir) / "corrupt_checkpoints"
+        aside.mkdir(exist_ok=True)
+        for s in newer:
+            target = aside / str(s)
+            if target.exists():
+                shutil.rmtree(target)
+            _step_dir(manager, s).rename(target)
+            log.warning("moved corrupt checkpoint %d to %s", s, target)
+    if newer:
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("corrupt checkpoints set aside")
+        manager.reload()
 
 
 def _abstract(abstract_state: Any) -> Any:
@@ -112,7 +225,7 @@ def _restore_subtree(
 ) -> tuple[Any, int]:
     """One subtree of the saved state (the latest checkpoint's, or `step`'s); nothing else
     is read."""
-    step = manager.latest_step() if step is None else step
+    step = intact_step(manager, step)
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {manager.directory}")
     # partial_restore: read the one subtree in `target`, whatever else the state holds.

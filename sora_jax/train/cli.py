@@ -7,7 +7,9 @@ sora-train: every key of the config file can be overridden on the command line (
 --config.model.fusion.kind=attention --config.total_steps=1000); unknown keys and wrong
 types fail before anything compiles. A config file may take a preset after a colon
 (`configs/demo.py:runlocal`). Rerunning with the same --workdir resumes from its latest
-checkpoint.
+checkpoint (the newest intact one: see train/checkpoint.py), with the same config: a
+changed one is refused unless --allow_config_change is given. One sora-train at a time
+may use a work dir.
 
 sora-eval: full, audio-only and video-only scores of a work dir's checkpoint; prints a
 summary, writes DIR/eval_<split>.json and confusion-matrix PNGs, and prints one JSON
@@ -29,6 +31,11 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file (optionally FILE:PRESET).", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change",
+    False,
+    "Resume a work dir's run with a config that differs from the one it was started with.",
+)
 
 
 def _quiet_logs() -> None:
@@ -42,14 +49,22 @@ def _train(argv) -> None:
     import jax
 
     from sora_jax.config import ConfigError
-    from sora_jax.train import evaluate, setup, trainer
+    from sora_jax.train import checkpoint, evaluate, setup, trainer, workdir
 
     _quiet_logs()
     config = _CONFIG.value
     setup.maybe_initialize_distributed(config)
     try:
-        result = trainer.train(config, _WORKDIR.value)
-    except (ConfigError, FileNotFoundError, trainer.NonFiniteError) as e:
+        result = trainer.train(
+            config, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value
+        )
+    except (
+        ConfigError,
+        FileNotFoundError,
+        trainer.NonFiniteError,
+        workdir.WorkdirBusyError,
+        checkpoint.CorruptCheckpointError,
+    ) as e:
         print(f"sora-train: {e}", file=sys.stderr)
         sys.exit(2)
     if result and jax.process_index() == 0:
@@ -80,7 +95,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     import jax
 
     from sora_jax import config as config_lib
-    from sora_jax.train import evaluate, setup
+    from sora_jax.train import checkpoint, evaluate, setup
 
     _quiet_logs()
     try:
@@ -91,7 +106,7 @@ def eval_main(argv: list[str] | None = None) -> int:
         split = args.split or config.data.eval_split
         restored = setup.load_for_inference(config, args.workdir, args.checkpoint)
         evaluator = evaluate.Evaluator(restored.setup, config, split, restored.dataset.class_names)
-    except (config_lib.ConfigError, FileNotFoundError) as e:
+    except (config_lib.ConfigError, FileNotFoundError, checkpoint.CorruptCheckpointError) as e:
         print(f"sora-eval: {e}", file=sys.stderr)
         return 2
     try:

@@ -25,6 +25,7 @@ from sora_jax import config as config_lib
 from sora_jax.data import pipeline
 from sora_jax.train import checkpoint, evaluate, fit, transfer
 from sora_jax.train import setup as setup_lib
+from sora_jax.train import workdir as workdir_lib
 from sora_jax.train.state import NONFINITE_NAMES, TrainState, init_state
 from sora_jax.train.step import abstract_batch, make_train_step
 from sora_jax.train.tensorboard import ScalarWriter
@@ -250,9 +251,11 @@ def _restore_or_init(
     manager: ocp.CheckpointManager,
     batches: pipeline.DevicePrefetch,
 ) -> tuple[TrainState, int]:
-    """The latest checkpoint's state, with the data reader moved to where it was; or a
-    fresh state at step 0 (with config.init_parts loaded from config.init_from)."""
-    start = manager.latest_step()
+    """The newest intact checkpoint's state, with the data reader moved to where it was
+    (corrupt newer ones are set aside); or a fresh state at step 0 (with
+    config.init_parts loaded from config.init_from)."""
+    start = checkpoint.intact_step(manager)
+    checkpoint.set_aside_newer_than(manager, start, manager.directory.parent)
     if start is not None:
         state = checkpoint.restore(manager, start, run.abstract_state, batches)
         log.info("resumed from step %d in %s", start, manager.directory.parent)
@@ -281,14 +284,32 @@ def train(
     config: ml_collections.ConfigDict,
     workdir: str | pathlib.Path,
     devices: Sequence[jax.Device] | None = None,
+    allow_config_change: bool = False,
 ) -> dict:
-    """Train (resuming from `workdir` if it holds checkpoints) and evaluate at the end."""
+    """Train (resuming from `workdir` if it holds checkpoints) and evaluate at the end.
+    The work dir is this run's alone while it trains (workdir.py); resuming with another
+    config than the run's is refused unless `allow_config_change`."""
     workdir = pathlib.Path(workdir)
-    main_process = jax.process_index() == 0
     setup_lib.check_config(config)
     summary = pipeline.check_dataset(config)
     setup_lib.check_processes_agree(config, summary)
-    _check_not_past_the_end(config, workdir)
+    lock = workdir_lib.Lock(workdir)
+    try:
+        if not allow_config_change:
+            workdir_lib.check_config_unchanged(config, workdir)
+        _check_not_past_the_end(config, workdir)
+        return _train(config, workdir, devices, summary)
+    finally:
+        lock.release()
+
+
+def _train(
+    config: ml_collections.ConfigDict,
+    workdir: pathlib.Path,
+    devices: Sequence[jax.Device] | None,
+    summary: pipeline.DatasetSummary,
+) -> dict:
+    main_process = jax.process_index() == 0
     run = setup_lib.build(config, devices)
     train_step = _compile_train_step(run, config)  # fails here if it cannot fit
     eval_step = evaluate.compile_eval_step(run, config)  # or here
@@ -325,6 +346,9 @@ def train(
                 logger.steps(step - len(window.pending) + 1, *window.summary(config.batch_size))
                 window = _LogWindow()
             evaluate_now = last or (config.eval_every and step % config.eval_every == 0)
+            if last:  # the trained state is safe before the final evaluation can fail
+                _check_finite(state)
+                checkpoint.save(manager, step, state, batches)
             if evaluate_now:
                 if evaluator is None:
                     evaluator = evaluate.Evaluator(
@@ -334,7 +358,8 @@ def train(
                     _inference_params(state), workdir if main_process else None, step
                 )
                 logger.eval(step, result)
-            if evaluate_now or stop or step % config.checkpoint.every_steps == 0:
+            due = evaluate_now or stop or step % config.checkpoint.every_steps == 0
+            if due and not last:
                 _check_finite(state)
                 scores = None
                 if evaluate_now:
@@ -343,8 +368,8 @@ def train(
             if stop:
                 log.warning("preempted: saved a checkpoint at step %d; rerun to resume", step)
                 break
-        manager.wait_until_finished()
     finally:
+        checkpoint.seal(manager)  # even on the way out of a crash: nothing saved goes unsealed
         profile.stop()
         preemption.restore()
         logger.close()

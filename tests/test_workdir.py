@@ -1,0 +1,124 @@
+"""Nothing lost in a work dir: the trained state is saved before the final evaluation,
+corrupt checkpoints are detected and passed over, one trainer owns the dir, and a resume
+keeps its run's config."""
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from sora_jax import config as config_lib
+from sora_jax.train import checkpoint, evaluate, setup, trainer
+from sora_jax.train import workdir as workdir_lib
+from tests.conftest import ONE_DEVICE, small_config
+
+
+def _config(demo_data):
+    c = small_config(*demo_data)
+    c.total_steps, c.log_every, c.eval_every = 4, 2, 0
+    c.checkpoint.update(every_steps=2, keep=3)
+    return c
+
+
+def _flip_bytes(path) -> None:
+    """Same size, same name: only the content differs, as a failing disk leaves it."""
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) // 3, len(data) // 3 + 64):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_crash_in_the_final_evaluation_loses_nothing_and_corrupt_checkpoints_are_passed_over(
+    demo_data, tmp_path, monkeypatch, caplog
+):
+    config, workdir = _config(demo_data), tmp_path / "run"
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory while evaluating")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluate.Evaluator, "__call__", out_of_memory)
+        with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+            trainer.train(config, workdir, devices=ONE_DEVICE)
+    manager = checkpoint.make_manager(workdir, config, read_only=True)
+    assert manager.all_steps() == [2, 4]  # the final state was saved before evaluating
+    assert all(checkpoint.problem_with(manager, s) is None for s in (2, 4))
+    assert (workdir / "checkpoints/4" / checkpoint.DIGESTS).exists()
+
+    # Flip bytes of the final checkpoint's largest array file (the parameters are in it).
+    step_dir = workdir / "checkpoints/4"
+    largest = max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    _flip_bytes(largest)
+    assert "changed after it was written" in checkpoint.problem_with(manager, 4)
+    with pytest.raises(checkpoint.CorruptCheckpointError, match="checkpoint 4 is corrupt"):
+        checkpoint.intact_step(manager, 4)  # asked for by step: refused, named
+    with caplog.at_level(logging.WARNING, logger="sora_jax"):
+        restored = setup.load_for_inference(config, workdir, devices=ONE_DEVICE)  # eval, export
+    assert restored.step == 2
+    assert "checkpoint 4 is corrupt" in caplog.text and largest.name in caplog.text
+
+    # Resuming sets the corrupt checkpoint aside (nothing deleted) and trains 3..4 again.
+    result = trainer.train(config, workdir, devices=ONE_DEVICE)
+    assert "top1" in result
+    assert (workdir / "corrupt_checkpoints/4").is_dir()
+    manager.reload()
+    assert manager.all_steps() == [2, 4]
+    assert checkpoint.problem_with(manager, 4) is None
+    assert checkpoint.intact_step(manager) == 4
+
+
+def test_a_work_dir_has_one_trainer_at_a_time_and_a_killed_one_does_not_keep_it(
+    demo_data, tmp_path
+):
+    config, workdir = _config(demo_data), tmp_path / "run"
+    held = workdir_lib.Lock(workdir)
+    with pytest.raises(workdir_lib.WorkdirBusyError, match=f"in use by another.*pid {os.getpid()}"):
+        trainer.train(config, workdir, devices=ONE_DEVICE)
+    held.release()
+    workdir_lib.Lock(workdir).release()  # free again
+
+    # An owner killed with SIGKILL (no clean-up runs) leaves nothing stuck.
+    owner = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom sora_jax.train.workdir import Lock\n"
+            f"lock = Lock({str(workdir)!r}); print('locked', flush=True); time.sleep(600)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert owner.stdout.readline().strip() == "locked"
+        with pytest.raises(workdir_lib.WorkdirBusyError, match=f"pid {owner.pid}"):
+            workdir_lib.Lock(workdir)
+    finally:
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+    time.sleep(0.1)
+    workdir_lib.Lock(workdir).release()
+
+
+def test_a_resume_with_another_config_is_refused_naming_every_change(demo_data, tmp_path):
+    config, workdir = _config(demo_data), tmp_path / "run"
+    (workdir / "checkpoints").mkdir(parents=True)
+    config_lib.save(config, workdir)  # as a run leaves its work dir
+    changed = _config(demo_data)
+    changed.model.fusion.kind = "attention"
+    changed.optimizer.learning_rate = 0.1
+    changed.total_steps = 8  # may change: trains on
+    changed.data.workers = 2  # may change: how the same data is read
+    with pytest.raises(config_lib.ConfigError) as e:
+        trainer.train(changed, workdir, devices=ONE_DEVICE)
+    message = str(e.value)
+    assert "config.model.fusion.kind: 'gated' in the run, 'attention' now" in message
+    assert "config.optimizer.learning_rate: 0.003 in the run, 0.1 now" in message
+    assert "total_steps" not in message and "workers" not in message
+    assert "--allow_config_change" in message
+    longer = _config(demo_data)
+    longer.total_steps = 8
+    workdir_lib.check_config_unchanged(longer, workdir)  # no error
