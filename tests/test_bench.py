@@ -91,6 +91,7 @@ def test_pretrain_script(tmp_path):
     result = _run(
         "pretrain.py",
         "--config=configs/pretrain_av.py:runlocal",
+        *TINY,  # its batch_size is --batches'
         "--batches",
         "8",
         "--devices",

@@ -122,3 +122,14 @@ def test_a_resume_with_another_config_is_refused_naming_every_change(demo_data, 
     longer = _config(demo_data)
     longer.total_steps = 8
     workdir_lib.check_config_unchanged(longer, workdir)  # no error
+
+
+def test_warmup_beyond_the_last_step_is_said(demo_data, tmp_path, caplog):
+    config = _config(demo_data)
+    config.optimizer.warmup_steps, config.data.fps = 30, 25.0  # the fps stops it early
+    with (
+        caplog.at_level(logging.WARNING, logger="sora_jax"),
+        pytest.raises(config_lib.ConfigError, match=r"config\.data\.fps"),
+    ):
+        trainer.train(config, tmp_path / "run", devices=ONE_DEVICE)
+    assert "warmup_steps=30 is beyond total_steps=4" in caplog.text

@@ -291,6 +291,13 @@ def train(
     config than the run's is refused unless `allow_config_change`."""
     workdir = pathlib.Path(workdir)
     setup_lib.check_config(config)
+    if config.optimizer.warmup_steps > config.total_steps:  # valid (a smoke test), but say so
+        log.warning(
+            "config.optimizer.warmup_steps=%d is beyond total_steps=%d: the learning rate "
+            "never reaches config.optimizer.learning_rate",
+            config.optimizer.warmup_steps,
+            config.total_steps,
+        )
     summary = pipeline.check_dataset(config)
     setup_lib.check_processes_agree(config, summary)
     lock = workdir_lib.Lock(workdir)
