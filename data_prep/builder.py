@@ -242,11 +242,45 @@ def build_if_changed(
     )
     if up_to_date:
         return json.loads(report_path.read_text()), False
-    if version_dir.exists():
-        shutil.rmtree(version_dir)  # inputs or settings changed: rebuild from scratch
-    builder = make_builder(name, str(data_dir), fingerprint=digest, **builder_kwargs)
+    _remove_leftovers(data_dir, name)
+    # Inputs or settings changed: build anew beside the old version, which stays readable
+    # until the new one is whole (a killed rebuild leaves the old dataset, not none).
+    staging = data_dir / f".staging.{name}.{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)  # an earlier attempt of this process
+    builder = make_builder(name, str(staging), fingerprint=digest, **builder_kwargs)
     builder.build()
+    version_dir.parent.mkdir(parents=True, exist_ok=True)
+    old = version_dir.with_name(f".replaced.{VERSION}.{os.getpid()}")
+    if version_dir.exists():
+        version_dir.rename(old)
+    (staging / name / VERSION).rename(version_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(staging, ignore_errors=True)
     return builder.report, True
+
+
+def _remove_leftovers(data_dir: pathlib.Path, name: str) -> None:
+    """What killed builds of `name` left: tfds's `incomplete.*` folders, and staging or
+    replaced folders of sora-prep processes no longer alive."""
+    for path in [
+        *data_dir.glob(f".staging.{name}.*"),
+        *(data_dir / name).glob("incomplete.*"),
+        *(data_dir / name).glob(".replaced.*"),
+    ]:
+        pid = path.name.rsplit(".", 1)[-1]
+        if pid.isdigit() and _alive(int(pid)):
+            continue  # another sora-prep building it now
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def prepare(

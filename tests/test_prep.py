@@ -13,7 +13,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from data_prep import builder, cli, layouts
-from data_prep.worker import PrepSettings
+from data_prep.worker import PrepSettings, prepare_entry
 from tests.media import write_audio_only, write_clip
 
 SETTINGS = PrepSettings(fps=4.0, short_side=16, min_frames=4)
@@ -124,7 +124,7 @@ def test_bad_files_are_reported_and_never_stop_the_run(tmp_path):
     assert good["num_frames"] == 8 and abs(len(good["audio"]) - 32_000) < 2_500
 
 
-def test_rerunning_on_the_same_input_is_idempotent(tmp_path):
+def test_rerunning_is_idempotent_and_a_stopped_rebuild_keeps_the_old_dataset(tmp_path, monkeypatch):
     source = _tree(
         tmp_path / "videos", {f"{c}/{i}.mp4": dict(seconds=1.0) for c in "ab" for i in range(3)}
     )
@@ -149,12 +149,34 @@ def test_rerunning_on_the_same_input_is_idempotent(tmp_path):
     assert cli.main(args) == 0
     after = {p: p.read_bytes() for p in sorted((out / "ab").rglob("*")) if p.is_file()}
     assert before == after and report == (out / "ab_report.json").read_text()
-    # A changed input is noticed and the dataset rebuilt.
+    # A changed input is noticed and the dataset rebuilt; a rebuild stopped midway (as by a
+    # kill) leaves the previous dataset whole and readable.
     write_clip(source / "a" / "new.mp4", seconds=1.0)
+    calls = []
+
+    def killed_on_the_third_clip(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return prepare_entry(*args, **kwargs)
+
+    monkeypatch.setattr(builder, "prepare_entry", killed_on_the_third_clip)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(args)
+    monkeypatch.undo()
+    assert {p: p.read_bytes() for p in sorted((out / "ab").rglob("*")) if p.is_file()} == before
+    splits = tfds.builder("ab", data_dir=str(out)).info.splits
+    assert sum(s.num_examples for s in splits.values()) == 6
+    # What killed builds leave (tfds's incomplete.* and a dead process's staging folder)
+    # goes with the next build.
+    for leftover in (out / "ab" / "incomplete.3fa1c2", out / ".staging.ab.999999999"):
+        (leftover / "1.0.0").mkdir(parents=True)
     assert cli.main(args) == 0
     assert len(json.loads((out / "ab_report.json").read_text())) == 7
     splits = tfds.builder("ab", data_dir=str(out)).info.splits
     assert sum(s.num_examples for s in splits.values()) == 7
+    assert sorted(p.name for p in out.iterdir()) == ["ab", "ab_report.json"]
+    assert sorted(p.name for p in (out / "ab").iterdir()) == ["1.0.0"]
 
 
 def test_class_folders_split_is_seeded_and_deterministic(tmp_path):
