@@ -14,6 +14,7 @@ Layouts:
 import csv
 import dataclasses
 import hashlib
+import os
 import pathlib
 
 LAYOUTS = ("split_folders", "class_folders", "csv", "kinetics", "unlabeled")
@@ -41,6 +42,7 @@ class Entry:
     key: str  # unique, stable id within the dataset (the path relative to the source)
     labels: tuple[str, ...]
     split: str
+    skip: str = ""  # why it is reported as skipped without being opened (a stray file)
 
 
 def detect_layout(source: pathlib.Path) -> str:
@@ -54,11 +56,22 @@ def detect_layout(source: pathlib.Path) -> str:
     return "class_folders"
 
 
-def _is_candidate(path: pathlib.Path) -> bool:
-    # Everything but a folder is a candidate: a stray picture, a broken file, a FIFO or a
-    # dangling link must show up in the report (decode says why it is skipped), not vanish.
-    # Hidden files (.DS_Store and friends) are the one exception.
-    return not path.is_dir() and not path.name.startswith(".")
+def _files(root: pathlib.Path) -> list[pathlib.Path]:
+    """Everything but folders under `root`, in a stable order: a stray picture, a broken
+    file, a FIFO or a dangling link must show up in the report (decode says why it is
+    skipped), not vanish. Linked folders are followed (a source assembled from links is
+    common), each real folder once, so a link back up the tree cannot loop. Hidden files
+    and folders (.DS_Store, .git and friends) are the one exception."""
+    seen, found = set(), []
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))  # stable
+        found += [pathlib.Path(folder) / n for n in names if not n.startswith(".")]
+    return sorted(found)
 
 
 def _seeded_split(key: str, seed: int, test_fraction: float) -> str:
@@ -86,17 +99,19 @@ def discover(
     if layout in ("split_folders", "class_folders"):
         if not source.is_dir():
             raise ValueError(f"layout {layout} needs a folder, got {source}")
-        for path in sorted(p for p in source.rglob("*") if _is_candidate(p)):
+        expected = (
+            "DIR/<split>/<class>/<file>" if layout == "split_folders" else "DIR/<class>/<file>"
+        )
+        for path in _files(source):
             parts = path.relative_to(source).parts
             key = "/".join(parts)
-            if layout == "split_folders":
-                if len(parts) != 3:
-                    raise ValueError(f"{path}: expected DIR/<split>/<class>/<file>")
+            if len(parts) != expected.count("/"):  # a README or labels.json beside the classes
+                skip = f"not where the layout has clips ({expected})"
+                entries.append(Entry(path, key, (), "train", skip=skip))
+            elif layout == "split_folders":
                 split = "validation" if parts[0] in ("val", "valid") else parts[0]
                 entries.append(Entry(path, key, (parts[1],), split))
             else:
-                if len(parts) != 2:
-                    raise ValueError(f"{path}: expected DIR/<class>/<file>")
                 entries.append(
                     Entry(path, key, (parts[0],), _seeded_split(key, seed, test_fraction))
                 )
@@ -104,7 +119,7 @@ def discover(
     base = pathlib.Path(videos_dir).resolve() if videos_dir else source.parent
     files_by_stem = {}
     if layout == "kinetics":
-        files_by_stem = {p.stem: p for p in base.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS}
+        files_by_stem = {p.stem: p for p in _files(base) if p.suffix.lower() in VIDEO_EXTENSIONS}
     with source.open(newline="") as f:
         for line, row in enumerate(csv.DictReader(f), start=2):
             try:
@@ -130,7 +145,7 @@ def discover(
 def _unlabeled(source: pathlib.Path, seed: int, test_fraction: float) -> list[Entry]:
     """Every file under a folder (any depth), or every `path` of a CSV: no labels."""
     if source.is_dir():
-        paths = sorted(p for p in source.rglob("*") if _is_candidate(p))
+        paths = _files(source)
         keyed = [(p, "/".join(p.relative_to(source).parts)) for p in paths]
     else:
         with source.open(newline="") as f:

@@ -32,6 +32,9 @@ def prepare_entry(entry: Entry, settings: PrepSettings) -> tuple[dict[str, Any],
         "has_video": False,
         "num_frames": 0,
     }
+    if entry.skip:
+        row["reason"] = entry.skip
+        return row, None
     try:
         video = decode_video(entry.path, settings.fps, settings.short_side, settings.max_seconds)
     except DecodeError as e:

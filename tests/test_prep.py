@@ -179,6 +179,27 @@ def test_rerunning_is_idempotent_and_a_stopped_rebuild_keeps_the_old_dataset(tmp
     assert sorted(p.name for p in (out / "ab").iterdir()) == ["1.0.0"]
 
 
+def test_linked_folders_are_followed_once_and_stray_files_are_reported(tmp_path):
+    """A source assembled from links (a class folder kept elsewhere, a link back up the
+    tree) and a README at its root: every clip found once, the README reported."""
+    source, elsewhere = tmp_path / "source", tmp_path / "elsewhere" / "dogs"
+    (source / "cat").mkdir(parents=True)
+    elsewhere.mkdir(parents=True)
+    for path in (source / "cat" / "1.mp4", elsewhere / "2.mp4"):
+        path.write_bytes(b"placeholder")
+    (source / "dog").symlink_to(elsewhere, target_is_directory=True)
+    (source / "cat" / "loop").symlink_to(source, target_is_directory=True)
+    (source / "README.md").write_text("my clips")
+    entries = layouts.discover(source, seed=0, test_fraction=0.0)
+    assert [(e.key, e.labels, e.skip) for e in entries] == [
+        ("README.md", (), "not where the layout has clips (DIR/<class>/<file>)"),
+        ("cat/1.mp4", ("cat",), ""),
+        ("dog/2.mp4", ("dog",), ""),
+    ]
+    row, example = prepare_entry(entries[0], SETTINGS)
+    assert (row["status"], row["reason"], example) == ("skipped", entries[0].skip, None)
+
+
 def test_class_folders_split_is_seeded_and_deterministic(tmp_path):
     for c in ("x", "y"):
         (tmp_path / c).mkdir()
