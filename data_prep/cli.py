@@ -145,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     report_path = out / f"{name}_report.json"
     report.write(rows, report_path)
     print(report.summary_table(rows))
+    for label, count in report.thin_classes(rows).items():
+        print(
+            f"sora-prep: warning: class {label!r} has {count} clip(s) in the test split: its "
+            f"test metrics say little (add clips, or raise --test-fraction)",
+            file=sys.stderr,
+        )
     skipped = sum(r["status"] == "skipped" for r in rows)
     state = "prepared" if rebuilt else "already up to date (same inputs and settings)"
     print(

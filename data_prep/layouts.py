@@ -2,8 +2,9 @@
 
 Layouts:
   split_folders  DIR/<split>/<class>/<file>
-  class_folders  DIR/<class>/<file>, split into train/test by a seeded hash of the path
-  csv            CSV with columns path,label[,split]; paths relative to the CSV;
+  class_folders  DIR/<class>/<file>, split into train/test per class (stratified, seeded)
+  csv            CSV with columns path,label[,split]; paths relative to the CSV (rows
+                 without a split: per class, as class_folders);
                  several labels (multi-label) separated by ';'
   kinetics       CSV with youtube_id,time_start,time_end,label[,split] over files named
                  <youtube_id>_<start:06d>_<end:06d>.<ext> beside the CSV (or in --videos)
@@ -74,9 +75,35 @@ def _files(root: pathlib.Path) -> list[pathlib.Path]:
     return sorted(found)
 
 
+def _rank(key: str, seed: int) -> float:
+    """A seeded pseudo-random number in [0, 1) for each key."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big") / 2**64
+
+
 def _seeded_split(key: str, seed: int, test_fraction: float) -> str:
-    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
-    return "test" if int.from_bytes(digest[:8], "big") / 2**64 < test_fraction else "train"
+    return "test" if _rank(key, seed) < test_fraction else "train"
+
+
+def _stratified(entries: list[Entry], seed: int, test_fraction: float) -> list[Entry]:
+    """Entries without a split (split "") split per class (by the first label): each
+    class gives round(n * test_fraction) of its clips, at least one and never all when
+    it has two or more, chosen by seeded rank. A split by hash per file can leave a small
+    dataset's test split with one class (15 files once gave 2 test clips of one class)."""
+    by_class: dict[str, list[Entry]] = {}
+    for e in entries:
+        if not e.split and not e.skip:
+            by_class.setdefault(e.labels[0] if e.labels else "", []).append(e)
+    test: set[str] = set()
+    for members in by_class.values():
+        n = len(members)
+        count = round(n * test_fraction)
+        if test_fraction > 0 and n >= 2:
+            count = min(max(count, 1), n - 1)
+        test |= {e.key for e in sorted(members, key=lambda e: _rank(e.key, seed))[:count]}
+    return [
+        e if e.split else dataclasses.replace(e, split="test" if e.key in test else "train")
+        for e in entries
+    ]
 
 
 def discover(
@@ -112,10 +139,8 @@ def discover(
                 split = "validation" if parts[0] in ("val", "valid") else parts[0]
                 entries.append(Entry(path, key, (parts[1],), split))
             else:
-                entries.append(
-                    Entry(path, key, (parts[0],), _seeded_split(key, seed, test_fraction))
-                )
-        return entries
+                entries.append(Entry(path, key, (parts[0],), ""))  # split below
+        return _stratified(entries, seed, test_fraction)
     base = pathlib.Path(videos_dir).resolve() if videos_dir else source.parent
     files_by_stem = {}
     if layout == "kinetics":
@@ -136,10 +161,10 @@ def discover(
                 raise ValueError(f"{source}:{line}: bad row {row} ({e})") from e
             if not labels:
                 raise ValueError(f"{source}:{line}: empty label")
-            split = (row.get("split") or "").strip() or _seeded_split(rel, seed, test_fraction)
+            split = (row.get("split") or "").strip()  # "": stratified below
             entries.append(Entry(path, rel, labels, split))
     _check_unique(source, entries)
-    return entries
+    return _stratified(entries, seed, test_fraction)
 
 
 def _unlabeled(source: pathlib.Path, seed: int, test_fraction: float) -> list[Entry]:

@@ -21,3 +21,17 @@ def summary_table(rows: list[dict]) -> str:
         lines.append(f"{'status':<9}{'reason':<48}path")
         lines += [f"{r['status']:<9}{r['reason'][:46]:<48}{r['path']}" for r in noted]
     return "\n".join(lines)
+
+
+MIN_TEST_CLIPS = 3  # fewer, and a class's test accuracy moves in steps of a third or more
+
+
+def thin_classes(rows: list[dict], split: str = "test") -> dict[str, int]:
+    """Classes with fewer than MIN_TEST_CLIPS kept clips in `split` (when it exists):
+    {class: clips}, for a warning; by first label, as the split is stratified."""
+    kept = [r for r in rows if r["status"] == "ok" and r["label"]]
+    if not any(r["split"] == split for r in kept):
+        return {}
+    counts = collections.Counter(r["label"].split(";")[0] for r in kept if r["split"] == split)
+    classes = sorted({r["label"].split(";")[0] for r in kept})
+    return {c: counts[c] for c in classes if counts[c] < MIN_TEST_CLIPS}

@@ -1,5 +1,6 @@
 """sora-prep: layouts, bad files and the report, idempotency, and the tfds dataset."""
 
+import collections
 import csv
 import json
 import os
@@ -12,7 +13,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from data_prep import builder, cli, layouts
+from data_prep import builder, cli, layouts, report
 from data_prep.worker import PrepSettings, prepare_entry
 from tests.media import write_audio_only, write_clip
 
@@ -200,18 +201,23 @@ def test_linked_folders_are_followed_once_and_stray_files_are_reported(tmp_path)
     assert (row["status"], row["reason"], example) == ("skipped", entries[0].skip, None)
 
 
-def test_class_folders_split_is_seeded_and_deterministic(tmp_path):
-    for c in ("x", "y"):
+def test_class_folders_split_is_stratified_seeded_and_deterministic(tmp_path):
+    sizes = {"x": 20, "y": 20, "rare": 2, "single": 1}
+    for c, n in sizes.items():
         (tmp_path / c).mkdir()
-        for i in range(20):
+        for i in range(n):
             (tmp_path / c / f"{i}.mp4").write_bytes(b"placeholder")
     a = layouts.discover(tmp_path, seed=1)
     b = layouts.discover(tmp_path, seed=1)
     c = layouts.discover(tmp_path, seed=2)
     assert [e.split for e in a] == [e.split for e in b]
     assert [e.split for e in a] != [e.split for e in c]
-    assert {e.split for e in a} == {"train", "test"}
+    # Per class: a fifth of each class in the test split; at least one clip, never all.
+    tests = collections.Counter(e.labels[0] for e in a if e.split == "test")
+    assert tests == {"x": 4, "y": 4, "rare": 1}
     assert layouts.detect_layout(tmp_path) == "class_folders"
+    rows = [{"status": "ok", "label": e.labels[0], "split": e.split, "path": e.key} for e in a]
+    assert report.thin_classes(rows) == {"rare": 1, "single": 0}
 
 
 def test_csv_and_kinetics_layouts(tmp_path):
