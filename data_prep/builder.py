@@ -75,8 +75,10 @@ class SoraVideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         workers: int = 0,
         fingerprint: str = "",
         beam_options: str | None = None,
+        max_labels_per_clip: int | None = None,
         **kwargs,
     ):
+        self._max_labels_per_clip = max_labels_per_clip
         self._beam_options = beam_options
         self._split_items = split_items
         self._class_names = class_names
@@ -97,6 +99,9 @@ class SoraVideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 prep=dataclasses.asdict(self._settings),
                 sample_rate=16_000,
                 fingerprint=self._fingerprint,
+                # 1: single-label data (what model.multi_label is checked against); None:
+                # not known before reading the records (DMVR)
+                max_labels_per_clip=self._max_labels_per_clip,
             ),
         )
 
@@ -305,6 +310,7 @@ def prepare(
             s: functools.partial(lambda s: [e for e in entries if e.split == s], s) for s in splits
         },
         class_names=sorted({label for e in entries for label in e.labels}),
+        max_labels_per_clip=max((len(e.labels) for e in entries), default=0),
         work=functools.partial(prepare_entry, settings=settings),
         settings=settings,
         workers=workers,

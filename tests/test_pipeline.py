@@ -1,6 +1,7 @@
 """The grain input pipeline: determinism, resumption, sampling and global batches."""
 
 import itertools
+import logging
 
 import jax
 import numpy as np
@@ -116,3 +117,13 @@ def test_local_batches_become_global_arrays_split_over_the_mesh():
     assert len(global_batch["frames"].addressable_shards) == 8
     assert global_batch["frames"].addressable_shards[0].data.shape == (2, 3)
     np.testing.assert_array_equal(np.asarray(global_batch["frames"]), local["frames"])
+
+
+def test_multi_label_on_single_label_data_is_said(demo_data, caplog):
+    config = small_config(*demo_data)
+    assert pipeline.check_dataset(config).max_labels_per_clip == 1
+    assert "multi_label" not in caplog.text
+    config.model.multi_label = True
+    with caplog.at_level(logging.WARNING, logger="sora_jax"):
+        pipeline.check_dataset(config)
+    assert "multi_label=True, but dataset demo_small has one label per clip" in caplog.text

@@ -11,6 +11,7 @@ import collections
 import dataclasses
 import functools
 import json
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -26,6 +27,8 @@ from sora_jax import config as config_lib
 from sora_jax import process
 from sora_jax.media import sampling
 
+log = logging.getLogger("sora_jax")
+
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSummary:
@@ -34,6 +37,7 @@ class DatasetSummary:
     fps: float
     short_side: int
     jpeg_quality: int
+    max_labels_per_clip: int | None = None  # None: not recorded (older or DMVR datasets)
 
 
 def dataset_summary(data_dir: str, name: str) -> DatasetSummary:
@@ -53,6 +57,7 @@ def dataset_summary(data_dir: str, name: str) -> DatasetSummary:
         fps=float(prep.get("fps", 0.0)),
         short_side=int(prep.get("short_side", 0)),
         jpeg_quality=int(prep.get("jpeg_quality", 90)),
+        max_labels_per_clip=builder.info.metadata.get("max_labels_per_clip"),
     )
 
 
@@ -92,6 +97,17 @@ def check_dataset(config: ml_collections.ConfigDict) -> DatasetSummary:
             )
     if problems:
         raise config_lib.ConfigError("\n".join(problems))
+    labels, multi = summary.max_labels_per_clip, config.model.multi_label
+    if supervised and labels is not None and multi != (labels > 1):
+        log.warning(
+            "config.model.multi_label=%s, but dataset %s has %s per clip: %s",
+            multi,
+            name,
+            "one label" if labels == 1 else f"up to {labels} labels",
+            "a softmax over the classes fits it (multi_label=False)"
+            if multi
+            else "only each clip's first label is learned; set multi_label=True for all",
+        )
     return summary
 
 
