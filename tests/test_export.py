@@ -181,7 +181,8 @@ def test_the_client_scores_files_as_sora_predict_and_needs_only_its_requirements
     silent = write_clip(tmp_path / "silent.mp4", seconds=2.0, fps=8, audio=False)
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"\x00\x01" * 500)
-    files = [str(clip), str(silent), str(broken)]
+    short = write_clip(tmp_path / "short.mp4", seconds=0.25, fps=8)  # the window is 0.875 s
+    files = [str(clip), str(silent), str(broken), str(short)]
     # The client, as a downstream team runs it: with only what requirements.txt installs.
     done, imported = _run_as_a_client(output, output / "client.py", *files, cwd=tmp_path)
     assert done.returncode == 3, done.stderr[-3000:]
@@ -208,7 +209,7 @@ def test_the_client_scores_files_as_sora_predict_and_needs_only_its_requirements
     predicted = [json.loads(line) for line in done.stdout.strip().splitlines()]
     assert [r["path"] for r in client] == [r["path"] for r in predicted] == files
     for ours, theirs in zip(client[:2], predicted[:2], strict=True):
-        assert set(ours) == {"path", "scores", "has_audio"}
+        assert set(ours) == {"path", "scores", "has_audio"}  # no warning: long enough
         assert ours["has_audio"] == theirs["has_audio"]
         assert list(ours["scores"]) == list(theirs["scores"]) == card["class_names"]
         np.testing.assert_allclose(
@@ -217,6 +218,8 @@ def test_the_client_scores_files_as_sora_predict_and_needs_only_its_requirements
     assert client[0]["has_audio"] and not client[1]["has_audio"]
     assert len(predicted[1]["top"]) == 2 and np.load(tmp_path / "emb" / "silent.npy").shape == (16,)
     assert "not a readable media file" in client[2]["error"] == predicted[2]["error"]
+    expected = "0.25 s long, shorter than the model's window of 0.88 s"
+    assert expected in client[3]["warning"] == predicted[3]["warning"]
     assert {"jax", "orbax", "av", "PIL", "numpy", "flatbuffers"} <= set(imported)
 
 

@@ -7,8 +7,9 @@ for the same clip and `python OUT/client.py FILE...`'s up to float rounding. A f
 audio is predicted from video alone; a file that cannot be decoded gets an error line and
 the others go on.
 
-stdout: one JSON object per file, the client's ({"path", "scores", "has_audio"}) with the
-top classes; exit code 0, or 3 when some files failed.
+stdout: one JSON object per file, the client's ({"path", "scores", "has_audio"}, and
+"warning" for a file shorter than the model's window) with the top classes; exit code 0,
+or 3 when some files failed.
 """
 
 import argparse

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from .decode import DecodeError, decode_video, stored_example
+from .decode import SAMPLE_RATE, DecodeError, decode_video, stored_example
 from .sampling import ClipSpec, eval_views
 
 
@@ -52,17 +52,19 @@ class Predictor:
         self.short_side, self.jpeg_quality = p["short_side"], p["jpeg_quality"]
         self.views = (p["temporal_views"], p["spatial_views"])
 
+    def _decode(self, path: str | pathlib.Path):
+        video = decode_video(path, self.spec.fps, self.short_side)
+        views = eval_views(stored_example(video, self.jpeg_quality), self.spec, *self.views)
+        return {k: views[k] for k in self.card["inputs"]}, video
+
     def inputs(self, path: str | pathlib.Path) -> tuple[dict[str, np.ndarray], bool]:
         """The artifact's inputs for a file, one row per view [V, ...], and whether the
         file has a sound track. Raises DecodeError (or FileNotFoundError) naming why a
         file cannot be read."""
-        video = decode_video(path, self.spec.fps, self.short_side)
-        views = eval_views(stored_example(video, self.jpeg_quality), self.spec, *self.views)
-        return {k: views[k] for k in self.card["inputs"]}, video.has_audio
+        inputs, video = self._decode(path)
+        return inputs, video.has_audio
 
-    def scores(self, path: str | pathlib.Path) -> tuple[np.ndarray, np.ndarray, bool]:
-        """(class scores [C], embedding [E], has_audio), each averaged over the views."""
-        inputs, has_audio = self.inputs(path)
+    def _averaged(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         out = self.model.call(self.params, inputs)
         logits = np.asarray(out["logits"], np.float32)  # [V, C]
         if self.card["multi_label"]:
@@ -70,18 +72,37 @@ class Predictor:
         else:
             probs = np.exp(logits - logits.max(-1, keepdims=True))
             probs /= probs.sum(-1, keepdims=True)
-        return probs.mean(0), np.asarray(out["embedding"]).mean(0), has_audio
+        return probs.mean(0), np.asarray(out["embedding"]).mean(0)
+
+    def scores(self, path: str | pathlib.Path) -> tuple[np.ndarray, np.ndarray, bool]:
+        """(class scores [C], embedding [E], has_audio), each averaged over the views."""
+        inputs, video = self._decode(path)
+        return *self._averaged(inputs), video.has_audio
+
+    def window_seconds(self) -> float:
+        """The time one view of the model spans."""
+        return ((self.spec.num_frames - 1) * self.spec.frame_stride + 1) / self.spec.fps
 
     def predict(self, path: str | pathlib.Path, with_embedding: bool = False) -> dict:
         """{"path", "scores": {class: probability}, "has_audio"}, or {"path", "error"}
-        for a file that cannot be read. With `with_embedding`, also "embedding": the
-        clip's embedding [E] (an array, not JSON)."""
+        for a file that cannot be read; "warning" when the file is shorter than the
+        model's window (the rest of each view is padding, so its scores mean less). With
+        `with_embedding`, also "embedding": the clip's embedding [E] (an array, not JSON)."""
         try:
-            probs, embedding, has_audio = self.scores(path)
+            inputs, video = self._decode(path)
         except (DecodeError, FileNotFoundError) as e:
             return {"path": str(path), "error": str(e)}
+        probs, embedding = self._averaged(inputs)
         scores = {name: float(p) for name, p in zip(self.class_names, probs, strict=True)}
-        result = {"path": str(path), "scores": scores, "has_audio": has_audio}
+        result = {"path": str(path), "scores": scores, "has_audio": video.has_audio}
+        seconds = (
+            len(video.frames) / video.fps if video.has_video else len(video.audio) / SAMPLE_RATE
+        )
+        if seconds < self.window_seconds() - 1e-6:
+            result["warning"] = (
+                f"{seconds:.2f} s long, shorter than the model's window of "
+                f"{self.window_seconds():.2f} s: the rest of each view is padding"
+            )
         return (result | {"embedding": embedding}) if with_embedding else result
 
 
