@@ -229,12 +229,17 @@ def test_bad_configs_fail_before_compiling_and_name_the_key(demo_data, tmp_path)
         "config.data.fps",
         "config.data.eval_split",
     ]
-    # The command: a ConfigError is exit code 2 naming the key; a flag absl cannot parse, 1.
+    # The command: every user error is a line or two naming the key, exit code 2, no traceback.
     config = small_config(*demo_data)
     cases = [
         ("--config.model.fusion.kind=bogus", "config.model.fusion.kind", 2),
-        ("--config.model.nonexistent=1", "nonexistent", 1),
-        ("--config.total_steps=many", "total_steps", 1),
+        (
+            "--config.model.fuson.kind=gated",
+            "config.model has no key 'fuson'; did you mean fusion?",
+            2,
+        ),
+        ("--config.total_steps=many", "--config.total_steps=many: invalid literal", 2),
+        ("--config.data.dir=/nowhere", "no prepared dataset 'demo_small' under '/nowhere'", 2),
     ]
     for flag, key, exit_code in cases:
         done = subprocess.run(
@@ -246,6 +251,7 @@ def test_bad_configs_fail_before_compiling_and_name_the_key(demo_data, tmp_path)
         )
         assert done.returncode == exit_code, (flag, done.stderr[-2000:])
         assert key in done.stderr, (flag, done.stderr[-2000:])
+        assert "Traceback" not in done.stderr and len(done.stderr.splitlines()) <= 3, done.stderr
     assert not (tmp_path / "w" / "checkpoints").exists()
 
 

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import pathlib
 from collections.abc import Sequence
 
 import grain
@@ -42,13 +43,16 @@ class DatasetSummary:
 
 def dataset_summary(data_dir: str, name: str) -> DatasetSummary:
     """Class names, split sizes and preparation settings of a prepared dataset."""
+    missing = FileNotFoundError(
+        f"no prepared dataset {name!r} under {data_dir!r}: run "
+        f"`sora-prep SOURCE --out {data_dir} --name {name}` first"
+    )
+    if "://" not in data_dir and not any(pathlib.Path(data_dir, name).glob("*/dataset_info.json")):
+        raise missing  # (tfds's own error lists its whole catalogue of datasets)
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except Exception as e:  # tfds raises several types for "not there"
-        raise FileNotFoundError(
-            f"no prepared dataset {name!r} under {data_dir!r} ({e}); run "
-            f"`sora-prep SOURCE --out {data_dir} --name {name}` first"
-        ) from e
+        raise missing from e
     prep = builder.info.metadata.get("prep", {})
     features = builder.info.features
     return DatasetSummary(

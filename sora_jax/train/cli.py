@@ -17,6 +17,8 @@ object on the last line of stdout.
 """
 
 import argparse
+import difflib
+import importlib.util
 import json
 import logging
 import pathlib
@@ -71,11 +73,47 @@ def _train(argv) -> None:
         print(f"final eval {evaluate.headline(result)}")
 
 
+def _unknown_key(argv: list[str]) -> str:
+    """For an override naming no key of the config: which key, where, and the nearest
+    keys there. (ml_collections raises a bare KeyError, and absl shows its traceback.)"""
+    config_arg = next(
+        (a.split("=", 1)[1] for a in argv if a.startswith("--config=")),
+        argv[argv.index("--config") + 1] if "--config" in argv else "",
+    )
+    path, _, preset = config_arg.partition(":")
+    spec = importlib.util.spec_from_file_location("_sora_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(preset or None)
+    for arg in argv:
+        if not arg.startswith("--config.") or "=" not in arg:
+            continue
+        group, walked = config, "config"
+        for part in arg[2:].split("=", 1)[0].split(".")[1:]:
+            if not hasattr(group, "keys") or part not in group:
+                nearest = difflib.get_close_matches(part, list(group.keys()), n=3, cutoff=0.5)
+                hint = f"; did you mean {', '.join(nearest)}?" if nearest else ""
+                return f"{arg.split('=')[0]}: {walked} has no key {part!r}{hint}"
+            group, walked = group[part], f"{walked}.{part}"
+    return ""
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a user's mistakes as one line and exit code 2."""
+    try:
+        return flags.FLAGS(argv)
+    except (KeyError, AttributeError) as e:
+        print(f"sora-train: {_unknown_key(argv[1:]) or e}", file=sys.stderr)
+    except flags.Error as e:
+        print(f"sora-train: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main() -> None:
     """sora-train."""
     process.configure()
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(_train)
+    app.run(_train, flags_parser=_parse_flags)
 
 
 def eval_main(argv: list[str] | None = None) -> int:
