@@ -9,9 +9,12 @@ has its own directory (made fresh and removed at exit), so no two workers write 
 """
 
 import atexit
+import fcntl
 import os
+import pathlib
 import shutil
 import tempfile
+from collections.abc import Callable
 
 import pytest
 
@@ -73,6 +76,24 @@ def pytest_report_header() -> str:
     return f"XLA compilation cache: {os.environ['JAX_COMPILATION_CACHE_DIR']}"
 
 
+def built_once(tmp_path_factory, name: str, build: Callable[[pathlib.Path], None]) -> pathlib.Path:
+    """`name`'s directory, made by `build` once per test session. Under pytest-xdist the
+    first worker to ask builds it, under a lock, and the others wait, then read it: each
+    worker building its own copy of a run that takes a minute or more cost that minute
+    twice. Tests read what it holds and write their own outputs elsewhere."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if "PYTEST_XDIST_WORKER" in os.environ else base  # shared by workers
+    path = root / f"shared_{name}"
+    with (root / f"shared_{name}.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (path / ".built").exists():
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir()
+            build(path)
+            (path / ".built").touch()
+    return path
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory):
     """A small prepared demo dataset: (data_dir, name). Real mp4s -> real ArrayRecords."""
@@ -80,11 +101,13 @@ def demo_data(tmp_path_factory):
     from data_prep.synthetic import make_demo_dataset
     from data_prep.worker import PrepSettings
 
-    root = tmp_path_factory.mktemp("demo")
-    raw = make_demo_dataset(root / "raw", train_per_class=12, test_per_class=5, seed=1)
-    entries = layouts.discover(raw)
-    builder.prepare(entries, root / "data", "demo_small", PrepSettings(fps=8.0, short_side=40))
-    return str(root / "data"), "demo_small"
+    def build(root: pathlib.Path) -> None:
+        raw = make_demo_dataset(root / "raw", train_per_class=12, test_per_class=5, seed=1)
+        entries = layouts.discover(raw)
+        settings = PrepSettings(fps=8.0, short_side=40)
+        builder.prepare(entries, root / "data", "demo_small", settings)
+
+    return str(built_once(tmp_path_factory, "demo", build) / "data"), "demo_small"
 
 
 def small_config(data_dir: str, name: str):

@@ -6,6 +6,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -22,20 +23,23 @@ from sora_jax.export.predict import Predictor
 from sora_jax.inputs import InputSpec
 from sora_jax.train import setup, trainer
 from sora_jax.train.evaluate import Evaluator
-from tests.conftest import ONE_DEVICE, small_config
+from tests.conftest import ONE_DEVICE, built_once, small_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def exported(demo_data, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("run")
     config = small_config(*demo_data)
     config.total_steps = 4
-    trainer.train(config, workdir, ONE_DEVICE)
+
+    def build(workdir: pathlib.Path) -> None:
+        trainer.train(config, workdir, ONE_DEVICE)
+        export_lib.export(workdir, workdir / "export")
+
+    workdir = built_once(tmp_path_factory, "exported", build)
     output = workdir / "export"
-    card = export_lib.export(workdir, output)
-    return workdir, output, card
+    return workdir, output, json.loads((output / "model_card.json").read_text())
 
 
 def _random_inputs(config, batch, seed):
@@ -332,7 +336,9 @@ def test_export_never_deletes_what_it_did_not_write(exported, tmp_path, capsys):
     with pytest.raises(export_lib.OutputError, match=r"todo\.txt"):
         export_lib.export(workdir, other)
     assert (other / "todo.txt").read_text() == "keep me"
-    # A previous export is replaced whole, and no staging directory is left beside it.
+    # A previous export (a copy of the shared one, which other tests read) is replaced
+    # whole, and no staging directory is left beside it.
+    output = pathlib.Path(shutil.copytree(output, tmp_path / "previous_export"))
     before = (output / "model.jax").stat().st_ino
     again = export_lib.export(workdir, output)
     assert again["checkpoint_step"] == card["checkpoint_step"]

@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tests.conftest import small_config
+from tests.conftest import built_once, small_config
 from tests.test_train import _train_command, losses
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -67,12 +67,11 @@ def _assert_same_curve(got: dict, want: dict) -> None:
 @pytest.fixture(scope="module")
 def single_process_losses(demo_data, tmp_path_factory):
     """The reference: 1 process x 4 devices, same global batch and seed."""
-    workdir = tmp_path_factory.mktemp("single")
     env = launcher.process_env(4)
-    subprocess.run(
+    build = lambda workdir: subprocess.run(
         _train_args(_config(demo_data), workdir), env=env, cwd=ROOT, check=True, capture_output=True
     )
-    return losses(workdir)
+    return losses(built_once(tmp_path_factory, "single_process", build))
 
 
 def test_two_processes_give_the_same_losses_as_one(demo_data, tmp_path, single_process_losses):

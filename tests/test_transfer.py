@@ -18,7 +18,7 @@ from sora_jax.export import embed as embed_lib
 from sora_jax.export import export as export_lib
 from sora_jax.train import objective, trainer, transfer
 from sora_jax.train.state import param_roles
-from tests.conftest import ONE_DEVICE
+from tests.conftest import ONE_DEVICE, built_once
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -34,13 +34,11 @@ def _pretrain_config(demo_data):
 @pytest.fixture(scope="module")
 def pretrained(demo_data, tmp_path_factory) -> pathlib.Path:
     """A pretraining run's work dir (12 steps, no labels read)."""
-    workdir = tmp_path_factory.mktemp("pretrained")
     config = _pretrain_config(demo_data)
     # Its exports are read here on the CPU only (every platform and the SavedModel:
     # test_export.py).
     config.export.update(platforms=("cpu",), saved_model=False)
-    trainer.train(config, workdir)
-    return workdir
+    return built_once(tmp_path_factory, "pretrained", lambda d: trainer.train(config, d))
 
 
 def _probe_config(demo_data, init_from=""):
