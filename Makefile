@@ -9,7 +9,7 @@ DEMO_RAW := data/demo_raw
 DEMO_DATA := data/prepared
 DEMO_RUN := runs/demo
 
-.PHONY: demo demo-data test lint bench clean
+.PHONY: demo demo-data test lint bench drill clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "sora_jax needs Python 3.11+"'
@@ -51,6 +51,11 @@ bench: demo-data
 	$(BIN)/python bench/compile_time.py --out bench/results/compile_time.json
 	$(BIN)/python bench/memory.py --out bench/results/memory.json
 	$(BIN)/python bench/pretrain.py --out bench/results/pretrain.json
+
+# SIGKILL a training run at random moments, rerun it each time, and check that nothing was
+# lost (same losses, no orphan processes, nothing stale, checkpoints intact); ~5 min.
+drill: demo-data
+	$(BIN)/python bench/kill_drill.py --kills 12 --out bench/results/kill_drill.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
