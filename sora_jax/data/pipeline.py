@@ -264,8 +264,9 @@ def eval_dataset(
     if repeat:
         ds = ds.repeat()
     # Read ahead a couple of batches, not grain's default 500: a repeated pass would
-    # otherwise go on decoding the next evaluation's clips while training runs.
-    ds = ds.to_iter_dataset(grain.ReadOptions(prefetch_buffer_size=2))
+    # otherwise go on decoding the next evaluation's clips while training runs. (As many
+    # reader threads as batches read ahead: more could never be busy, grain warns.)
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
     if d.workers > 0:
         ds = ds.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=d.workers), _workers_exit_with_us()
