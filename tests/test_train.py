@@ -239,6 +239,7 @@ def test_bad_configs_fail_before_compiling_and_name_the_key(demo_data, tmp_path)
             2,
         ),
         ("--config.total_steps=many", "--config.total_steps=many: invalid literal", 2),
+        ("--config.total_steps.every=2", "config.total_steps is a value, not a group", 2),
         ("--config.data.dir=/nowhere", "no prepared dataset 'demo_small' under '/nowhere'", 2),
     ]
     for flag, key, exit_code in cases:

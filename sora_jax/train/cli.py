@@ -90,7 +90,9 @@ def _unknown_key(argv: list[str]) -> str:
             continue
         group, walked = config, "config"
         for part in arg[2:].split("=", 1)[0].split(".")[1:]:
-            if not hasattr(group, "keys") or part not in group:
+            if not hasattr(group, "keys"):
+                return f"{arg.split('=')[0]}: {walked} is a value, not a group of keys"
+            if part not in group:
                 nearest = difflib.get_close_matches(part, list(group.keys()), n=3, cutoff=0.5)
                 hint = f"; did you mean {', '.join(nearest)}?" if nearest else ""
                 return f"{arg.split('=')[0]}: {walked} has no key {part!r}{hint}"
