@@ -36,6 +36,20 @@ def write_video(
             audio = np.atleast_2d(audio).astype(np.float32)
             layout = audio_layout or {1: "mono", 2: "stereo", 6: "5.1"}[audio.shape[0]]
             a = out.add_stream(audio_codec, rate=sample_rate, layout=layout)
+        chunk = 1024  # audio samples per frame
+        next_sample = 0
+
+        def mux_audio_until(seconds: float) -> None:  # time order: streamable, as players need
+            nonlocal next_sample
+            while audio is not None and next_sample < min(seconds * sample_rate, audio.shape[1]):
+                piece = np.ascontiguousarray(audio[:, next_sample : next_sample + chunk])
+                frame = av.AudioFrame.from_ndarray(piece, format="fltp", layout=layout)
+                frame.sample_rate = sample_rate
+                frame.pts = next_sample
+                frame.time_base = fractions.Fraction(1, sample_rate)
+                out.mux(a.encode(frame))
+                next_sample += chunk
+
         for i, image in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
             if frame_times is not None:
@@ -43,17 +57,11 @@ def write_video(
                 frame.time_base = fractions.Fraction(1, 1000)
             else:  # explicit timestamps: some encoders (mpeg4 in AVI) otherwise skip one
                 frame.pts, frame.time_base = i, 1 / rate
+            mux_audio_until(float(frame.pts * frame.time_base))
             out.mux(v.encode(frame))
         out.mux(v.encode(None))
         if audio is not None:
-            chunk = 1024
-            for start in range(0, audio.shape[1], chunk):
-                piece = np.ascontiguousarray(audio[:, start : start + chunk])
-                frame = av.AudioFrame.from_ndarray(piece, format="fltp", layout=layout)
-                frame.sample_rate = sample_rate
-                frame.pts = start
-                frame.time_base = fractions.Fraction(1, sample_rate)
-                out.mux(a.encode(frame))
+            mux_audio_until(float("inf"))
             out.mux(a.encode(None))
 
 

@@ -117,3 +117,29 @@ def small_config(data_dir: str, name: str):
     c = demo.get_config("runlocal")
     c.data.update(dir=data_dir, name=name)
     return c
+
+
+@pytest.fixture(scope="session")
+def sight_or_sound(tmp_path_factory):
+    """A demo-config model trained (120 steps) and exported on the sight-or-sound set
+    (tests/media.py: classes each in one sense), for timelines and explanations:
+    (export_dir, raw_dir)."""
+    from configs import demo
+    from data_prep import builder, layouts
+    from data_prep.worker import PrepSettings
+    from sora_jax.export import export as export_lib
+    from sora_jax.train import trainer
+    from tests.media import write_sight_or_sound
+
+    def build(root: pathlib.Path) -> None:
+        raw = write_sight_or_sound(root / "raw", per_class=16, seed=3)
+        settings = PrepSettings(fps=8.0, short_side=40)
+        builder.prepare(layouts.discover(raw), root / "data", "sight_or_sound", settings)
+        config = demo.get_config()
+        config.data.update(dir=str(root / "data"), name="sight_or_sound")
+        config.total_steps = config.checkpoint.every_steps = 120
+        trainer.train(config, root / "run", ONE_DEVICE)
+        export_lib.export(root / "run", root / "export")
+
+    root = built_once(tmp_path_factory, "sight_or_sound", build)
+    return root / "export", root / "raw"

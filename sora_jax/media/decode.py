@@ -9,6 +9,7 @@ import io
 import math
 import os
 import stat
+from collections.abc import Iterator
 
 import av
 import numpy as np
@@ -85,27 +86,6 @@ class DecodedVideo:
         return len(self.frames) > 0
 
 
-def _decode_sound_only(container, audio, max_seconds: float, fps: float) -> DecodedVideo:
-    """A file with a sound and no picture (a podcast, a field recording): a clip the
-    model can hear but not see, kept with no frames."""
-    resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
-    chunks = []
-    try:
-        for frame in container.decode(audio):
-            chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(frame))
-        chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(None))
-    except av.error.FFmpegError as e:
-        if not chunks:
-            raise DecodeError(f"corrupt or truncated: {e.strerror}") from e
-    wave = np.concatenate(chunks).astype(np.int16) if chunks else np.zeros(0, np.int16)
-    if max_seconds:
-        wave = wave[: int(max_seconds * SAMPLE_RATE)]
-    if not wave.size:
-        raise DecodeError("no video stream, and no decodable audio")
-    frames = np.zeros((0, 0, 0, 3), np.uint8)
-    return DecodedVideo(frames=frames, audio=wave, has_audio=True, fps=fps, source_fps=0.0)
-
-
 def _resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     if short_side <= 0:
         return width, height
@@ -114,15 +94,11 @@ def _resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     return max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2)
 
 
-def decode_video(
-    path: str | os.PathLike, fps: float, short_side: int, max_seconds: float = 0.0
-) -> DecodedVideo:
-    """Frames resampled to `fps` (by timestamps, so variable frame rates work) with the
-    short side resized to `short_side` (0 keeps the size); audio as 16 kHz mono int16.
-    A file with a sound and no picture gives no frames (`has_video` False).
+_OPTIONS = {"protocol_whitelist": _PROTOCOLS, "format_whitelist": _DEMUXERS}
 
-    Raises DecodeError with a short reason for anything that is not a usable clip.
-    """
+
+def open_file(path: str | os.PathLike) -> "av.container.InputContainer":
+    """A local media file opened for decoding, or DecodeError saying why it cannot be."""
     path = os.fspath(path)
     try:
         info = os.stat(path)
@@ -136,94 +112,155 @@ def decode_video(
         raise DecodeError(f"not a regular file ({kind})")
     if info.st_size == 0:
         raise DecodeError("empty file")
+    # "file:" keeps a name like "concat:a|b" a file name.
+    return _open("file:" + os.path.abspath(path), _OPTIONS)
+
+
+def open_stream(stream: "io.RawIOBase") -> "av.container.InputContainer":
+    """A live stream (standard input, a file still being written) opened for decoding,
+    with the same demuxers as files. It is read front to back, never seeked: it must be
+    in a streamable container (Matroska/WebM, MPEG-TS, fragmented MP4, ...)."""
+    # FFmpeg reads this much of a stream before the first frame comes out (default 5 MB,
+    # seconds of a live feed): enough to find the streams of any of these containers.
+    return _open(stream, _OPTIONS | {"probesize": "65536", "analyzeduration": "1000000"})
+
+
+def _open(source, options: dict) -> "av.container.InputContainer":
     try:
-        container = av.open(
-            "file:" + os.path.abspath(path),  # a name like "concat:a|b" stays a file name
-            container_options={
-                "protocol_whitelist": _PROTOCOLS,
-                "format_whitelist": _DEMUXERS,
-            },
-        )
-    except av.error.ArgumentError as e:  # what the whitelists above refuse
+        container = av.open(source, container_options=options)
+    except av.error.ArgumentError as e:  # what the whitelists refuse
         raise DecodeError(
             "not a plain media file (playlists, concat lists and devices are not opened)"
         ) from e
     except av.error.FFmpegError as e:
         raise DecodeError(f"not a readable media file ({type(e).__name__}: {e.strerror})") from e
-    with container:
-        if container.format.name in _PICTURE_FORMATS:
-            raise DecodeError(f"a still picture ({container.format.name}), not a video")
-        if not container.streams.video:
-            if not container.streams.audio:
-                raise DecodeError("no video or audio stream")
-            return _decode_sound_only(container, container.streams.audio[0], max_seconds, fps)
-        video = container.streams.video[0]
-        audio = container.streams.audio[0] if container.streams.audio else None
-        video.thread_type = "AUTO"
-        resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
-        frames, chunks = [], []
-        previous, previous_rgb, start = None, None, None
-        step = 1.0 / fps
-        emitted = 0  # output frames so far; output frame k is shown at time k / fps
-        # Timestamps are compared with a small tolerance: k / fps in floating point can
-        # land a hair before a frame's exact time and pick the previous frame.
-        eps = 1e-6
+    if container.format.name.split(",")[0] in _PICTURE_FORMATS:
+        container.close()
+        raise DecodeError(f"a still picture ({container.format.name}), not a video")
+    if not container.streams.video and not container.streams.audio:
+        container.close()
+        raise DecodeError("no video or audio stream")
+    return container
 
-        def rgb(frame) -> np.ndarray:
-            w, h = _resized_size(frame.width, frame.height, short_side)
-            return frame.to_ndarray(width=w, height=h, format="rgb24")
 
-        streams = (video, audio) if audio is not None else (video,)
+def decode_incrementally(
+    container: "av.container.InputContainer", fps: float, short_side: int, max_seconds: float = 0.0
+) -> Iterator[tuple[str, np.ndarray]]:
+    """What the container holds, in decoding order, as it decodes: ("frame", [H, W, 3]
+    uint8) at `fps` (by timestamps, so variable frame rates work; short side resized to
+    `short_side`, 0 keeps the size; as a player shows it, display rotation applied) and
+    ("audio", [s] int16) pieces of 16 kHz mono sound. Only a few source frames are held
+    at a time, so a file of any length (or a live stream) decodes in bounded memory.
+
+    Raises DecodeError when nothing usable decodes; a file damaged part way gives what
+    decoded before the damage."""
+    video = container.streams.video[0] if container.streams.video else None
+    audio = container.streams.audio[0] if container.streams.audio else None
+    resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
+    sound_left = int(max_seconds * SAMPLE_RATE) if max_seconds else -1  # -1: no limit
+
+    def sound(frame) -> Iterator[tuple[str, np.ndarray]]:
+        nonlocal sound_left
+        for piece in resampler.resample(frame):
+            samples = piece.to_ndarray().reshape(-1).astype(np.int16)
+            if sound_left >= 0:
+                samples, sound_left = samples[:sound_left], max(sound_left - len(samples), 0)
+            if samples.size:
+                yield "audio", samples
+
+    if video is None:  # a sound without a picture (a podcast, a field recording)
+        any_sound = False
         try:
-            for frame in container.decode(*streams):
-                if isinstance(frame, av.AudioFrame):
-                    chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(frame))
-                    continue
-                if frame.time is None:
-                    continue
-                start = frame.time if start is None else start
-                t = frame.time - start
-                if max_seconds and t >= max_seconds:
-                    continue
-                # Emit the latest frame shown at each output time before this one arrives.
-                while previous is not None and emitted * step < t - eps:
-                    if previous_rgb is None:
-                        previous_rgb = rgb(previous)
-                    frames.append(previous_rgb)
-                    emitted += 1
-                previous, previous_rgb = frame, None
-            chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(None))
+            for frame in container.decode(audio):
+                for event in sound(frame):
+                    any_sound = True
+                    yield event
+            for event in sound(None):
+                any_sound = True
+                yield event
         except av.error.FFmpegError as e:
-            if previous is None:
+            if not any_sound:
                 raise DecodeError(f"corrupt or truncated: {e.strerror}") from e
-            # A truncated file still gives the clip up to the damage; keep that part.
+        if not any_sound:
+            raise DecodeError("no video stream, and no decodable audio")
+        return
+
+    video.thread_type = "AUTO"
+    previous, previous_rgb, start = None, None, None
+    step = 1.0 / fps
+    emitted = 0  # output frames so far; output frame k is shown at time k / fps
+    # Timestamps are compared with a small tolerance: k / fps in floating point can land
+    # a hair before a frame's exact time and pick the previous frame.
+    eps = 1e-6
+
+    def rgb(frame) -> np.ndarray:
+        w, h = _resized_size(frame.width, frame.height, short_side)
+        image = frame.to_ndarray(width=w, height=h, format="rgb24")
+        # Phones store portrait video as landscape plus a display matrix; PyAV reports its
+        # rotation per frame, counterclockwise degrees (a multiple of 90 in practice).
+        turns = round(frame.rotation / 90) % 4
+        return np.ascontiguousarray(np.rot90(image, k=turns)) if turns else image
+
+    streams = (video, audio) if audio is not None else (video,)
+    try:
+        for frame in container.decode(*streams):
+            if isinstance(frame, av.AudioFrame):
+                yield from sound(frame)
+                continue
+            if frame.time is None:
+                continue
+            start = frame.time if start is None else start
+            t = frame.time - start
+            if max_seconds and t >= max_seconds:
+                continue
+            # Emit the latest frame shown at each output time before this one arrives.
+            while previous is not None and emitted * step < t - eps:
+                if previous_rgb is None:
+                    previous_rgb = rgb(previous)
+                yield "frame", previous_rgb
+                emitted += 1
+            previous, previous_rgb = frame, None
+        yield from sound(None)
+    except av.error.FFmpegError as e:
         if previous is None:
-            raise DecodeError("no decodable video frames")
-        last_time = previous.time - start
-        frame_rate = float(video.average_rate or fps)
-        end = last_time + 1.0 / frame_rate
-        if max_seconds:
-            end = min(end, max_seconds)
-        # The last decoded frame covers the remaining output times up to the stream's end.
-        remaining = max(1 if not frames else 0, math.ceil((end - emitted * step) / step - eps))
-        if remaining:
-            last = rgb(previous)
-            frames.extend([last] * remaining)
-    frames = np.stack(frames)  # [T, H, W, 3] as stored
-    # Phones store portrait video as landscape plus a display matrix; PyAV reports its
-    # rotation per frame, counterclockwise degrees (a multiple of 90 in practice).
-    rotation = round(previous.rotation / 90) % 4
-    if rotation:
-        frames = np.rot90(frames, k=rotation, axes=(1, 2))  # as a player shows it
-    wave = np.concatenate(chunks).astype(np.int16) if chunks else np.zeros(0, np.int16)
+            raise DecodeError(f"corrupt or truncated: {e.strerror}") from e
+        # A truncated file still gives the clip up to the damage; keep that part.
+    if previous is None:
+        raise DecodeError("no decodable video frames")
+    end = previous.time - start + 1.0 / float(video.average_rate or fps)
     if max_seconds:
-        wave = wave[: int(max_seconds * SAMPLE_RATE)]
+        end = min(end, max_seconds)
+    # The last decoded frame covers the remaining output times up to the stream's end.
+    remaining = max(1 if not emitted else 0, math.ceil((end - emitted * step) / step - eps))
+    last = rgb(previous) if remaining else None
+    for _ in range(remaining):
+        yield "frame", last
+
+
+def decode_video(
+    path: str | os.PathLike, fps: float, short_side: int, max_seconds: float = 0.0
+) -> DecodedVideo:
+    """A whole file in memory: frames at `fps` with the short side resized to
+    `short_side` (0 keeps the size), audio as 16 kHz mono int16 (see
+    `decode_incrementally`). A file with a sound and no picture gives no frames
+    (`has_video` False).
+
+    Raises DecodeError with a short reason for anything that is not a usable clip.
+    """
+    with open_file(path) as container:
+        video = container.streams.video[0] if container.streams.video else None
+        source_fps = float(video.average_rate or fps) if video is not None else 0.0
+        has_audio_stream = bool(container.streams.audio)
+        frames, chunks = [], []
+        for kind, data in decode_incrementally(container, fps, short_side, max_seconds):
+            (frames if kind == "frame" else chunks).append(data)
+    wave = np.concatenate(chunks) if chunks else np.zeros(0, np.int16)
     return DecodedVideo(
-        frames=np.ascontiguousarray(frames),
+        frames=np.stack(frames) if frames else np.zeros((0, 0, 0, 3), np.uint8),
         audio=wave,
-        has_audio=bool(audio is not None and wave.size),
+        has_audio=has_audio_stream and bool(wave.size),
         fps=fps,
-        source_fps=frame_rate,
+        source_fps=source_fps,
     )
 
 

@@ -15,14 +15,25 @@ Imports NumPy, PyAV, Pillow, jax and orbax only (requirements.txt beside the art
 import argparse
 import json
 import pathlib
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from .decode import SAMPLE_RATE, DecodeError, decode_video, stored_example
+from .decode import (
+    SAMPLE_RATE,
+    DecodeError,
+    decode_incrementally,
+    decode_video,
+    open_file,
+    open_stream,
+    stored_example,
+)
+from .explain import explain_window
 from .sampling import ClipSpec, eval_views
+from .timeline import StreamReader, Window, sliding_windows
 
 
 class Predictor:
@@ -38,6 +49,7 @@ class Predictor:
                 "preprocessing): export the run again"
             )
         self.model = jax.export.deserialize((export_dir / "model.jax").read_bytes())
+        self.call = jax.jit(self.model.call)  # compiled once per batch size
         self.params = ocp.StandardCheckpointer().restore(export_dir / "params")
         self.class_names: list[str] = self.card["class_names"]
         p = self.card["preprocessing"]
@@ -64,20 +76,50 @@ class Predictor:
         inputs, video = self._decode(path)
         return inputs, video.has_audio
 
-    def _averaged(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        out = self.model.call(self.params, inputs)
-        logits = np.asarray(out["logits"], np.float32)  # [V, C]
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """Class scores from logits [..., C]: softmax, or sigmoid for a multi-label model."""
+        logits = np.asarray(logits, np.float32)
         if self.card["multi_label"]:
-            probs = 1 / (1 + np.exp(-logits))
-        else:
-            probs = np.exp(logits - logits.max(-1, keepdims=True))
-            probs /= probs.sum(-1, keepdims=True)
+            return 1 / (1 + np.exp(-logits))
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        return probs / probs.sum(-1, keepdims=True)
+
+    def log_scores(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """log of the class scores [B, C] of a batch of inputs."""
+        logits = np.asarray(self.call(self.params, inputs)["logits"], np.float64)
+        if self.card["multi_label"]:
+            return -np.logaddexp(0, -logits)
+        top = logits.max(-1, keepdims=True)
+        return logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+
+    def explain(self, window: dict[str, np.ndarray], grid: int = 16) -> dict:
+        """Why the model scored one view (inputs without a batch axis) as it did: see
+        `explain.explain_window`."""
+        return explain_window(self.log_scores, window, self.class_names, grid)
+
+    def explain_file(self, path: str | pathlib.Path, grid: int = 16) -> dict:
+        """The explanation of a file's prediction, on its view that gave the file's top
+        class the highest score (the view that did most for the prediction), with
+        "view": its index among the evaluation views."""
+        inputs, _ = self._decode(path)
+        probs = np.exp(self.log_scores(inputs))  # [V, C]
+        view = int(np.argmax(probs[:, int(np.argmax(probs.mean(0)))]))
+        return self.explain({k: v[view] for k, v in inputs.items()}, grid) | {"view": view}
+
+    def _averaged(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        out = self.call(self.params, inputs)
+        probs = self.probabilities(out["logits"])  # [V, C]
         return probs.mean(0), np.asarray(out["embedding"]).mean(0)
 
     def scores(self, path: str | pathlib.Path) -> tuple[np.ndarray, np.ndarray, bool]:
         """(class scores [C], embedding [E], has_audio), each averaged over the views."""
         inputs, video = self._decode(path)
         return *self._averaged(inputs), video.has_audio
+
+    def input_specs(self) -> dict[str, jax.ShapeDtypeStruct]:
+        """The artifact's inputs, batch of one."""
+        (_, inputs), _ = jax.tree.unflatten(self.model.in_tree, self.model.in_avals)
+        return {k: jax.ShapeDtypeStruct((1, *v.shape[1:]), v.dtype) for k, v in inputs.items()}
 
     def window_seconds(self) -> float:
         """The time one view of the model spans."""
@@ -104,6 +146,122 @@ class Predictor:
                 f"{self.window_seconds():.2f} s: the rest of each view is padding"
             )
         return (result | {"embedding": embedding}) if with_embedding else result
+
+    def timeline(
+        self,
+        source: "str | pathlib.Path | StreamReader",
+        hop_seconds: float = 0.0,
+        batch: int = 8,
+        with_inputs: bool = False,
+    ) -> Iterator[dict]:
+        """The model's window slid over a whole file, or a live stream (a `StreamReader`):
+        one dict per window, {"path", "start_s", "end_s", "scores", "has_audio",
+        "has_video"}, as soon as it is scored, then {"path", "summary": ...} (or {"path",
+        "error"}). Windows start every `hop_seconds` (0: half a window); a file's are
+        scored `batch` at a time, a stream's one by one, as soon as each has arrived.
+        Memory stays bounded by a few windows however long the input. `with_inputs`:
+        each window's dict also has "inputs", the model's inputs for it (to explain it).
+        The summary's timing counts the time the caller spends between windows too."""
+        live = isinstance(source, StreamReader)
+        name = source.name if live else str(source)
+        span = (self.spec.num_frames - 1) * self.spec.frame_stride + 1
+        hop = max(1, round(hop_seconds * self.spec.fps)) if hop_seconds else max(1, span // 2)
+        batch = 1 if live else batch
+        began = time.perf_counter()
+        zeros = {k: np.zeros((batch, *v.shape[1:]), v.dtype) for k, v in self.input_specs().items()}
+        jax.block_until_ready(self.call(self.params, zeros))  # compiled before the clock starts
+        compile_seconds = time.perf_counter() - began
+        began, model_seconds, latencies, rows = time.perf_counter(), 0.0, [], []
+        pending: list[Window] = []
+
+        def scored() -> Iterator[dict]:
+            nonlocal model_seconds
+            inputs = {k: np.stack([w.inputs[k] for w in pending]) for k in self.card["inputs"]}
+            if len(pending) < batch:  # a fixed batch: the artifact compiles once
+                inputs = {
+                    k: np.concatenate([v, v[-1:].repeat(batch - len(v), 0)])
+                    for k, v in inputs.items()
+                }
+            began_model = time.perf_counter()
+            probs = self.probabilities(self.call(self.params, inputs)["logits"])
+            done = time.perf_counter()
+            model_seconds += done - began_model
+            for window, p in zip(pending, probs, strict=False):
+                latencies.append(done - window.ready_at)
+                row = {
+                    "path": name,
+                    "start_s": round(window.start / self.spec.fps, 4),
+                    "end_s": round(window.end / self.spec.fps, 4),
+                    "scores": {c: float(x) for c, x in zip(self.class_names, p, strict=True)},
+                    "has_audio": bool(window.inputs["has_audio"]),
+                    "has_video": bool(window.inputs["has_video"]),
+                }
+                rows.append((row["start_s"], row["end_s"], int(np.argmax(p))))
+                yield (row | {"inputs": window.inputs}) if with_inputs else row
+            pending.clear()
+
+        try:
+            container = open_stream(source) if live else open_file(source)
+            with container:
+                has_video, has_audio = bool(container.streams.video), bool(container.streams.audio)
+                events = decode_incrementally(container, self.spec.fps, self.short_side)
+                for window in sliding_windows(
+                    events, self.spec, hop, has_video, has_audio, self.jpeg_quality
+                ):
+                    pending.append(window)
+                    if len(pending) == batch:
+                        yield from scored()
+                if pending:
+                    yield from scored()
+        except DecodeError as e:
+            yield {"path": name, "error": str(e)}
+            return
+        finally:
+            if live:
+                source.close()
+        elapsed = time.perf_counter() - began
+        latencies = latencies or [0.0]
+        seconds = rows[-1][1] if rows else 0.0
+        yield {
+            "path": name,
+            "summary": {
+                "seconds": seconds,
+                "windows": len(rows),
+                "has_audio": has_audio,
+                "has_video": has_video,
+                "segments": self._segments(rows),
+                "timing": {
+                    "compile_s": round(compile_seconds, 4),
+                    "seconds": round(elapsed, 4),
+                    "decode_s": round(elapsed - model_seconds, 4),  # decoding and preprocessing
+                    "model_s": round(model_seconds, 4),
+                    "real_time_factor": round(seconds / elapsed, 3),
+                    "windows_per_s": round(len(rows) / elapsed, 3),
+                    "latency_ms": {
+                        "p50": round(1000 * float(np.percentile(latencies, 50)), 3),
+                        "p99": round(1000 * float(np.percentile(latencies, 99)), 3),
+                    },
+                },
+            },
+        }
+
+    def _segments(self, rows: list[tuple[float, float, int]]) -> list[dict]:
+        """Runs of windows with the same top class; a boundary lies halfway between the
+        centres of the last window of one run and the first of the next."""
+        segments: list[dict] = []
+        for i, (start, end, top) in enumerate(rows):
+            if segments and segments[-1]["class"] == self.class_names[top]:
+                continue
+            if segments:
+                previous = rows[i - 1]
+                boundary = round((previous[0] + previous[1] + start + end) / 4, 4)
+                segments[-1]["end_s"] = boundary
+            else:
+                boundary = 0.0
+            segments.append({"class": self.class_names[top], "start_s": boundary})
+        if segments:
+            segments[-1]["end_s"] = rows[-1][1]
+        return segments
 
 
 def main(argv: Sequence[str] | None = None, export_dir: str | pathlib.Path | None = None) -> int:

@@ -60,9 +60,24 @@ def _decode(example: dict, indices: np.ndarray) -> list[np.ndarray]:
     return [cache[int(i)] for i in indices]
 
 
-def _resize(frame: np.ndarray, box: tuple[int, int, int, int], size: int) -> np.ndarray:
+def resize(frame: np.ndarray, box: tuple[int, int, int, int], size: int) -> np.ndarray:
+    """The `box` (left, top, right, bottom) of a frame, resized to [size, size, 3]."""
     image = Image.fromarray(frame).resize((size, size), Image.BILINEAR, box=box)
     return np.asarray(image)
+
+
+def crop_boxes(h: int, w: int, spatial_views: int) -> list[tuple[int, int, int, int]]:
+    """The square crops of evaluation's views: the centre one, or 3 along the long side."""
+    side = min(h, w)
+    if spatial_views == 1:
+        offsets = [(w - side) // 2] if w >= h else [(h - side) // 2]
+    else:
+        offsets = [0, (max(h, w) - side) // 2, max(h, w) - side]
+    return [(o, 0, o + side, side) if w >= h else (0, o, side, o + side) for o in offsets]
+
+
+def centre_box(h: int, w: int) -> tuple[int, int, int, int]:
+    return crop_boxes(h, w, 1)[0]
 
 
 def _sound_only(example: dict, spec: ClipSpec, starts: list[int]) -> dict[str, np.ndarray]:
@@ -111,7 +126,7 @@ def train_clip(
     else:
         cw = ch = min(h, w)
     x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-    clip = np.stack([_resize(f, (x0, y0, x0 + cw, y0 + ch), spec.crop_size) for f in frames])
+    clip = np.stack([resize(f, (x0, y0, x0 + cw, y0 + ch), spec.crop_size) for f in frames])
     if flip and rng.random() < 0.5:
         clip = clip[:, :, ::-1]
     audio, audio_len = audio_window(example["audio"], start, spec)
@@ -142,15 +157,9 @@ def eval_views(
         indices, mask = frame_indices(int(start), spec, n)
         decoded = _decode(example, indices)
         h, w = decoded[0].shape[:2]
-        side = min(h, w)
-        if spatial_views == 1:
-            offsets = [(w - side) // 2] if w >= h else [(h - side) // 2]
-        else:
-            offsets = [0, (max(h, w) - side) // 2, max(h, w) - side]
         audio, audio_len = audio_window(example["audio"], int(start), spec)
-        for off in offsets:
-            box = (off, 0, off + side, side) if w >= h else (0, off, side, off + side)
-            frames.append(np.stack([_resize(f, box, spec.crop_size) for f in decoded]))
+        for box in crop_boxes(h, w, spatial_views):
+            frames.append(np.stack([resize(f, box, spec.crop_size) for f in decoded]))
             masks.append(mask)
             audios.append(audio)
             lengths.append(audio_len if example["has_audio"] else 0)
