@@ -8,6 +8,7 @@ STAMP := $(VENV)/.installed
 DEMO_RAW := data/demo_raw
 DEMO_DATA := data/prepared
 DEMO_RUN := runs/demo
+DEMO_TIMELINE := data/demo_timeline.mkv
 
 .PHONY: demo demo-data test lint bench drill clean
 
@@ -21,10 +22,11 @@ $(STAMP): pyproject.toml
 
 # The built-in demo dataset: real mp4s made with PyAV, prepared into ArrayRecords.
 demo-data: $(STAMP)
-	$(BIN)/sora-prep demo $(DEMO_RAW)
+	$(BIN)/sora-prep demo $(DEMO_RAW) --timeline $(DEMO_TIMELINE)
 	$(BIN)/sora-prep $(DEMO_RAW) --out $(DEMO_DATA) --name sora_demo --fps 8 --short-side 40
 
-# Prepare the demo dataset, train, evaluate, export, and predict on raw files.
+# Prepare the demo dataset, train, evaluate, export, predict on raw files, and follow a
+# long file of the classes in turn (a timeline, drawn in runs/demo/timeline.png).
 demo: demo-data
 	rm -rf $(DEMO_RUN)
 	$(BIN)/sora-train --config configs/demo.py --workdir $(DEMO_RUN) \
@@ -33,6 +35,8 @@ demo: demo-data
 	$(BIN)/sora-export --workdir $(DEMO_RUN) --output $(DEMO_RUN)/export
 	$(BIN)/sora-predict --export $(DEMO_RUN)/export \
 		$(DEMO_RAW)/test/red_high/red_high_000.mp4 $(DEMO_RAW)/test/blue_low/blue_low_000.mp4
+	$(BIN)/sora-predict --export $(DEMO_RUN)/export --timeline $(DEMO_TIMELINE) \
+		--plot $(DEMO_RUN)/timeline.png | tail -n 1
 
 test: $(STAMP)
 	$(BIN)/ruff check .
@@ -51,6 +55,8 @@ bench: demo-data
 	$(BIN)/python bench/compile_time.py --out bench/results/compile_time.json
 	$(BIN)/python bench/memory.py --out bench/results/memory.json
 	$(BIN)/python bench/pretrain.py --out bench/results/pretrain.json
+	test -f $(DEMO_RUN)/export/model.jax || $(MAKE) demo
+	$(BIN)/python bench/timeline.py --out bench/results/timeline.json
 
 # SIGKILL a training run at random moments, rerun it each time, and check that nothing was
 # lost (same losses, no orphan processes, nothing stale, checkpoints intact); ~5 min.

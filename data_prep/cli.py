@@ -86,8 +86,19 @@ def _demo(argv: list[str]) -> int:
     p.add_argument("--train-per-class", type=int, help="default: 48 (fusion), 24 (others)")
     p.add_argument("--test-per-class", type=int, help="default: 16 (fusion), 8 (others)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--timeline",
+        metavar="FILE",
+        help="also write one long Matroska file of the fusion set's classes one after another "
+        "(4 s each, twice), for sora-predict --timeline and --stream",
+    )
     args = p.parse_args(argv)
     from data_prep import synthetic
+
+    if args.timeline:
+        segments = synthetic.write_demo_timeline(args.timeline, seed=args.seed)
+        shown = ", ".join(f"{name} {start:g}-{end:g}s" for name, start, end in segments)
+        print(f"wrote {args.timeline}: {shown}")
 
     make, train, test = {
         "fusion": (synthetic.make_demo_dataset, 48, 16),

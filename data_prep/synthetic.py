@@ -132,6 +132,20 @@ def demo_clip(
     return frames, np.clip(audio, -1, 1).astype(np.float32)
 
 
+def write_demo_timeline(
+    path: str | pathlib.Path, seconds: float = 4.0, repeats: int = 2, seed: int = 0
+) -> list[tuple[str, float, float]]:
+    """One long file of demo clips, each class for `seconds`, the classes in turn
+    `repeats` times: what sora-predict --timeline should follow. Returns (class, start_s,
+    end_s) per segment."""
+    rng = np.random.default_rng(seed + 1000)
+    names = list(DEMO_CLASSES) * repeats
+    clips = [demo_clip(rng, *name.split("_"), seconds=seconds) for name in names]
+    frames = np.concatenate([f for f, _ in clips])
+    write_video(path, frames, 8.0, np.concatenate([a for _, a in clips]), 22_050)
+    return [(name, i * seconds, (i + 1) * seconds) for i, name in enumerate(names)]
+
+
 def _write_split_tree(
     out_dir: pathlib.Path,
     classes: tuple[str, ...],
