@@ -98,6 +98,8 @@ def test_sora_predict_explains_files_and_timeline_windows(sight_or_sound, tmp_pa
             assert png.stat().st_size > 20_000
             numbers = json.loads(png.with_suffix(".json").read_text())
             assert numbers["attribution"]["class"] == "blue"
+            gates = numbers["attribution"]["fusion_gates"]  # the demo config's gated fusion
+            assert abs(gates["video"] + gates["audio"] - 1) < 1e-5, gates
             maps = np.load(png.with_suffix(".npz"))
             assert maps["frame_saliency"].shape == (4, 32, 32)
             assert maps["audio_saliency"].shape == maps["log_mel"].shape

@@ -64,12 +64,16 @@ def test_exported_function_equals_the_model_at_two_batch_sizes(exported):
         inputs = _random_inputs(config, batch, batch)
         got = artifact.call(exported_params, inputs)
         want = apply(params, inputs)
-        assert set(got) == set(export_lib.EXPORTED_OUTPUTS)
+        assert set(got) == set(export_lib.exported_outputs(config))
         for key in ("logits", "embedding", "video_embedding", "audio_embedding"):
             rel = np.linalg.norm(np.asarray(got[key]) - np.asarray(want[key])) / np.linalg.norm(
                 np.asarray(want[key])
             )
             assert rel < 1e-5, (batch, key, rel)
+        # The demo's gated fusion: its weights on each sense, over the senses present.
+        gates = np.asarray(got["fusion_gates"])  # [B, 2]; row 1 has no audio, row 2 no video
+        np.testing.assert_allclose(gates.sum(1), 1.0, rtol=1e-6)
+        assert gates[1, 1] == 0 and gates[2, 0] == 0 and (gates[0] > 0).all()
     float_artifact = jax.export.deserialize((output / "model_float.jax").read_bytes())
     inputs = _random_inputs(config, 3, 0)
     as_float = dict(inputs, audio=inputs["audio"].astype(np.float32) / 32768.0)
@@ -281,8 +285,8 @@ def test_the_saved_model_gives_the_artifacts_outputs(exported, tmp_path):
     from orbax.checkpoint import StandardCheckpointer
 
     want = artifact.call(StandardCheckpointer().restore(output / "params"), inputs)
-    assert set(got.files) == set(export_lib.EXPORTED_OUTPUTS) == set(card["outputs"])
-    for key in export_lib.EXPORTED_OUTPUTS:
+    assert set(got.files) == set(export_lib.exported_outputs(config)) == set(card["outputs"])
+    for key in got.files:
         np.testing.assert_allclose(got[key], np.asarray(want[key]), rtol=1e-4, atol=1e-5)
 
 

@@ -3,7 +3,8 @@
 Writes, for teams that will never import sora_jax:
   OUT/params/          parameters only (no optimizer state), a plain orbax checkpoint
   OUT/model.jax        jax.export of (params, inputs) -> logits, embedding and each sense's
-                       embedding alone (video_embedding, audio_embedding), int16 audio
+                       embedding alone (video_embedding, audio_embedding; a gated fusion
+                       also its weights on each sense, fusion_gates), int16 audio
   OUT/model_float.jax  the same with float32 audio in [-1, 1]
   OUT/saved_model/     the same function as a TensorFlow SavedModel (jax2tf), parameters
                        inside, for TF Serving and tf.saved_model.load
@@ -58,6 +59,20 @@ OUTPUT_MEANINGS = {
     "audio_embedding": "the embedding of the sound alone",
 }
 EXPORTED_OUTPUTS = tuple(OUTPUT_MEANINGS)
+# Outputs only some fusions have: what the fusion weighed each sense by.
+FUSION_OUTPUTS = {
+    "gated": {
+        "fusion_gates": "the gated fusion's weights [video, audio] for this clip (they sum to "
+        "1 over the senses present; 0 for an absent one)",
+    },
+}
+
+
+def exported_outputs(config: ml_collections.ConfigDict) -> dict[str, str]:
+    """name -> meaning of every output of this config's artifact."""
+    return OUTPUT_MEANINGS | FUSION_OUTPUTS.get(config.model.fusion.kind, {})
+
+
 # The client's distributions: the artifact needs jax (and flatbuffers to deserialize it),
 # the parameters orbax, the preprocessing PyAV, Pillow and NumPy.
 CLIENT_REQUIREMENTS = ("jax", "orbax-checkpoint", "flatbuffers", "numpy", "av", "pillow")
@@ -81,8 +96,14 @@ def export_inference(
     platforms: Sequence[str],
 ) -> jax.export.Exported:
     def infer(params, inputs):
-        out = model.apply({"params": params}, inputs, modality_embeddings=True)
-        return {k: out[k] for k in EXPORTED_OUTPUTS}
+        out, state = model.apply(
+            {"params": params}, inputs, modality_embeddings=True, mutable=["intermediates"]
+        )
+        out = {k: out[k] for k in EXPORTED_OUTPUTS}
+        sown = state.get("intermediates", {}).get("fusion", {})
+        for name in FUSION_OUTPUTS.get(config.model.fusion.kind, {}):
+            out[name] = sown[name][0]  # the pass with both senses (then each sense alone)
+        return out
 
     abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     specs = input_specs(config, audio_dtype)
@@ -121,7 +142,7 @@ def input_contract(config: ml_collections.ConfigDict) -> dict:
     return contract
 
 
-def output_contract(exported: jax.export.Exported) -> dict:
+def output_contract(exported: jax.export.Exported, config: ml_collections.ConfigDict) -> dict:
     """Every output's shape and dtype, read from the artifact itself."""
     avals = jax.tree.unflatten(exported.out_tree, exported.out_avals)
     return {
@@ -130,7 +151,7 @@ def output_contract(exported: jax.export.Exported) -> dict:
             "dtype": np.dtype(avals[name].dtype).name,
             "meaning": meaning,
         }
-        for name, meaning in OUTPUT_MEANINGS.items()
+        for name, meaning in exported_outputs(config).items()
     }
 
 
@@ -209,7 +230,7 @@ def model_card(
         "multi_label": bool(config.model.multi_label),
         "inputs": input_contract(config),  # a dict keyed by these names, in any order
         "preprocessing": preprocessing(config, summary),
-        "outputs": output_contract(exported),
+        "outputs": output_contract(exported, config),
         # A pretrained encoder (contrastive only) has an untrained classifier: use its
         # embedding, or train a head on it (configs/linear_probe.py, finetune.py).
         "objective": {k: float(v) for k, v in config.loss.items()},

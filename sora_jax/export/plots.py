@@ -85,9 +85,13 @@ def explanation_png(explanation: dict, path: str | pathlib.Path, title: str) -> 
     ax.set_ylabel("mel bin")
     a = explanation["attribution"]
     shown = lambda key: "absent" if a[key] is None else f"{a[key]:.3f}"
+    gates = a.get("fusion_gates")
+    weighed = (
+        f"; fusion gates video {gates['video']:.2f}, audio {gates['audio']:.2f}" if gates else ""
+    )
     ax.set_title(
         f"score of {a['class']}: both senses {a['both']:.3f}, video only {shown('video_only')}, "
-        f"audio only {shown('audio_only')}",
+        f"audio only {shown('audio_only')}{weighed}",
         fontsize=9,
     )
     fig.suptitle(title, fontsize=10)

@@ -94,8 +94,17 @@ class Predictor:
 
     def explain(self, window: dict[str, np.ndarray], grid: int = 16) -> dict:
         """Why the model scored one view (inputs without a batch axis) as it did: see
-        `explain.explain_window`."""
-        return explain_window(self.log_scores, window, self.class_names, grid)
+        `explain.explain_window`; with a gated fusion, the attribution also has the
+        weights the fusion gave each sense ("fusion_gates")."""
+        explanation = explain_window(self.log_scores, window, self.class_names, grid)
+        out = self.call(self.params, {k: np.asarray(v)[None] for k, v in window.items()})
+        if "fusion_gates" in out:
+            video, audio = np.asarray(out["fusion_gates"], np.float64)[0]
+            explanation["attribution"]["fusion_gates"] = {
+                "video": float(video),
+                "audio": float(audio),
+            }
+        return explanation
 
     def explain_file(self, path: str | pathlib.Path, grid: int = 16) -> dict:
         """The explanation of a file's prediction, on its view that gave the file's top

@@ -72,6 +72,7 @@ class FusionHead(nn.Module):
                 logits = nn.Dense(1, dtype=self.dtype, name="fusion_gate")(both)[..., 0]  # [B, 2]
                 logits = jnp.where(present, logits.astype(jnp.float32), -1e9)
                 gates = jnp.where(present, nn.softmax(logits, axis=-1), 0).astype(both.dtype)
+                self.sow("intermediates", "fusion_gates", gates.astype(jnp.float32))  # [B, 2]
                 fused = jnp.sum(jnp.where(present[..., None], gates[..., None] * both, 0), axis=1)
         elif self.kind == "attention":
             v_seq = nn.Dense(self.dim, dtype=self.dtype, name="video_proj")(v_seq)
