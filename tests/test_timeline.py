@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from sora_jax.media.predictor import Predictor
+from sora_jax.media.timeline import read_ahead
 from tests.media import write_sequence
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -157,6 +158,7 @@ def test_a_live_stream_gives_the_files_windows_as_they_arrive(sight_or_sound, tm
 PEAK_OF = """
 import pathlib, sys
 from sora_jax.media.predictor import Predictor
+from sora_jax.media.timeline import read_ahead
 
 export, warm_up, path, mode = sys.argv[1:]
 predictor = Predictor(export)
@@ -219,3 +221,23 @@ def test_unreadable_inputs_are_reported_and_the_rest_go_on(sight_or_sound, tmp_p
         assert streamed.returncode == 3
         (row,) = [json.loads(line) for line in streamed.stdout.decode().splitlines()]
         assert row["path"] == "-" and "not" in row["error"], row
+
+
+def test_reading_ahead_hands_over_errors_and_stops_when_the_reader_does():
+    produced = []
+
+    def events(fail_at: int | None):
+        for i in range(1000):
+            if i == fail_at:
+                raise ValueError(f"broken at {i}")
+            produced.append(i)
+            yield i
+
+    with pytest.raises(ValueError, match="broken at 5"):
+        assert list(read_ahead(events(5), size=2)) == [0, 1, 2, 3, 4]
+    produced.clear()
+    reader = read_ahead(events(None), size=4)
+    assert [next(reader) for _ in range(3)] == [0, 1, 2]
+    reader.close()  # the producer stops: it had run at most the buffer's size ahead
+    assert len(produced) <= 3 + 4 + 1, produced
+    assert list(read_ahead(iter(range(50)), size=3)) == list(range(50))

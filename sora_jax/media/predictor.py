@@ -33,7 +33,7 @@ from .decode import (
 )
 from .explain import explain_window
 from .sampling import ClipSpec, eval_views
-from .timeline import StreamReader, Window, sliding_windows
+from .timeline import StreamReader, Window, read_ahead, sliding_windows
 
 
 class Predictor:
@@ -213,7 +213,7 @@ class Predictor:
             container = open_stream(source) if live else open_file(source)
             with container:
                 has_video, has_audio = bool(container.streams.video), bool(container.streams.audio)
-                events = decode_incrementally(container, self.spec.fps, self.short_side)
+                events = read_ahead(decode_incrementally(container, self.spec.fps, self.short_side))
                 for window in sliding_windows(
                     events, self.spec, hop, has_video, has_audio, self.jpeg_quality
                 ):

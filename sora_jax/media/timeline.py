@@ -14,6 +14,8 @@ frame, so the whole input is covered.
 
 import dataclasses
 import os
+import queue
+import threading
 import time
 from collections.abc import Iterable, Iterator
 
@@ -158,6 +160,46 @@ def sliding_windows(
     final = max(available - span, 0)
     if last_start is None or (last_start + span < available and final > last_start):
         yield make(final, available, now)  # the tail (or the one window of a short input)
+
+
+def read_ahead(events: Iterator, size: int = 32) -> Iterator:
+    """`events`, produced in a thread of their own up to `size` ahead: FFmpeg decodes
+    and scales the next frames while this thread cuts and scores windows (both release
+    the interpreter for their C work, so on two cores they overlap). An exception in the
+    producer is raised here, where the events are consumed; closing this generator
+    stops the producer."""
+    buffer: queue.Queue = queue.Queue(maxsize=size)
+    stop = threading.Event()
+    end = object()
+
+    def offer(item) -> bool:  # False once the consumer has gone
+        while not stop.is_set():
+            try:
+                buffer.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for event in events:
+                if not offer(event):
+                    return
+            offer(end)
+        except BaseException as e:  # handed to the consumer, raised there
+            offer(e)
+
+    producer = threading.Thread(target=produce, name="sora-decode", daemon=True)
+    producer.start()
+    try:
+        while (event := buffer.get()) is not end:
+            if isinstance(event, BaseException):
+                raise event
+            yield event
+    finally:
+        stop.set()
+        producer.join()
 
 
 class StreamReader:
