@@ -118,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--stream", default=None, help="a live input: '-' (standard input) or a growing file"
     )
-    parser.add_argument("--hop", type=float, default=0.0, help="seconds between windows")
+    parser.add_argument(
+        "--hop", type=float, default=0.0, help="seconds between windows (0: half a window)"
+    )
     parser.add_argument("--batch", type=int, default=8, help="windows per model call (files)")
     parser.add_argument(
         "--idle-seconds", type=float, default=5.0, help="a growing file has ended after this"
