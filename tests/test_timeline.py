@@ -154,7 +154,7 @@ def test_a_live_stream_gives_the_files_windows_as_they_arrive(sight_or_sound, tm
 # less the memory in use at the reset (which differs by ~100 MiB between a process that
 # compiled and one that loaded the compilation cache).
 # MALLOC_ARENA_MAX=1: glibc otherwise gives threads arenas of their own, and which threads
-# touch which arena varies from run to run (+-10 MiB of noise here; +-0.1 MiB with one).
+# touch which arena varies from run to run (+-10 MiB of noise here; +-3 MiB with one).
 PEAK_OF = """
 import pathlib, sys
 from sora_jax.media.predictor import Predictor
@@ -178,10 +178,10 @@ print(status("VmHWM") - before)
 
 
 def test_a_timeline_holds_a_few_windows_however_long_the_file(sight_or_sound, tmp_path):
-    """Peak memory over a 1-minute and a 6-minute file: flat for the timeline (here +5.4
-    and +6.0 MiB). The control, a prediction without --timeline, decodes the whole file
-    first and grows with the frames and sound it holds (+7 and +61 MiB): the measure can
-    tell."""
+    """Peak memory over a 1-minute and a 6-minute file: flat for the timeline (+5 to +10
+    MiB at either length, run to run: how far the decoding thread has read ahead, and the
+    allocator). The control, a prediction without --timeline, decodes the whole file first
+    and grows with the frames and sound it holds (+7 and +60 MiB): the measure can tell."""
     export, raw = sight_or_sound
     warm_up = raw / "test" / "red" / "red_000.mp4"
     names = ["red", "low", "blue", "high"]
@@ -200,7 +200,7 @@ def test_a_timeline_holds_a_few_windows_however_long_the_file(sight_or_sound, tm
             )
             peak[mode, minutes] = int(done.stdout.split()[-1]) / 1024  # KiB -> MiB
     assert peak["whole", 6] - peak["whole", 1] > 30, peak  # the control: holding the file shows
-    assert abs(peak["timeline", 6] - peak["timeline", 1]) < 5, peak
+    assert abs(peak["timeline", 6] - peak["timeline", 1]) < 10, peak
 
 
 def test_unreadable_inputs_are_reported_and_the_rest_go_on(sight_or_sound, tmp_path):
