@@ -138,6 +138,7 @@ def write_demo_timeline(
     """One long file of demo clips, each class for `seconds`, the classes in turn
     `repeats` times: what sora-predict --timeline should follow. Returns (class, start_s,
     end_s) per segment."""
+    pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed + 1000)
     names = list(DEMO_CLASSES) * repeats
     clips = [demo_clip(rng, *name.split("_"), seconds=seconds) for name in names]

@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give video files, or --stream")
     if args.plot and not (args.timeline or args.stream):
         parser.error("--plot draws a timeline: add --timeline (or --stream)")
+    if args.embeddings and (args.timeline or args.stream):
+        parser.error("--embeddings writes one per file: not with --timeline or --stream")
     if args.hop < 0 or args.batch < 1:
         parser.error("--hop must be >= 0 and --batch >= 1")
     try:
