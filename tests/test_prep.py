@@ -15,6 +15,7 @@ from PIL import Image
 
 from data_prep import builder, cli, layouts, report
 from data_prep.worker import PrepSettings, prepare_entry
+from sora_jax.media.decode import decode_video
 from tests.media import write_audio_only, write_clip
 
 SETTINGS = PrepSettings(fps=4.0, short_side=16, min_frames=4)
@@ -270,9 +271,13 @@ def test_sora_prep_command_line_contract(tmp_path):
             "2",
             "--test-per-class",
             "1",
+            "--timeline",
+            str(tmp_path / "not_yet" / "timeline.mkv"),  # its folder is made
         ],
         check=True,
     )
+    timeline = decode_video(tmp_path / "not_yet" / "timeline.mkv", fps=8.0, short_side=0)
+    assert len(timeline.frames) == 8 * 32 and timeline.has_audio  # 4 classes x 4 s, twice
     (source / "train" / "red_low" / "broken.mp4").write_bytes(b"\x00" * 100)
     done = subprocess.run(
         [
