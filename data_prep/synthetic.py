@@ -147,7 +147,7 @@ def write_demo_timeline(
     return [(name, i * seconds, (i + 1) * seconds) for i, name in enumerate(names)]
 
 
-def _write_split_tree(
+def write_split_tree(
     out_dir: pathlib.Path,
     classes: tuple[str, ...],
     clip_fn: Callable[[np.random.Generator, str], tuple[np.ndarray, np.ndarray]],
@@ -155,6 +155,8 @@ def _write_split_tree(
     test_per_class: int,
     seed: int,
 ) -> pathlib.Path:
+    """OUT/<split>/<class>/<class>_<n>.mp4 from `clip_fn(rng, class)`: the layout of every
+    built-in set (and the tests' own), in one order, so a seed gives the same files."""
     rng = np.random.default_rng(seed)
     for split, count in (("train", train_per_class), ("test", test_per_class)):
         for name in classes:
@@ -170,7 +172,7 @@ def make_demo_dataset(
     out_dir: str | pathlib.Path, train_per_class: int = 48, test_per_class: int = 16, seed: int = 0
 ) -> pathlib.Path:
     """Write OUT/<split>/<class>/<n>.mp4 (h264 + aac); returns OUT."""
-    return _write_split_tree(
+    return write_split_tree(
         pathlib.Path(out_dir),
         DEMO_CLASSES,
         lambda rng, name: demo_clip(rng, *name.split("_")),
@@ -239,7 +241,7 @@ def make_small_set(
 ) -> pathlib.Path:
     """Write the ten-class small set as OUT/<split>/<class>/<n>.mp4; returns OUT.
     `paired`: picture and sound also vary together within each class (small_set_clip)."""
-    return _write_split_tree(
+    return write_split_tree(
         pathlib.Path(out_dir),
         SMALL_SET_CLASSES,
         lambda rng, name: small_set_clip(rng, SMALL_SET_CLASSES.index(name), paired=paired),

@@ -6,7 +6,7 @@ import pathlib
 import av
 import numpy as np
 
-from data_prep.synthetic import write_video
+from data_prep.synthetic import write_split_tree, write_video
 
 
 def tone(seconds: float, hz: float, rate: int, channels: int = 1) -> np.ndarray:
@@ -94,15 +94,8 @@ def sight_or_sound_clip(
 
 def write_sight_or_sound(out: pathlib.Path, per_class: int, seed: int) -> pathlib.Path:
     """OUT/train/<class>/<n>.mp4 and OUT/test/... (a quarter as many)."""
-    rng = np.random.default_rng(seed)
-    for split, count in (("train", per_class), ("test", max(2, per_class // 4))):
-        for name in SIGHT_OR_SOUND:
-            folder = out / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                frames, audio = sight_or_sound_clip(rng, name)
-                write_video(folder / f"{name}_{i:03d}.mp4", frames, 8.0, audio, 22_050)
-    return out
+    test = max(2, per_class // 4)
+    return write_split_tree(out, SIGHT_OR_SOUND, sight_or_sound_clip, per_class, test, seed)
 
 
 def write_sequence(

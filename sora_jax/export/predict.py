@@ -159,7 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         pathlib.Path(args.embeddings).mkdir(parents=True, exist_ok=True)
     failed = 0
     for path in args.files:
-        result = predictor.predict(path, with_embedding=bool(args.embeddings))
+        result = predictor.predict(
+            path, with_embedding=bool(args.embeddings), with_inputs=bool(explain_dir)
+        )
+        inputs = result.pop("inputs", None)
         if "error" in result:
             failed += 1
             print(json.dumps(result))
@@ -173,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             np.save(out, result.pop("embedding"))
             result["embedding"] = str(out)
         if explain_dir:
-            explanation = predictor.explain_file(path, args.explain_grid)
+            explanation = predictor.explain_views(inputs, args.explain_grid)  # decoded once
             name = pathlib.Path(path).stem
             _write_explanation(explanation, explain_dir, name, f"{path}: {top[0]}")
             result["explanation"] = str(explain_dir / f"{name}.png")

@@ -107,10 +107,13 @@ class Predictor:
         return explanation
 
     def explain_file(self, path: str | pathlib.Path, grid: int = 16) -> dict:
-        """The explanation of a file's prediction, on its view that gave the file's top
-        class the highest score (the view that did most for the prediction), with
-        "view": its index among the evaluation views."""
-        inputs, _ = self._decode(path)
+        """The explanation of a file's prediction: `explain_views` of its views."""
+        return self.explain_views(self._decode(path)[0], grid)
+
+    def explain_views(self, inputs: dict[str, np.ndarray], grid: int = 16) -> dict:
+        """The explanation of a prediction from views [V, ...], on the view that gave the
+        top class the highest score (the view that did most for the prediction), with
+        "view": its index among the views."""
         probs = np.exp(self.log_scores(inputs))  # [V, C]
         view = int(np.argmax(probs[:, int(np.argmax(probs.mean(0)))]))
         return self.explain({k: v[view] for k, v in inputs.items()}, grid) | {"view": view}
@@ -134,11 +137,14 @@ class Predictor:
         """The time one view of the model spans."""
         return ((self.spec.num_frames - 1) * self.spec.frame_stride + 1) / self.spec.fps
 
-    def predict(self, path: str | pathlib.Path, with_embedding: bool = False) -> dict:
+    def predict(
+        self, path: str | pathlib.Path, with_embedding: bool = False, with_inputs: bool = False
+    ) -> dict:
         """{"path", "scores": {class: probability}, "has_audio"}, or {"path", "error"}
         for a file that cannot be read; "warning" when the file is shorter than the
         model's window (the rest of each view is padding, so its scores mean less). With
-        `with_embedding`, also "embedding": the clip's embedding [E] (an array, not JSON)."""
+        `with_embedding`, also "embedding": the clip's embedding [E] (an array, not JSON);
+        with `with_inputs`, also "inputs": the views it scored (to explain them)."""
         try:
             inputs, video = self._decode(path)
         except (DecodeError, FileNotFoundError) as e:
@@ -154,7 +160,9 @@ class Predictor:
                 f"{seconds:.2f} s long, shorter than the model's window of "
                 f"{self.window_seconds():.2f} s: the rest of each view is padding"
             )
-        return (result | {"embedding": embedding}) if with_embedding else result
+        if with_embedding:
+            result["embedding"] = embedding
+        return (result | {"inputs": inputs}) if with_inputs else result
 
     def timeline(
         self,
