@@ -2,6 +2,7 @@
 
   sora-compile --config configs/kinetics_sounds.py --topology v5e:4x4 [--slices 2]
       [--config.KEY=VALUE ...] [--nosearch]
+  sora-compile --config configs/kinetics_sounds.py --topology cuda:8
 
 Builds the mesh, model, optimizer state, train step and eval step exactly as sora-train
 would on that slice, compiles them with libtpu (`pip install -e '.[tpu]'`; no TPU needed)
@@ -12,6 +13,11 @@ the lower bound on the step time they imply (topology.py says whose figures); th
 collectives and custom calls of the train program; and the largest global batch that fits,
 found by compiling (--nosearch skips it). Exit 0 when it compiled, fitting or not; 2 for a
 config or topology that cannot compile.
+
+`--topology cuda:N` (N GPUs) goes as far as JAX goes without a GPU: the steps lowered for
+CUDA (aot/cuda.py). The JSON then has the shardings' bytes and the custom calls; the
+figures only a compile gives (temporaries, fits, FLOPs, collectives) are null, and
+`not_checked` says why.
 """
 
 import json
@@ -31,7 +37,9 @@ if TYPE_CHECKING:  # the heavy imports wait until flags are parsed
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file (optionally FILE:PRESET).", lock_config=True
 )
-_TOPOLOGY = flags.DEFINE_string("topology", None, "A TPU slice, VERSION:SHAPE, e.g. v5e:4x4.")
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", None, "A TPU slice, VERSION:SHAPE (e.g. v5e:4x4), or cuda:N for N GPUs."
+)
 _SLICES = flags.DEFINE_integer("slices", 1, "Slices of that shape (multislice).")
 _SEARCH = flags.DEFINE_boolean("search", True, "Search for the largest batch that fits.")
 _MAX_COMPILES = flags.DEFINE_integer("max_compiles", 8, "Compiles the batch search may use.")
@@ -115,12 +123,83 @@ def print_table(r: dict) -> None:
         print(f"{key:<{width}}  {value}")
 
 
+def _gpu_count(name: str) -> int:
+    """'cuda:8' -> 8, or ValueError."""
+    count = name.partition(":")[2]
+    if not count.isdigit() or int(count) < 1:
+        raise ValueError(f"topology {name!r}: expected cuda:N with N GPUs, e.g. cuda:8")
+    return int(count)
+
+
+def lowered_dict(name: str, run) -> dict:
+    """The command's JSON for GPUs: what lowering shows, and null for what it cannot."""
+    from sora_jax.aot import cuda
+
+    return {
+        "topology": name,
+        "platform": "cuda",
+        "devices": run.devices,
+        "batch_size": run.batch_size,
+        "compiled": False,
+        "fits": None,
+        "device_memory_bytes": None,
+        "bytes_per_device": {
+            "params": run.params_bytes,
+            "opt_state": run.opt_state_bytes,
+            "batch": run.batch_bytes,
+            "temp": None,
+            "total": None,
+        },
+        "flops_per_step": None,
+        "step_time_bound_s": None,
+        "collectives": None,
+        "custom_calls": run.custom_calls,
+        "stablehlo_bytes": run.stablehlo_bytes,
+        "not_checked": cuda.NOT_CHECKED,
+    }
+
+
+def _lower_for_gpus(config) -> None:
+    from sora_jax.aot import cuda
+    from sora_jax.config import ConfigError
+
+    try:
+        count = _gpu_count(_TOPOLOGY.value)
+        # One CPU device stands in for each GPU; set before JAX starts its CPU backend.
+        flag = f"--xla_force_host_platform_device_count={count}"
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+        import jax
+
+        run = cuda.lower_run(config, jax.devices("cpu")[:count], "cuda")
+    except (ConfigError, ValueError) as e:
+        print(f"sora-compile: {e}", file=sys.stderr)
+        sys.exit(2)
+    result = lowered_dict(_TOPOLOGY.value, run)
+    b = result["bytes_per_device"]
+    rows = [
+        ("GPUs", f"{result['devices']} (lowered for CUDA, not compiled)"),
+        ("global batch", str(result["batch_size"])),
+        ("params / GPU", _size(b["params"])),
+        ("optimizer state / GPU", _size(b["opt_state"])),
+        ("batch / GPU", _size(b["batch"])),
+        ("custom calls", ", ".join(result["custom_calls"]) or "none"),
+        ("not checked", result["not_checked"]),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    print(json.dumps(result))
+
+
 def _compile(argv) -> None:
     del argv
     from sora_jax.aot import analysis, topology
     from sora_jax.config import ConfigError
 
     config = _CONFIG.value
+    if _TOPOLOGY.value.startswith("cuda:"):
+        _lower_for_gpus(config)
+        return
     try:
         chip, _ = topology.parse(_TOPOLOGY.value)
         devices = topology.tpu_devices(_TOPOLOGY.value, _SLICES.value)

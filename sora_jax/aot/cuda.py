@@ -1,0 +1,82 @@
+"""GPU runs checked without a GPU: the train and eval steps lowered for CUDA.
+
+XLA compiles for a GPU only with one attached, so for GPUs this stops one stage short of
+the TPU path: `jax.jit(step).trace(...).lower(lowering_platforms=("cuda",))` gives the
+StableHLO that JAX would hand to XLA:GPU, with the run's shardings, traced for a GPU
+(`platform.targeting("gpu")`: XLA's convolutions and the LSTM's scan, none of the CPU's
+kernels or gradient rewrites). The mesh is built from stand-in CPU devices, one per GPU.
+
+What lowering checks: the steps trace and lower for CUDA with their shardings; the custom
+calls they make (none of this project's CPU kernels); per-device bytes of parameters,
+optimizer state and batch (from their shardings, exact). What only XLA:GPU's compile
+would tell, and this does not: temporaries, whether the run fits, FLOPs, collectives.
+"""
+
+import dataclasses
+import re
+
+import jax
+import ml_collections
+
+from sora_jax.aot.analysis import shard_bytes
+from sora_jax.kernels import platform
+from sora_jax.train import setup
+from sora_jax.train.step import abstract_batch, make_eval_step, make_train_step
+
+# `stablehlo.custom_call @Target(...)`; sharding annotations are custom calls too.
+_CUSTOM_CALL = re.compile(r"stablehlo\.custom_call @([\w.$-]+)")
+SHARDING_MARKERS = {"Sharding", "SPMDFullToShardShape", "SPMDShardToFullShape"}
+NOT_CHECKED = (
+    "temporaries, fits, FLOPs and collectives: XLA compiles for a GPU only with one "
+    "attached; run sora-train on one GPU host (it compiles and checks the fit first)"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoweredRun:
+    batch_size: int  # global
+    devices: int
+    params_bytes: int  # per device, as sharded over the mesh
+    opt_state_bytes: int
+    batch_bytes: int
+    custom_calls: list[str]  # of both steps, sharding markers left out
+    stablehlo_bytes: int  # the train step's module, as text
+
+
+def custom_calls(lowered: jax.stages.Lowered) -> set[str]:
+    """The custom-call targets of a lowered program, but its sharding annotations."""
+    return set(_CUSTOM_CALL.findall(lowered.as_text())) - SHARDING_MARKERS
+
+
+# The platform a model traces for (kernels/platform.py) when lowered for each of these.
+TRACED_AS = {"cuda": "gpu", "rocm": "gpu", "cpu": "cpu"}
+
+
+def lower_run(
+    config: ml_collections.ConfigDict, devices: list[jax.Device], target: str = "cuda"
+) -> LoweredRun:
+    """The train step at config.batch_size and the eval step at data.eval_batch_size x
+    views, as sora-train builds them on len(devices) devices of `target`, lowered for it
+    (cuda, rocm, or cpu: the same on this CPU, to compare)."""
+    run = setup.build(config, devices)  # ConfigError for a config that cannot run there
+    state = run.abstract_state
+    batch = abstract_batch(config, run.inputs, config.batch_size, run.batch_sharding)
+    d = config.data
+    views = d.eval_temporal_views * d.eval_spatial_views
+    eval_batch = abstract_batch(
+        config, run.inputs, d.eval_batch_size, run.batch_sharding, views=views
+    )
+    with platform.targeting(TRACED_AS[target]):
+        train_step = make_train_step(run.model, run.tx, config, run.mesh, run.state_sharding)
+        train = train_step.trace(state, batch).lower(lowering_platforms=(target,))
+        eval_step = make_eval_step(run.model, config, run.mesh)
+        evaluation = eval_step.trace(state.params, eval_batch).lower(lowering_platforms=(target,))
+    return LoweredRun(
+        batch_size=config.batch_size,
+        devices=len(devices),
+        params_bytes=shard_bytes(state.params),
+        opt_state_bytes=shard_bytes((state.opt_state, state.ema_params, state.step)),
+        batch_bytes=shard_bytes(batch),
+        custom_calls=sorted(custom_calls(train) | custom_calls(evaluation)),
+        stablehlo_bytes=len(train.as_text()),
+    )
