@@ -10,7 +10,7 @@ DEMO_DATA := data/prepared
 DEMO_RUN := runs/demo
 DEMO_TIMELINE := data/demo_timeline.mkv
 
-.PHONY: demo demo-data test lint bench drill clean
+.PHONY: demo demo-data test test-slow test-all lint bench drill clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "sora_jax needs Python 3.11+"'
@@ -38,9 +38,19 @@ demo: demo-data
 	$(BIN)/sora-predict --export $(DEMO_RUN)/export --timeline $(DEMO_TIMELINE) \
 		--plot $(DEMO_RUN)/timeline.png | tail -n 1
 
+# Every part, in minutes: the tests marked `slow` (trainings held to a quality, drills of
+# several processes and runs, the benchmark scripts, a TPU compile) wait for test-slow.
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -n 2 --durations=15 tests
+	$(BIN)/python -m pytest -n 2 --dist worksteal --durations=15 -m 'not slow and not bench' tests
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -n 2 --dist worksteal --durations=15 -m 'slow and not bench' tests
+
+# Both, in one session (shared fixtures built once): what CI runs (.ci/run).
+test-all: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -n 2 --dist worksteal --durations=15 -m 'not bench' tests
 
 # Every benchmark, results in bench/results/*.json (see BENCHMARKS.md); ~13 min on 2 cores.
 bench: demo-data

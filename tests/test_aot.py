@@ -22,6 +22,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 OWN_KERNELS = ("SoraConv", "SoraLstm")  # this project's CPU custom calls (kernels/onednn.py)
 
 
+@pytest.mark.slow
 def test_sora_compile_prints_the_contract_for_a_tpu_slice():
     done = subprocess.run(
         [
@@ -61,6 +62,7 @@ def test_sora_compile_prints_the_contract_for_a_tpu_slice():
     assert "libtpu" not in done.stderr and "TPU_" not in done.stderr  # its start-up is quiet
 
 
+@pytest.mark.slow  # the control of the test above
 @pytest.mark.skipif(
     not onednn.available(), reason=f"no oneDNN kernels: {onednn.unavailable_reason()}"
 )

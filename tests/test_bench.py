@@ -40,6 +40,7 @@ def _run(script: str, *args: str, timeout: int = 600) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_train_step_prints_the_contract(tmp_path):
     out = tmp_path / "r.json"
     result = _run("train_step.py", *TINY, "--steps", "3", "--out", str(out))
@@ -55,6 +56,7 @@ def _skip_missing_torch() -> list[str]:
     return ["--skip=pytorch_eager", "--skip=pytorch_compile"]
 
 
+@pytest.mark.slow
 def test_peers_runs_every_installed_framework():
     skip = _skip_missing_torch()
     result = _run("peers.py", *TINY, "--steps", "2", "--warmup", "1", *skip)
@@ -76,17 +78,20 @@ def test_peers_pytorch():
     assert not [r for r in frameworks.values() if "error" in r], frameworks
 
 
+@pytest.mark.slow
 def test_compile_time_script():
     compile_result = _run("compile_time.py", *TINY, "--audio-frames", "50", "--video-frames")
     assert set(compile_result["audio_frames_s"]) == {"50"} and not compile_result["video_frames_s"]
     assert all(s > 0 for s in compile_result["audio_frames_s"].values())
 
 
+@pytest.mark.slow
 def test_memory_script():
     memory = _run("memory.py", *TINY, "--steps", "1")
     assert memory["no_remat"]["peak_host_rss_mb"] > 0 and memory["remat"]["step_ms"] > 0
 
 
+@pytest.mark.slow
 def test_pretrain_script(tmp_path):
     result = _run(
         "pretrain.py",
@@ -104,6 +109,7 @@ def test_pretrain_script(tmp_path):
     assert result["train_step"]["8"]["clips_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_input_pipeline_script(demo_data):
     data_dir, name = demo_data
     raw = pathlib.Path(data_dir).parent / "raw"
@@ -144,6 +150,7 @@ def test_peers_bfloat16():
     assert frameworks["flax"]["dtype"] == frameworks["keras"]["dtype"] == "bfloat16"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.bench)])
 def test_conv_layers_times_every_reference_conv_every_way(dtype):
     result = _run("conv_layers.py", "--frames", "1", "--dtype", dtype)

@@ -10,6 +10,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 from scipy import ndimage
 
 from sora_jax.media.explain import mel_scale
@@ -17,6 +18,7 @@ from sora_jax.media.predictor import Predictor
 from tests.media import dominant_hz
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # a model trained for them (tests/conftest.py: sight_or_sound)
 
 
 def _object_share(explanation: dict, margin: int) -> tuple[float, float]:

@@ -28,6 +28,7 @@ exit $status
 pytestmark = pytest.mark.usefixtures("no_compilation_cache")
 
 
+@pytest.mark.slow
 def test_slurm_script_trains_with_jax_detecting_the_cluster(demo_data, tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

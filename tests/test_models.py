@@ -236,6 +236,7 @@ def test_bfloat16_compute_stays_close_to_float32():
     assert rel < 1e-2, rel
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_a_batch_of_eight_clips():
     model = build_model(
         tiny_config(**{"modality_dropout": 0.0, "audio.spec_augment": (0, 0, 0, 0)}).model

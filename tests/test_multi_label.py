@@ -11,6 +11,7 @@ import json
 import pathlib
 
 import numpy as np
+import pytest
 
 from data_prep import builder, layouts
 from data_prep.synthetic import make_demo_dataset
@@ -19,6 +20,8 @@ from sora_jax.export import export as export_lib
 from sora_jax.export.predict import Predictor
 from sora_jax.train import trainer
 from tests.conftest import ONE_DEVICE
+
+pytestmark = pytest.mark.slow  # a training held to a quality
 
 
 def _multi_label_csv(raw: pathlib.Path) -> pathlib.Path:

@@ -20,7 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "launch"))
 import local as launcher  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("no_compilation_cache")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_compilation_cache")]
 
 
 def _train_args(config, workdir) -> list[str]:

@@ -5,6 +5,8 @@ on the frozen encoder is held to the same architecture trained supervised from s
 (configs/small.py, which this test also holds to learning the set from each sense), and
 a probe of a random frozen encoder is the control."""
 
+import pytest
+
 from configs import linear_probe, pretrain_av, small
 from data_prep import builder, layouts
 from data_prep.synthetic import make_paired_set
@@ -13,6 +15,7 @@ from sora_jax.data import pipeline
 from sora_jax.train import trainer
 from tests.conftest import ONE_DEVICE
 
+pytestmark = pytest.mark.slow  # four trainings, ~5 minutes on 2 cores
 SETTINGS = PrepSettings(fps=8.0, short_side=128)
 # On one CPU device, as the README's commands run here (the tests force eight): the
 # figures are the ones a user sees. Sharded pretraining: test_transfer.py.

@@ -45,6 +45,7 @@ def _check_follows(windows: list[dict], truth: list[tuple[str, float, float]], w
     assert windows[0]["start_s"] == 0 and windows[-1]["end_s"] == pytest.approx(truth[-1][2])
 
 
+@pytest.mark.slow
 def test_the_timeline_follows_the_segments_of_a_long_file(sight_or_sound, tmp_path):
     export, _ = sight_or_sound
     width = Predictor(export).window_seconds()
@@ -74,6 +75,7 @@ def test_the_timeline_follows_the_segments_of_a_long_file(sight_or_sound, tmp_pa
         assert (tmp_path / f"timeline-{name}.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_a_window_is_the_evaluation_view_that_starts_at_its_frame(sight_or_sound):
     """A timeline scores exactly what sora-predict and sora-eval score: its first and last
     windows of a clip are the clip's two evaluation views, to the pixel and sample."""
@@ -97,6 +99,7 @@ def _trickle(data: bytes, write, seconds: float, close) -> None:
     close()
 
 
+@pytest.mark.slow
 def test_a_live_stream_gives_the_files_windows_as_they_arrive(sight_or_sound, tmp_path):
     export, _ = sight_or_sound
     path = tmp_path / "live.mkv"  # Matroska: streamable, as `ffmpeg -f matroska -` writes
@@ -177,6 +180,7 @@ print(status("VmHWM") - before)
 """
 
 
+@pytest.mark.slow
 def test_a_timeline_holds_a_few_windows_however_long_the_file(sight_or_sound, tmp_path):
     """Peak memory over a 1-minute and a 6-minute file: flat for the timeline (+5 to +10
     MiB at either length, run to run: how far the decoding thread has read ahead, and the
@@ -203,6 +207,7 @@ def test_a_timeline_holds_a_few_windows_however_long_the_file(sight_or_sound, tm
     assert abs(peak["timeline", 6] - peak["timeline", 1]) < 10, peak
 
 
+@pytest.mark.slow
 def test_unreadable_inputs_are_reported_and_the_rest_go_on(sight_or_sound, tmp_path):
     export, raw = sight_or_sound
     broken = tmp_path / "broken.mkv"

@@ -77,6 +77,7 @@ def test_contrastive_loss_pairs_each_clip_with_its_own_sound_and_masks_the_rest(
     assert objective.contrastive_loss(video, swapped, all_valid, scale)[0] > loss
 
 
+@pytest.mark.slow
 def test_the_loss_of_2_processes_x_2_devices_equals_1_process_x_4(tmp_path):
     def run(processes: int, devices: int) -> list[dict]:
         done = subprocess.run(
@@ -267,7 +268,7 @@ def test_finetuning_trains_the_pretrained_parts_at_a_tenth_of_the_rate(
     assert roles["fusion"]["classifier"]["kernel"] == "trained"
 
 
-def test_two_windows_of_a_clip_are_positives_for_each_other(demo_data, tmp_path):
+def test_two_windows_of_a_clip_are_positives_for_each_other(demo_data):
     from sora_jax.data import pipeline
 
     config = _pretrain_config(demo_data)
@@ -296,7 +297,12 @@ def test_two_windows_of_a_clip_are_positives_for_each_other(demo_data, tmp_path)
     )
     np.testing.assert_allclose(got, want, rtol=1e-6)
     assert metrics["pairs"] == 8  # clips, not windows
-    # ... and trains through the same trainer.
+
+
+@pytest.mark.slow
+def test_two_window_pretraining_trains_through_the_trainer(demo_data, tmp_path):
+    config = _pretrain_config(demo_data)
+    config.data.train_views = 2
     config.total_steps = 4
     trainer.train(config, tmp_path / "two_views", ONE_DEVICE)
     rows = [
