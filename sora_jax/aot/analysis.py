@@ -35,28 +35,53 @@ def shard_bytes(tree) -> int:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class AbstractRun:
+    """What sora-train would build on `devices`, without allocating it: the steps and their
+    abstract inputs (ShapeDtypeStructs with the run's shardings)."""
+
+    built: setup.Setup  # mesh, model, optimizer, abstract state and its shardings
+    train_step: Callable
+    train_batch: dict  # config.batch_size clips
+    eval_step: Callable
+    eval_batch: dict  # data.eval_batch_size clips x views
+
+    def shard_bytes(self) -> dict[str, int]:
+        """Per device: parameters; optimizer moments, the EMA copy, counters; the batch."""
+        state = self.built.abstract_state
+        return {
+            "params_bytes": shard_bytes(state.params),
+            "opt_state_bytes": shard_bytes((state.opt_state, state.ema_params, state.step)),
+            "batch_bytes": shard_bytes(self.train_batch),
+        }
+
+
+def abstract_run(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]) -> AbstractRun:
+    run = setup.build(config, devices)  # ConfigError for a config that cannot run there
+    d = config.data
+    views = d.eval_temporal_views * d.eval_spatial_views
+    return AbstractRun(
+        built=run,
+        train_step=make_train_step(run.model, run.tx, config, run.mesh, run.state_sharding),
+        train_batch=abstract_batch(config, run.inputs, config.batch_size, run.batch_sharding),
+        eval_step=make_eval_step(run.model, config, run.mesh),
+        eval_batch=abstract_batch(
+            config, run.inputs, d.eval_batch_size, run.batch_sharding, views=views
+        ),
+    )
+
+
 def compile_run(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]) -> RunReport:
     """The train step at config.batch_size and the eval step at data.eval_batch_size x
     views, compiled for `devices` exactly as sora-train would build them."""
-    run = setup.build(config, devices)  # ConfigError for a config that cannot run there
-    state = run.abstract_state
-    batch = abstract_batch(config, run.inputs, config.batch_size, run.batch_sharding)
-    train_step = make_train_step(run.model, run.tx, config, run.mesh, run.state_sharding)
-    _, train = compile_step(train_step, state, batch)
-    d = config.data
-    views = d.eval_temporal_views * d.eval_spatial_views
-    eval_batch = abstract_batch(
-        config, run.inputs, d.eval_batch_size, run.batch_sharding, views=views
-    )
-    _, evaluation = compile_step(
-        make_eval_step(run.model, config, run.mesh), state.params, eval_batch
-    )
+    run = abstract_run(config, devices)
+    state = run.built.abstract_state
+    _, train = compile_step(run.train_step, state, run.train_batch)
+    _, evaluation = compile_step(run.eval_step, state.params, run.eval_batch)
     return RunReport(
         batch_size=config.batch_size,
         devices=len(devices),
-        params_bytes=shard_bytes(state.params),
-        opt_state_bytes=shard_bytes((state.opt_state, state.ema_params, state.step)),
-        batch_bytes=shard_bytes(batch),
+        **run.shard_bytes(),
         train=train,
         eval=evaluation,
     )
@@ -81,10 +106,9 @@ def largest_fitting_batch(
     def train_fits(units: int) -> bool:
         trial = config.copy_and_resolve_references()
         trial.batch_size = units * unit
-        run = setup.build(trial, devices)
-        batch = abstract_batch(trial, run.inputs, trial.batch_size, run.batch_sharding)
-        step = make_train_step(run.model, run.tx, trial, run.mesh, run.state_sharding)
-        return compile_step(step, run.abstract_state, batch)[1].total_bytes <= device_memory_bytes
+        run = abstract_run(trial, devices)
+        _, report = compile_step(run.train_step, run.built.abstract_state, run.train_batch)
+        return report.total_bytes <= device_memory_bytes
 
     start_fits = first.train.total_bytes <= device_memory_bytes
     units, exact = search_largest(train_fits, config.batch_size // unit, start_fits, max_compiles)

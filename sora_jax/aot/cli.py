@@ -118,6 +118,10 @@ def print_table(r: dict) -> None:
     if r["largest_fitting_batch"]:
         s = r["largest_fitting_batch"]
         rows.append(("largest batch that fits", f"{s['batch_size']}" + ("" if s["exact"] else "+")))
+    _print_rows(rows)
+
+
+def _print_rows(rows: list[tuple[str, str]]) -> None:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
@@ -176,18 +180,17 @@ def _lower_for_gpus(config) -> None:
         sys.exit(2)
     result = lowered_dict(_TOPOLOGY.value, run)
     b = result["bytes_per_device"]
-    rows = [
-        ("GPUs", f"{result['devices']} (lowered for CUDA, not compiled)"),
-        ("global batch", str(result["batch_size"])),
-        ("params / GPU", _size(b["params"])),
-        ("optimizer state / GPU", _size(b["opt_state"])),
-        ("batch / GPU", _size(b["batch"])),
-        ("custom calls", ", ".join(result["custom_calls"]) or "none"),
-        ("not checked", result["not_checked"]),
-    ]
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        print(f"{key:<{width}}  {value}")
+    _print_rows(
+        [
+            ("GPUs", f"{result['devices']} (lowered for CUDA, not compiled)"),
+            ("global batch", str(result["batch_size"])),
+            ("params / GPU", _size(b["params"])),
+            ("optimizer state / GPU", _size(b["opt_state"])),
+            ("batch / GPU", _size(b["batch"])),
+            ("custom calls", ", ".join(result["custom_calls"]) or "none"),
+            ("not checked", result["not_checked"]),
+        ]
+    )
     print(json.dumps(result))
 
 

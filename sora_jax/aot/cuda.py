@@ -18,10 +18,8 @@ import re
 import jax
 import ml_collections
 
-from sora_jax.aot.analysis import shard_bytes
+from sora_jax.aot.analysis import abstract_run
 from sora_jax.kernels import platform
-from sora_jax.train import setup
-from sora_jax.train.step import abstract_batch, make_eval_step, make_train_step
 
 # `stablehlo.custom_call @Target(...)`; sharding annotations are custom calls too.
 _CUSTOM_CALL = re.compile(r"stablehlo\.custom_call @([\w.$-]+)")
@@ -58,25 +56,17 @@ def lower_run(
     """The train step at config.batch_size and the eval step at data.eval_batch_size x
     views, as sora-train builds them on len(devices) devices of `target`, lowered for it
     (cuda, rocm, or cpu: the same on this CPU, to compare)."""
-    run = setup.build(config, devices)  # ConfigError for a config that cannot run there
-    state = run.abstract_state
-    batch = abstract_batch(config, run.inputs, config.batch_size, run.batch_sharding)
-    d = config.data
-    views = d.eval_temporal_views * d.eval_spatial_views
-    eval_batch = abstract_batch(
-        config, run.inputs, d.eval_batch_size, run.batch_sharding, views=views
-    )
-    with platform.targeting(TRACED_AS[target]):
-        train_step = make_train_step(run.model, run.tx, config, run.mesh, run.state_sharding)
-        train = train_step.trace(state, batch).lower(lowering_platforms=(target,))
-        eval_step = make_eval_step(run.model, config, run.mesh)
-        evaluation = eval_step.trace(state.params, eval_batch).lower(lowering_platforms=(target,))
+    run = abstract_run(config, devices)
+    state = run.built.abstract_state
+    with platform.targeting(TRACED_AS[target]):  # the steps trace when lowered
+        train = run.train_step.trace(state, run.train_batch).lower(lowering_platforms=(target,))
+        evaluation = run.eval_step.trace(state.params, run.eval_batch).lower(
+            lowering_platforms=(target,)
+        )
     return LoweredRun(
         batch_size=config.batch_size,
         devices=len(devices),
-        params_bytes=shard_bytes(state.params),
-        opt_state_bytes=shard_bytes((state.opt_state, state.ema_params, state.step)),
-        batch_bytes=shard_bytes(batch),
+        **run.shard_bytes(),
         custom_calls=sorted(custom_calls(train) | custom_calls(evaluation)),
         stablehlo_bytes=len(train.as_text()),
     )
