@@ -47,7 +47,7 @@ def custom_calls(lowered: jax.stages.Lowered) -> set[str]:
 
 
 # The platform a model traces for (kernels/platform.py) when lowered for each of these.
-TRACED_AS = {"cuda": "gpu", "rocm": "gpu", "cpu": "cpu"}
+TRACED_AS = {"cuda": "gpu", "cpu": "cpu"}
 
 
 def lower_run(
@@ -55,7 +55,7 @@ def lower_run(
 ) -> LoweredRun:
     """The train step at config.batch_size and the eval step at data.eval_batch_size x
     views, as sora-train builds them on len(devices) devices of `target`, lowered for it
-    (cuda, rocm, or cpu: the same on this CPU, to compare)."""
+    (cuda; or cpu, to compare on the same stand-in devices)."""
     run = abstract_run(config, devices)
     state = run.built.abstract_state
     with platform.targeting(TRACED_AS[target]):  # the steps trace when lowered
