@@ -32,6 +32,7 @@ from sora_jax import process
 
 if TYPE_CHECKING:  # the heavy imports wait until flags are parsed
     from sora_jax.aot.analysis import RunReport
+    from sora_jax.aot.cuda import LoweredRun
     from sora_jax.aot.topology import Chip
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -135,7 +136,7 @@ def _gpu_count(name: str) -> int:
     return int(count)
 
 
-def lowered_dict(name: str, run) -> dict:
+def lowered_dict(name: str, run: "LoweredRun") -> dict:
     """The command's JSON for GPUs: what lowering shows, and null for what it cannot."""
     from sora_jax.aot import cuda
 

@@ -41,9 +41,9 @@ class LoweredRun:
     stablehlo_bytes: int  # the train step's module, as text
 
 
-def custom_calls(lowered: jax.stages.Lowered) -> set[str]:
-    """The custom-call targets of a lowered program, but its sharding annotations."""
-    return set(_CUSTOM_CALL.findall(lowered.as_text())) - SHARDING_MARKERS
+def custom_calls(stablehlo: str) -> set[str]:
+    """The custom-call targets of a lowered program's text, but its sharding annotations."""
+    return set(_CUSTOM_CALL.findall(stablehlo)) - SHARDING_MARKERS
 
 
 # The platform a model traces for (kernels/platform.py) when lowered for each of these.
@@ -63,10 +63,11 @@ def lower_run(
         evaluation = run.eval_step.trace(state.params, run.eval_batch).lower(
             lowering_platforms=(target,)
         )
+    train_text = train.as_text()  # printing a large module takes a while: once
     return LoweredRun(
         batch_size=config.batch_size,
         devices=len(devices),
         **run.shard_bytes(),
-        custom_calls=sorted(custom_calls(train) | custom_calls(evaluation)),
-        stablehlo_bytes=len(train.as_text()),
+        custom_calls=sorted(custom_calls(train_text) | custom_calls(evaluation.as_text())),
+        stablehlo_bytes=len(train_text),
     )
