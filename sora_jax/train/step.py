@@ -14,7 +14,7 @@ from sora_jax.inputs import MODEL_INPUTS, InputSpec, label_shape
 from sora_jax.models import SoraModel
 from sora_jax.train import objective as objective_lib
 from sora_jax.train.sharding import BATCH_AXES
-from sora_jax.train.state import TrainState, learning_rate_schedule, zero_frozen
+from sora_jax.train.state import TrainState, learning_rate_schedule, stop_frozen_gradients
 
 
 def abstract_batch(
@@ -58,6 +58,7 @@ def make_train_step(
     micro_sharding = NamedSharding(mesh, P(None, BATCH_AXES))
 
     def loss_fn(params, batch, rng):
+        params = stop_frozen_gradients(params, config)
         if views > 1:  # [B, V, ...] -> [B * V, ...], a clip's windows side by side
             batch = {k: flatten_views(v, k == "label") for k, v in batch.items()}
         inputs = {k: batch[k] for k in MODEL_INPUTS}
@@ -108,7 +109,6 @@ def make_train_step(
             )
             ((loss, parts), grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
             (loss, parts), grads = jax.tree.map(lambda x: x / accum, ((loss, parts), grads))
-        grads = zero_frozen(grads, config)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
