@@ -189,12 +189,16 @@ def test_init_from_a_step_dir_and_from_an_export_load_the_same_parameters(
     jax.tree.map(np.testing.assert_array_equal, after["audio"], from_export["audio"])
 
 
-def test_init_from_fails_naming_the_parameter_and_both_shapes(demo_data, pretrained, tmp_path):
+def test_init_from_fails_before_compiling_naming_the_parameter_and_both_shapes(
+    demo_data, pretrained, tmp_path, caplog
+):
+    caplog.set_level("INFO", logger="sora_jax")
     config = _probe_config(demo_data, pretrained)
     config.model.embed_dim = 24
     shapes = r"fusion/embed/bias has shape \(16,\) in step 12 of .* but \(24,\) in"
     with pytest.raises(ConfigError, match=shapes):
         trainer.train(config, tmp_path / "probe", ONE_DEVICE)
+    assert not (tmp_path / "probe" / "config.json").exists()
     config = _probe_config(demo_data, tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match=r"config\.init_from: .*nowhere does not exist"):
         trainer.train(config, tmp_path / "probe2", ONE_DEVICE)
@@ -202,6 +206,7 @@ def test_init_from_fails_naming_the_parameter_and_both_shapes(demo_data, pretrai
     config.init_parts = ("visual", "projection")  # a probe has no projection heads
     with pytest.raises(ConfigError, match=r"config\.init_parts: 'projection': only runs"):
         trainer.train(config, tmp_path / "probe3", ONE_DEVICE)
+    assert "compiled" not in caplog.text, caplog.text  # each fails before compiling
 
 
 def test_a_head_for_another_class_count_starts_anew(demo_data, pretrained, tmp_path, caplog):

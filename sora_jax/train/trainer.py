@@ -245,15 +245,29 @@ def _compile_train_step(
     return compiled
 
 
+def _checked_init_source(
+    run: setup_lib.Setup, config: ml_collections.ConfigDict, workdir: pathlib.Path
+) -> tuple[dict, str] | None:
+    """A fresh run's config.init_from, read and held against its model's shapes before
+    anything compiles (a wrong source fails in seconds, not after the compile)."""
+    resumes = (workdir / "checkpoints").is_dir() and (
+        checkpoint.make_manager(workdir, config, read_only=True).latest_step() is not None
+    )
+    if not config.init_from or resumes:
+        return None  # a resumed run does not read init_from
+    return transfer.check(run.abstract_state.params, config)
+
+
 def _restore_or_init(
     run: setup_lib.Setup,
     config: ml_collections.ConfigDict,
     manager: ocp.CheckpointManager,
     batches: pipeline.DevicePrefetch,
+    init_source: tuple[dict, str] | None,
 ) -> tuple[TrainState, int]:
     """The newest intact checkpoint's state, with the data reader moved to where it was
     (corrupt newer ones are set aside); or a fresh state at step 0 (with
-    config.init_parts loaded from config.init_from)."""
+    config.init_parts loaded from config.init_from: `init_source` if read already)."""
     start = checkpoint.intact_step(manager)
     checkpoint.set_aside_newer_than(manager, start, manager.directory.parent)
     if start is not None:
@@ -272,7 +286,7 @@ def _restore_or_init(
     )
     state = init.compile(compiler_options=fast)(run.rng)
     if config.init_from:
-        state = transfer.initialise_from(state, config)
+        state = transfer.initialise_from(state, config, init_source)
     return state, 0
 
 
@@ -318,6 +332,7 @@ def _train(
 ) -> dict:
     main_process = jax.process_index() == 0
     run = setup_lib.build(config, devices)
+    init_source = _checked_init_source(run, config, workdir)
     train_step = _compile_train_step(run, config)  # fails here if it cannot fit
     eval_step = evaluate.compile_eval_step(run, config)  # or here
     manager = checkpoint.make_manager(workdir, config)
@@ -328,7 +343,7 @@ def _train(
     batches = pipeline.DevicePrefetch(
         iter(pipeline.train_dataset(config, local_batch)), run.batch_sharding
     )
-    state, step = _restore_or_init(run, config, manager, batches)
+    state, step = _restore_or_init(run, config, manager, batches, init_source)
     evaluator: evaluate.Evaluator | None = None  # made at the first evaluation, kept for the rest
     logger = _Logger(workdir, config.total_steps, step, main_process)
     profile = _Profile(config.profile_steps, workdir / "tensorboard", main_process)

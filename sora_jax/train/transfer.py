@@ -72,11 +72,15 @@ def _flatten(tree: Any) -> dict[tuple[str, ...], Any]:
     return {tuple(k.key for k in path): leaf for path, leaf in leaves}
 
 
-def merge(params: Any, source: dict, parts: tuple[str, ...], origin: str) -> Any:
-    """`params` (this run's, sharded) with the leaves of `parts` taken from `source`
-    (NumPy), each put on the devices as the leaf it replaces is."""
-    wanted = _flatten(params)
-    available = _flatten(source)
+def _plan(
+    wanted: dict[tuple[str, ...], tuple[int, ...]],
+    available: dict[tuple[str, ...], Any],
+    parts: tuple[str, ...],
+    origin: str,
+) -> tuple[list[tuple[str, ...]], bool]:
+    """(the paths of this run's parameters to take from the source, whether the
+    classifier starts anew), from shapes alone; a part the model lacks, a parameter the
+    source lacks or a shape that differs is a ConfigError naming it."""
     absent = sorted(set(parts) - {models.param_part(p) for p in wanted})
     if absent:
         raise config_lib.ConfigError(
@@ -86,12 +90,10 @@ def merge(params: Any, source: dict, parts: tuple[str, ...], origin: str) -> Any
     # A classifier for another class count is this run's own, as initialised.
     head = [p for p in wanted if models.param_part(p) == "head"]
     new_head = "head" in parts and any(
-        p not in available or available[p].shape != wanted[p].shape for p in head
+        p not in available or tuple(available[p].shape) != wanted[p] for p in head
     )
-    if new_head:
-        log.info("init_from: the classifier differs in shape from %s's: initialised anew", origin)
-    loaded = {}
-    for path, leaf in wanted.items():
+    load = []
+    for path, shape in wanted.items():
         part = models.param_part(path)
         if part not in parts or (part == "head" and new_head):
             continue
@@ -101,13 +103,39 @@ def merge(params: Any, source: dict, parts: tuple[str, ...], origin: str) -> Any
                 f"config.init_parts: {part} parameter {name} is not in {origin} (a run "
                 f"without that part, or another architecture); leave {part!r} out"
             )
-        value = available[path]
-        if value.shape != leaf.shape:
+        if tuple(available[path].shape) != shape:
             raise config_lib.ConfigError(
-                f"config.init_from: parameter {name} has shape {tuple(value.shape)} in "
-                f"{origin} but {tuple(leaf.shape)} in this run's model"
+                f"config.init_from: parameter {name} has shape "
+                f"{tuple(available[path].shape)} in {origin} but {shape} in this run's model"
             )
-        value = np.asarray(value, leaf.dtype)
+        load.append(path)
+    return load, new_head
+
+
+def _shapes(params: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
+    return {path: tuple(leaf.shape) for path, leaf in _flatten(params).items()}
+
+
+def check(abstract_params: Any, config: ml_collections.ConfigDict) -> tuple[dict, str]:
+    """`config.init_from` read and held against this run's parameters (shapes only, so
+    before anything is compiled): a missing source, part or parameter, or a shape that
+    differs, fails here. Returns the source (`load_source`) for `initialise_from`."""
+    source, origin = load_source(config.init_from)
+    _plan(_shapes(abstract_params), _flatten(source), tuple(config.init_parts), origin)
+    return source, origin
+
+
+def merge(params: Any, source: dict, parts: tuple[str, ...], origin: str) -> Any:
+    """`params` (this run's, sharded) with the leaves of `parts` taken from `source`
+    (NumPy), each put on the devices as the leaf it replaces is."""
+    wanted, available = _flatten(params), _flatten(source)
+    paths, new_head = _plan(_shapes(params), available, parts, origin)
+    if new_head:
+        log.info("init_from: the classifier differs in shape from %s's: initialised anew", origin)
+    loaded = {}
+    for path in paths:
+        leaf = wanted[path]
+        value = np.asarray(available[path], leaf.dtype)
         loaded[path] = jax.make_array_from_callback(
             leaf.shape, leaf.sharding, lambda index, v=value: v[index]
         )
@@ -122,10 +150,13 @@ def merge(params: Any, source: dict, parts: tuple[str, ...], origin: str) -> Any
     )
 
 
-def initialise_from(state: Any, config: ml_collections.ConfigDict) -> Any:
+def initialise_from(
+    state: Any, config: ml_collections.ConfigDict, source: tuple[dict, str] | None = None
+) -> Any:
     """A freshly initialised TrainState with `config.init_parts` loaded from
-    `config.init_from` (its EMA too, when the run keeps one)."""
-    source, origin = load_source(config.init_from)
-    params = merge(state.params, source, tuple(config.init_parts), origin)
+    `config.init_from` (its EMA too, when the run keeps one); `source`: what `check`
+    already read, else it is read now."""
+    params, origin = source or load_source(config.init_from)
+    params = merge(state.params, params, tuple(config.init_parts), origin)
     ema = None if state.ema_params is None else jax.tree.map(lambda x: x.copy(), params)
     return state.replace(params=params, ema_params=ema)
