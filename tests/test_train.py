@@ -16,9 +16,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from sora_jax import config as config_lib
 from sora_jax.config import ConfigError
 from sora_jax.train import checkpoint, setup, trainer
-from tests.conftest import ONE_DEVICE, small_config
+from tests.conftest import ONE_DEVICE, built_once, small_config
 
 
 def losses(workdir) -> dict[int, float]:
@@ -295,30 +296,77 @@ def test_checkpoints_keep_the_last_k_plus_the_best(tmp_path):
     manager.close()
 
 
-def test_sora_eval_reports_all_three_modes_as_json(demo_data, tmp_path):
-    config = small_config(*demo_data)
-    config.total_steps = 4
-    trainer.train(config, tmp_path, ONE_DEVICE)
+class _CompileLog(logging.Handler):
+    """The programs JAX compiles while it is attached (under `jax.log_compiles`)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.names: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("Compiling "):
+            self.names.append(record.getMessage().split()[1])
+
+
+@pytest.fixture(scope="module")
+def short_run(demo_data, tmp_path_factory) -> pathlib.Path:
+    """One short run shared by the tests that read a trained work dir (`run/`): 8 steps
+    with EMA parameters, evaluated at steps 4 and 8, steps 2-3 profiled; beside it the
+    programs it compiled (`compiles.json`) and its result (`result.json`)."""
+
+    def build(root: pathlib.Path) -> None:
+        config = small_config(*demo_data)
+        config.total_steps, config.log_every, config.eval_every = 8, 4, 4
+        config.profile_steps = (2, 3)
+        config.optimizer.ema_decay = 0.5
+        log, jax_logger = _CompileLog(), logging.getLogger("jax")
+        jax_logger.addHandler(log)
+        try:
+            with jax.log_compiles(True):
+                result = trainer.train(config, root / "run", ONE_DEVICE)
+        finally:
+            jax_logger.removeHandler(log)
+        (root / "compiles.json").write_text(json.dumps(log.names))
+        (root / "result.json").write_text(json.dumps(result))
+
+    return built_once(tmp_path_factory, "short_run", build)
+
+
+def test_each_step_compiles_once_per_run_and_steps_can_be_profiled(short_run):
+    compiled = json.loads((short_run / "compiles.json").read_text())
+    assert compiled.count("jit(train_step)") == 1, compiled
+    assert compiled.count("jit(eval_step)") == 1, compiled  # two evaluations
+    result = json.loads((short_run / "result.json").read_text())
+    assert result["step"] == 8 and result["num_examples"] == 20
+    # A trace TensorBoard's profile tab opens: tensorboard/plugins/profile/<run>/*.xplane.pb
+    profiles = short_run / "run" / "tensorboard" / "plugins" / "profile"
+    traces = list(profiles.glob("*/*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
+
+
+def test_sora_eval_reports_all_three_modes_as_json(short_run, tmp_path):
+    workdir = short_run / "run"
+    config = config_lib.load(workdir)
     config.total_steps = 2  # below the checkpoint: refused, and config.json left as it was
-    with pytest.raises(ConfigError, match=r"config\.total_steps: 2 is below step 4"):
-        trainer.train(config, tmp_path, ONE_DEVICE)
-    assert json.loads((tmp_path / "config.json").read_text())["total_steps"] == 4
+    with pytest.raises(ConfigError, match=r"config\.total_steps: 2 is below step 8"):
+        trainer.train(config, workdir, ONE_DEVICE)
+    assert json.loads((workdir / "config.json").read_text())["total_steps"] == 8
     done = subprocess.run(
-        [pathlib.Path(sys.executable).parent / "sora-eval", "--workdir", str(tmp_path)],
+        [pathlib.Path(sys.executable).parent / "sora-eval", "--workdir", str(workdir)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         check=True,
     )
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["num_examples"] == 20 and result["step"] == 4
+    assert result["num_examples"] == 20 and result["step"] == 8
     for key in ("top1", "top5"):
         assert 0.0 <= result[key] <= 1.0
     assert {"top1"} <= set(result["audio_only"]) and {"top1"} <= set(result["video_only"])
-    details = json.loads((tmp_path / "eval_test.json").read_text())
+    details = json.loads((workdir / "eval_test.json").read_text())
     assert sum(map(sum, details["confusion_matrix"])) == 20
     for mode in ("full", "audio_only", "video_only"):
-        assert (tmp_path / f"confusion_test_{mode}.png").stat().st_size > 1000
+        assert (workdir / f"confusion_test_{mode}.png").stat().st_size > 1000
 
 
 @pytest.mark.slow
@@ -345,22 +393,20 @@ def test_the_demo_config_learns_the_demo_with_both_senses(tmp_path):
         assert 0.35 <= result[mode]["top1"] <= 0.65, (mode, result[mode]["top1"])
 
 
-def test_inference_restores_only_the_parameters_it_evaluates(demo_data, tmp_path):
-    config = small_config(*demo_data)
-    config.total_steps = 4
-    config.optimizer.ema_decay = 0.5
-    trainer.train(config, tmp_path, ONE_DEVICE)
+def test_inference_restores_only_the_parameters_it_evaluates(short_run):
+    workdir = short_run / "run"
+    config = config_lib.load(workdir)
     abstract = setup.build(config).abstract_state
-    reader = checkpoint.make_manager(tmp_path, config, read_only=True)
-    full = checkpoint.restore(reader, 4, abstract)
+    reader = checkpoint.make_manager(workdir, config, read_only=True)
+    full = checkpoint.restore(reader, 8, abstract)
 
     def restored(use_ema, abstract=abstract):
-        manager = checkpoint.make_manager(tmp_path, config, read_only=True)
+        manager = checkpoint.make_manager(workdir, config, read_only=True)
         return checkpoint.restore_params(manager, None, abstract, use_ema)
 
     for use_ema, expected in ((True, full.ema_params), (False, full.params)):
         params, step = restored(use_ema)
-        assert step == 4
+        assert step == 8
         jax.tree.map(np.testing.assert_array_equal, params, expected)
     assert not jax.tree.all(jax.tree.map(np.array_equal, full.params, full.ema_params))
     # The optimizer state is never read: an abstract state with another optimizer's
@@ -369,20 +415,3 @@ def test_inference_restores_only_the_parameters_it_evaluates(demo_data, tmp_path
     other = setup.build(config).abstract_state
     assert jax.tree.structure(other.opt_state) != jax.tree.structure(abstract.opt_state)
     jax.tree.map(np.testing.assert_array_equal, restored(True, other)[0], full.ema_params)
-
-
-def test_each_step_compiles_once_per_run_and_steps_can_be_profiled(demo_data, tmp_path, caplog):
-    config = small_config(*demo_data)
-    config.total_steps, config.log_every, config.eval_every = 8, 4, 4  # two evaluations
-    config.profile_steps = (2, 3)
-    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
-        result = trainer.train(config, tmp_path, ONE_DEVICE)
-    compiled = [
-        r.getMessage().split()[1] for r in caplog.records if r.getMessage().startswith("Compiling ")
-    ]
-    assert compiled.count("jit(train_step)") == 1, compiled
-    assert compiled.count("jit(eval_step)") == 1, compiled
-    assert result["step"] == 8 and result["num_examples"] == 20
-    # A trace TensorBoard's profile tab opens: tensorboard/plugins/profile/<run>/*.xplane.pb
-    traces = list((tmp_path / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))
-    assert len(traces) == 1 and traces[0].stat().st_size > 0
