@@ -74,25 +74,11 @@ def single_process_losses(demo_data, tmp_path_factory):
     return losses(built_once(tmp_path_factory, "single_process", build))
 
 
-def test_two_processes_give_the_same_losses_as_one(demo_data, tmp_path, single_process_losses):
-    done = _launch_two(_train_args(_config(demo_data), tmp_path))
-    assert done.returncode == 0, done.stdout[-3000:]
-    multi = losses(tmp_path)
-    assert sorted(multi) == sorted(single_process_losses) == list(range(1, 25))
-    _assert_same_curve(multi, single_process_losses)
-    # Evaluation over both processes counts each of the 20 test clips once.
-    assert json.loads((tmp_path / "eval_test.json").read_text())["num_examples"] == 20
-    # Both processes wrote their own data-iterator state into every checkpoint.
-    data = tmp_path / "checkpoints" / "24" / "data"
-    assert {p.name for p in data.glob("process_*")} == {
-        "process_0-of-2.json",
-        "process_1-of-2.json",
-    }
-
-
-def test_a_dead_process_stops_the_other_and_a_relaunch_resumes(
+def test_two_processes_train_as_one_and_resume_together_after_one_dies(
     demo_data, tmp_path, single_process_losses
 ):
+    """2 processes x 2 devices against 1 x 4: the same loss at every step, through a
+    SIGKILL of one process at step 8 and a relaunch of both (launch/local.py)."""
     config = _config(demo_data)
     port = launcher.free_port()
     env = launcher.process_env(2)
@@ -124,7 +110,16 @@ def test_a_dead_process_stops_the_other_and_a_relaunch_resumes(
     assert done.returncode == 0, done.stdout[-3000:]
     assert "resumed from step" in done.stdout
     resumed = losses(tmp_path)
+    assert sorted(resumed) == sorted(single_process_losses) == list(range(1, 25))
     _assert_same_curve(resumed, single_process_losses)
+    # Evaluation over both processes counts each of the 20 test clips once.
+    assert json.loads((tmp_path / "eval_test.json").read_text())["num_examples"] == 20
+    # Both processes wrote their own data-iterator state into every checkpoint.
+    data = tmp_path / "checkpoints" / "24" / "data"
+    assert {p.name for p in data.glob("process_*")} == {
+        "process_0-of-2.json",
+        "process_1-of-2.json",
+    }
 
 
 def test_parameters_and_optimizer_state_are_split_across_processes(tmp_path):
