@@ -9,9 +9,11 @@ random clips: uint8 frames normalised inside, log-mel from the raw waveform, a o
 LSTM, concat fusion, AdamW, softmax cross-entropy, in the config's compute dtype
 (`--set model.dtype=bfloat16`: float32 parameters, bfloat16 compute, which is PyTorch's
 CPU autocast and Keras's `mixed_bfloat16` policy). Peers use their idiomatic fast paths
-(PyTorch channels-last, Keras with and without XLA). Last line: JSON.
+(PyTorch channels-last; Keras with and without XLA, written the fastest of the ways
+tried, `--keras-variant all` times them all). Last line: JSON.
 """
 
+import functools
 import os
 import sys
 import time
@@ -125,7 +127,25 @@ def torch_step(config, batch, compiled: bool, steps: int, warmup: int) -> dict:
     }
 
 
-def keras_step(config, batch, jit_compile: bool, steps: int, warmup: int) -> dict:
+# The Keras peer's ways of writing the same step, tried in turn (BENCHMARKS.md section 2):
+# `layers` wraps each convolution in its own TimeDistributed, `tower` the whole visual tower
+# in one; `train_on_batch` is Keras's own compiled step, `tf_function` a GradientTape step
+# in one `tf.function`, TensorFlow 2's custom training loop.
+KERAS_VARIANTS = {
+    "layers+train_on_batch": ("layers", "train_on_batch"),
+    "tower+train_on_batch": ("tower", "train_on_batch"),
+    "layers+tf_function": ("layers", "tf_function"),
+    "tower+tf_function": ("tower", "tf_function"),
+}
+# The fastest way of each, measured here in float32 (BENCHMARKS.md section 2): without XLA
+# a tf.function step, with XLA Keras's own jit-compiled one; the tower in one
+# TimeDistributed in both.
+KERAS_FASTEST = {False: "tower+tf_function", True: "tower+train_on_batch"}
+
+
+def keras_step(
+    config, batch, jit_compile: bool, steps: int, warmup: int, variant: str = "fastest"
+) -> dict:
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     # TensorFlow's own XLA reads XLA_FLAGS when it first compiles: give it XLA's defaults,
     # not the YNNPACK setting process.configure() added for JAX (JAX read it at start-up).
@@ -134,6 +154,9 @@ def keras_step(config, batch, jit_compile: bool, steps: int, warmup: int) -> dic
     import keras
     import tensorflow as tf
 
+    variant = KERAS_FASTEST[jit_compile] if variant == "fastest" else variant
+    wrap, step_kind = KERAS_VARIANTS[variant]
+    keras.backend.clear_session()  # each variant starts from nothing built by the last
     keras.utils.set_random_seed(0)
     policy = "mixed_bfloat16" if config.model.dtype == "bfloat16" else "float32"
     keras.mixed_precision.set_global_policy(policy)
@@ -149,37 +172,66 @@ def keras_step(config, batch, jit_compile: bool, steps: int, warmup: int) -> dic
         spec = tf.abs(tf.signal.rfft(frames, [melspec.FFT_SIZE])) ** 2
         return (tf.math.log(tf.matmul(spec, mel) + 1e-6) + 4.0) / 4.0
 
+    def convs() -> list:
+        out = []
+        for w in m.visual.widths:
+            out.append(L.Conv2D(w, 3, strides=2, padding="same", activation="relu"))
+            out.append(L.Conv2D(w, 3, padding="same", activation="relu"))
+        return out
+
     frames_in = keras.Input((d.num_frames, d.crop_size, d.crop_size, 3), dtype="uint8")
     wave_in = keras.Input((samples,), dtype="int16")
     x = L.Lambda(lambda f: (tf.cast(f, tf.float32) - MEAN) / STD)(frames_in)
-    for w in m.visual.widths:
-        x = L.TimeDistributed(L.Conv2D(w, 3, strides=2, padding="same", activation="relu"))(x)
-        x = L.TimeDistributed(L.Conv2D(w, 3, padding="same", activation="relu"))(x)
-    v = L.GlobalAveragePooling1D()(L.TimeDistributed(L.GlobalAveragePooling2D())(x))
+    if wrap == "tower":  # the frames folded into the batch once: [B*T, H, W, C]
+        tower = keras.Sequential([*convs(), L.GlobalAveragePooling2D()])
+        x = L.TimeDistributed(tower)(x)
+    else:
+        for conv in convs():
+            x = L.TimeDistributed(conv)(x)
+        x = L.TimeDistributed(L.GlobalAveragePooling2D())(x)
+    v = L.GlobalAveragePooling1D()(x)
     a = L.LSTM(m.audio.hidden, return_sequences=True)(L.Lambda(log_mel)(wave_in))
     a = L.GlobalAveragePooling1D()(a)
     h = L.Dense(m.embed_dim, activation="relu")(L.Concatenate()([v, a]))
     logits = L.Dense(m.num_classes, dtype="float32")(h)  # the loss in float32, as the others
     model = keras.Model([frames_in, wave_in], logits)
-    model.compile(
-        optimizer=keras.optimizers.AdamW(
-            config.optimizer.learning_rate, weight_decay=config.optimizer.weight_decay
-        ),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        jit_compile=jit_compile,
+    optimizer = keras.optimizers.AdamW(
+        config.optimizer.learning_rate, weight_decay=config.optimizer.weight_decay
     )
-    x_in, y = [batch["frames"], batch["audio"]], batch["label"]
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    x_in = [tf.constant(batch["frames"]), tf.constant(batch["audio"])]
+    y = tf.constant(batch["label"])
+    if step_kind == "train_on_batch":
+        model.compile(optimizer=optimizer, loss=loss_fn, jit_compile=jit_compile)
+
+        def train_step():
+            return model.train_on_batch(x_in, y)
+
+    else:
+
+        @tf.function(jit_compile=jit_compile)
+        def compiled_step(x, y):
+            with tf.GradientTape() as tape:
+                loss = loss_fn(y, model(x, training=True))
+            grads = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply(grads, model.trainable_variables)
+            return loss
+
+        def train_step():
+            return float(compiled_step(x_in, y))  # waits for the step, as .item() does
+
     start = time.perf_counter()
-    model.train_on_batch(x_in, y)
+    train_step()
     first = time.perf_counter() - start
-    step_s, _ = _timed(lambda: model.train_on_batch(x_in, y), steps, warmup)
+    step_s, _ = _timed(train_step, steps, warmup)
     return {
         "framework": "keras_xla" if jit_compile else "keras",
+        "variant": variant,
         "version": keras.__version__,
         "device": "gpu" if tf.config.list_logical_devices("GPU") else "cpu",
         "dtype": config.model.dtype,
         "step_ms": step_s * 1e3,
-        "clips_per_s": len(y) / step_s,
+        "clips_per_s": len(batch["label"]) / step_s,
         "first_step_s": first,
     }
 
@@ -194,6 +246,13 @@ def main(argv=None) -> int:
         default=[],
         help="leave out a peer: pytorch_eager, pytorch_compile, keras, keras_xla",
     )
+    p.add_argument(
+        "--keras-variant",
+        choices=["fastest", *KERAS_VARIANTS, "all"],
+        default="fastest",
+        help="how the Keras peer is written (default: the fastest measured, with and "
+        "without XLA); 'all' times every way",
+    )
     args = p.parse_args(argv)
     config = common.load_config(args.config, args.set)
     batch = random_batch(config, config.batch_size)
@@ -206,11 +265,16 @@ def main(argv=None) -> int:
     runs = {
         "pytorch_eager": lambda: torch_step(config, batch, False, args.steps, args.warmup),
         "pytorch_compile": lambda: torch_step(config, batch, True, args.steps, args.warmup),
-        "keras": lambda: keras_step(config, batch, False, args.steps, args.warmup),
-        "keras_xla": lambda: keras_step(config, batch, True, args.steps, args.warmup),
     }
+    variants = list(KERAS_VARIANTS) if args.keras_variant == "all" else [args.keras_variant]
+    for variant in variants:
+        suffix = "" if len(variants) == 1 else f" [{variant}]"
+        for name, jit_compile in (("keras", False), ("keras_xla", True)):
+            runs[name + suffix] = functools.partial(
+                keras_step, config, batch, jit_compile, args.steps, args.warmup, variant
+            )
     for name, run in runs.items():
-        if name in args.skip:
+        if name.split(" ")[0] in args.skip:
             continue
         try:
             results.append(run())
@@ -229,7 +293,7 @@ def main(argv=None) -> int:
     }
     table = [
         (
-            f"{r['framework']} ({r['device']})",
+            f"{r['framework']} ({r['device']}){' ' + r['variant'] if 'variant' in r else ''}",
             f"{r['step_ms']:8.1f} ms  {r['clips_per_s']:6.1f} clips/s  "
             f"flax is {r['flax_speedup']:.2f}x",
         )

@@ -63,6 +63,9 @@ def test_peers_runs_every_installed_framework():
     frameworks = {r["framework"]: r for r in result["results"]}
     assert not [r for r in frameworks.values() if "error" in r], frameworks
     assert {"flax", "keras", "keras_xla"} <= set(frameworks)
+    # Keras is written the fastest way measured, and says which.
+    assert frameworks["keras"]["variant"] == "tower+tf_function"
+    assert frameworks["keras_xla"]["variant"] == "tower+train_on_batch"
     assert all(r["step_ms"] > 0 for r in frameworks.values())
     # Each peer says where it ran; here every one runs where Flax does, on the CPU.
     assert {r["device"] for r in frameworks.values()} == {"cpu"}
