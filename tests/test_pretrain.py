@@ -15,7 +15,7 @@ from sora_jax.data import pipeline
 from sora_jax.train import trainer
 from tests.conftest import ONE_DEVICE
 
-# Four trainings: ~8 minutes alone on 2 cores, ~16 beside the other tests.
+# Four trainings: ~10 minutes alone on 2 cores, ~16 beside the other tests.
 pytestmark = [pytest.mark.slow, pytest.mark.long]
 SETTINGS = PrepSettings(fps=8.0, short_side=128)
 # On one CPU device, as the README's commands run here (the tests force eight): the
