@@ -214,11 +214,17 @@ class _Profile:
             self.active = False
 
 
-def _check_not_past_the_end(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-    """A work dir whose checkpoints are past total_steps would train nothing."""
+def _saved_step(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> int | None:
+    """The step of the work dir's latest checkpoint; None for a run that starts fresh."""
     if not (workdir / "checkpoints").is_dir():
-        return
-    saved = checkpoint.make_manager(workdir, config, read_only=True).latest_step()
+        return None
+    return checkpoint.make_manager(workdir, config, read_only=True).latest_step()
+
+
+def _check_not_past_the_end(
+    config: ml_collections.ConfigDict, workdir: pathlib.Path, saved: int | None
+) -> None:
+    """A work dir whose checkpoints are past total_steps would train nothing."""
     config_lib.check(
         saved is None or saved <= config.total_steps,
         "total_steps",
@@ -246,13 +252,10 @@ def _compile_train_step(
 
 
 def _checked_init_source(
-    run: setup_lib.Setup, config: ml_collections.ConfigDict, workdir: pathlib.Path
+    run: setup_lib.Setup, config: ml_collections.ConfigDict, resumes: bool
 ) -> tuple[dict, str] | None:
     """A fresh run's config.init_from, read and held against its model's shapes before
     anything compiles (a wrong source fails in seconds, not after the compile)."""
-    resumes = (workdir / "checkpoints").is_dir() and (
-        checkpoint.make_manager(workdir, config, read_only=True).latest_step() is not None
-    )
     if not config.init_from or resumes:
         return None  # a resumed run does not read init_from
     return transfer.check(run.abstract_state.params, config)
@@ -318,8 +321,9 @@ def train(
     try:
         if not allow_config_change:
             workdir_lib.check_config_unchanged(config, workdir)
-        _check_not_past_the_end(config, workdir)
-        return _train(config, workdir, devices, summary)
+        saved = _saved_step(config, workdir)
+        _check_not_past_the_end(config, workdir, saved)
+        return _train(config, workdir, devices, summary, resumes=saved is not None)
     finally:
         lock.release()
 
@@ -329,10 +333,11 @@ def _train(
     workdir: pathlib.Path,
     devices: Sequence[jax.Device] | None,
     summary: pipeline.DatasetSummary,
+    resumes: bool,
 ) -> dict:
     main_process = jax.process_index() == 0
     run = setup_lib.build(config, devices)
-    init_source = _checked_init_source(run, config, workdir)
+    init_source = _checked_init_source(run, config, resumes)
     train_step = _compile_train_step(run, config)  # fails here if it cannot fit
     eval_step = evaluate.compile_eval_step(run, config)  # or here
     manager = checkpoint.make_manager(workdir, config)
