@@ -10,9 +10,13 @@ has its own directory (made fresh and removed at exit), so no two workers write 
 
 import atexit
 import fcntl
+import json
 import os
 import pathlib
+import re
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 
@@ -52,6 +56,7 @@ os.environ["XLA_FLAGS"] = " ".join(
     f for f in os.environ["XLA_FLAGS"].split() if not f.startswith(DEVICE_COUNT)
 )
 ONE_DEVICE = jax.devices()[:1]  # for in-process runs that are not about sharding
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -63,13 +68,41 @@ def no_compilation_cache(monkeypatch):
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
 
 
-# The longest test (~10 of make test's ~27 minutes) starts the run: begun last, it would
+# The longest test (~10 of test-all's ~30 minutes) starts the run: begun last, it would
 # keep one pytest-xdist worker busy long after the other had run out of tests.
 LONGEST = "tests/test_pretrain.py::"
+# Fixtures that are a training run each (built_once) read by several tests. Each run's
+# tests start one worker's share, a different worker's for each run: spread over both,
+# one worker sat waiting for the run the other was building (87 s of make test's worker
+# time). (pytest-xdist's `--dist loadgroup` would do this, but not under pytest 9.2.)
+SHARED_RUNS = ("pretrained", "short_run", "sight_or_sound")
 
 
-def pytest_collection_modifyitems(items: list) -> None:
-    items.sort(key=lambda item: not item.nodeid.startswith(LONGEST))
+def _shared_run(item) -> str | None:
+    return next((name for name in SHARED_RUNS if name in item.fixturenames), None)
+
+
+def pytest_collection_modifyitems(config, items: list) -> None:
+    """Order the tests for `--dist worksteal`, which gives each worker a contiguous share
+    of this order (the first 1/n, the next ...) and steals from the ends of the shares:
+    the heads (the longest test, each shared run's tests) begin the shares in turn."""
+    heads = [[item for item in items if item.nodeid.startswith(LONGEST)]]
+    heads += [[item for item in items if _shared_run(item) == run] for run in SHARED_RUNS]
+    heads = [head for head in heads if head]
+    at_head = {id(item) for head in heads for item in head}
+    rest = [item for item in items if id(item) not in at_head]
+    workers = max(1, config.getoption("numprocesses", None) or 1)
+    shares: list[list] = [[] for _ in range(workers)]
+    for i, head in enumerate(heads):
+        shares[i % workers] += head
+    left = len(items)
+    for i, share in enumerate(shares):  # worksteal's first split: pending // nodes left
+        size = left // (workers - i)
+        take = max(0, size - len(share))
+        share += rest[:take]
+        rest = rest[take:]
+        left -= len(share)
+    items[:] = [item for share in shares for item in share] + rest
 
 
 def pytest_report_header() -> str:
@@ -117,6 +150,48 @@ def small_config(data_dir: str, name: str):
     c = demo.get_config("runlocal")
     c.data.update(dir=data_dir, name=name)
     return c
+
+
+@pytest.fixture(scope="session")
+def short_run(demo_data, tmp_path_factory) -> pathlib.Path:
+    """One short `sora-train` run, a process of its own as a user's, shared by the tests
+    that read a trained work dir (`run/`: the trainer's, TensorBoard's, evaluation's,
+    export's): 8 steps of the demo's `runlocal` preset with EMA parameters, logged and
+    evaluated at steps 4 and 8, steps 2-3 profiled. Beside it: `compiles.json`, the
+    programs it compiled (JAX_LOG_COMPILES), and `tensorflow.txt`, whether the run ever
+    imported TensorFlow ("True"/"False")."""
+
+    def build(root: pathlib.Path) -> None:
+        report = (
+            "import atexit, sys; "
+            f"atexit.register(lambda: open({str(root / 'tensorflow.txt')!r}, 'w')"
+            ".write(str('tensorflow' in sys.modules)))"
+        )
+        run = "import runpy; runpy.run_module('sora_jax.train.cli', run_name='__main__')"
+        flags = {
+            "data.dir": demo_data[0],
+            "data.name": demo_data[1],
+            "total_steps": 8,
+            "log_every": 4,
+            "eval_every": 4,
+            "profile_steps": "(2, 3)",
+            "optimizer.ema_decay": 0.5,
+        }
+        done = subprocess.run(
+            [sys.executable, "-c", f"{report}; {run}", "--config", "configs/demo.py:runlocal"]
+            + ["--workdir", str(root / "run")]
+            + [f"--config.{key}={value}" for key, value in flags.items()],
+            cwd=ROOT,
+            env=dict(os.environ, JAX_LOG_COMPILES="1"),
+            capture_output=True,
+            text=True,
+        )
+        (root / "stderr.txt").write_text(done.stderr)
+        assert done.returncode == 0, done.stderr[-3000:]
+        compiled = re.findall(r"\] Compiling (\S+) with", done.stderr)  # absl's format
+        (root / "compiles.json").write_text(json.dumps(compiled))
+
+    return built_once(tmp_path_factory, "short_run", build)
 
 
 @pytest.fixture(scope="session")

@@ -29,6 +29,12 @@ def _loss(module):
     return lambda params, x: jnp.sum(jnp.sin(module.apply(params, x).astype(jnp.float32)))
 
 
+def _grads(module, params, x):
+    """d loss / d (params, x), compiled as one program: run eagerly, each of its ops
+    compiled on its own (~50 per case, most of this file's time)."""
+    return jax.jit(jax.grad(_loss(module), argnums=(0, 1)))(params, x)
+
+
 # The oneDNN convolutions run only where they are verified (kernels/onednn.py).
 needs_onednn_conv = pytest.mark.skipif(
     onednn.conv_unverified_reason() is not None, reason=str(onednn.conv_unverified_reason())
@@ -55,8 +61,7 @@ def test_conv_equals_nn_conv_in_parameters_values_and_gradients(case, backend):
         np.testing.assert_allclose(
             ours.apply(params, x), flax_conv.apply(params, x), rtol=1e-5, atol=1e-5
         )
-    ours_grads = jax.grad(_loss(ours), argnums=(0, 1))(params, x)
-    flax_grads = jax.grad(_loss(flax_conv), argnums=(0, 1))(params, x)
+    ours_grads, flax_grads = _grads(ours, params, x), _grads(flax_conv, params, x)
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
         ours_grads,
@@ -70,8 +75,7 @@ def test_bfloat16_gradients_stay_close_to_float32(backend):
     f32 = Conv(16, 3, 2, backend=backend)
     bf16 = Conv(16, 3, 2, dtype=jnp.bfloat16, backend=backend)
     params = jax.tree.map(lambda p: p + 0.05, f32.init(jax.random.PRNGKey(1), x))
-    exact = jax.grad(_loss(f32), argnums=(0, 1))(params, x)
-    low = jax.grad(_loss(bf16), argnums=(0, 1))(params, x)
+    exact, low = _grads(f32, params, x), _grads(bf16, params, x)
     for a, b in zip(jax.tree.leaves(low), jax.tree.leaves(exact), strict=True):
         assert a.dtype == b.dtype == jnp.float32  # parameters and inputs keep their dtype
         assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 2e-2
@@ -88,8 +92,7 @@ def test_fused_relu_equals_conv_then_relu(backend):
     y = fused.apply(params, x)
     assert 0 < float(jnp.mean(y > 0)) < 1  # the ReLU cuts somewhere
     np.testing.assert_allclose(y, reference.apply(ref_params, x), rtol=1e-5, atol=1e-6)
-    grads = jax.grad(_loss(fused), argnums=(0, 1))(params, x)
-    ref_grads = jax.grad(_loss(reference), argnums=(0, 1))(ref_params, x)
+    grads, ref_grads = _grads(fused, params, x), _grads(reference, ref_params, x)
     ref_grads = ({"params": ref_grads[0]["params"]["layers_0"]}, ref_grads[1])
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), grads, ref_grads

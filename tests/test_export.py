@@ -21,24 +21,19 @@ from sora_jax import config as config_lib
 from sora_jax.export import export as export_lib
 from sora_jax.export.predict import Predictor
 from sora_jax.inputs import InputSpec
-from sora_jax.train import setup, trainer
+from sora_jax.train import setup
 from sora_jax.train.evaluate import Evaluator
-from tests.conftest import ONE_DEVICE, built_once, small_config
+from tests.conftest import built_once
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def exported(demo_data, tmp_path_factory):
-    config = small_config(*demo_data)
-    config.total_steps = 4
-
-    def build(workdir: pathlib.Path) -> None:
-        trainer.train(config, workdir, ONE_DEVICE)
-        export_lib.export(workdir, workdir / "export")
-
-    workdir = built_once(tmp_path_factory, "exported", build)
-    output = workdir / "export"
+def exported(short_run, tmp_path_factory):
+    """(work dir, export dir, model card) of the shared `sora-train` run's export."""
+    workdir = short_run / "run"
+    build = lambda root: export_lib.export(workdir, root / "export")
+    output = built_once(tmp_path_factory, "exported", build) / "export"
     return workdir, output, json.loads((output / "model_card.json").read_text())
 
 

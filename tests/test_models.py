@@ -29,6 +29,15 @@ def tiny_config(**model_overrides):
     return c
 
 
+def init_params(model, inputs):
+    """The model's initial parameters, its init compiled as one program without LLVM's
+    optimisations (as the trainer does): run eagerly, each of its ~140 ops was compiled on
+    its own, and optimised, the random-number fusions take 5x as long to compile."""
+    init = jax.jit(model.init).lower(jax.random.key(0), inputs)
+    fast = {"xla_backend_optimization_level": 0}
+    return init.compile(compiler_options=fast)(jax.random.key(0), inputs)["params"]
+
+
 def random_inputs(rng, batch=B, frames=T, size=SIZE, samples=SAMPLES):
     inputs = InputSpec(frames, size, samples).random(batch, np.random.default_rng(rng))
     return jax.tree.map(jnp.asarray, inputs)
@@ -91,7 +100,7 @@ def test_every_pair_of_options_has_the_right_shapes_and_dtypes(options):
 def test_jit_runs_and_gives_finite_outputs(fusion, cell):
     model = build_model(tiny_config(**{"fusion.kind": fusion, "audio.cell": cell}).model)
     inputs = random_inputs(0)
-    params = model.init(jax.random.key(0), inputs)["params"]
+    params = init_params(model, inputs)
     out = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, inputs)
     assert np.isfinite(np.asarray(out["logits"])).all()
     assert out["logits"].shape == (B, 5)
@@ -177,10 +186,11 @@ def test_audio_padding_past_the_length_changes_nothing(cell, bidirectional):
 def test_padded_frames_do_not_change_the_visual_feature():
     model = build_model(tiny_config().model)
     x = random_inputs(3)
-    params = model.init(jax.random.key(0), x)["params"]
+    params = init_params(model, x)
     x["frame_mask"] = jnp.array([[True, True, False], [True, True, False]])
     other = dict(x, frames=x["frames"].at[:, 2].set(255))
-    a, b = (model.apply({"params": params}, inp)["logits"] for inp in (x, other))
+    apply = jax.jit(lambda inp: model.apply({"params": params}, inp)["logits"])
+    a, b = apply(x), apply(other)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -188,7 +198,7 @@ def test_padded_frames_do_not_change_the_visual_feature():
 def test_missing_modality_acts_only_through_its_mask(fusion):
     model = build_model(tiny_config(**{"fusion.kind": fusion}).model)
     x = random_inputs(4)
-    params = model.init(jax.random.key(0), x)["params"]
+    params = init_params(model, x)
     apply = jax.jit(lambda inp: model.apply({"params": params}, inp)["logits"])
     y = random_inputs(5)
     # Video-only: whatever the audio holds, the output is the same.
@@ -209,10 +219,12 @@ def test_each_sense_alone_in_one_pass_is_the_clip_with_the_other_marked_missing(
     # gives a clip whose other sense is missing.
     model = build_model(tiny_config(**{"fusion.kind": fusion}).model)
     x = random_inputs(6)
-    params = model.init(jax.random.key(0), x)["params"]
-    one_pass = model.apply({"params": params}, x, modality_embeddings=True)
+    params = init_params(model, x)
+    one_pass = jax.jit(lambda inp: model.apply({"params": params}, inp, modality_embeddings=True))
+    apply = jax.jit(lambda inp: model.apply({"params": params}, inp))
+    one_pass = one_pass(x)
     for sense, missing in (("video", "has_audio"), ("audio", "has_video")):
-        alone = model.apply({"params": params}, dict(x, **{missing: jnp.zeros(B, bool)}))
+        alone = apply(dict(x, **{missing: jnp.zeros(B, bool)}))
         for key in ("logits", "embedding"):
             np.testing.assert_allclose(
                 one_pass[f"{sense}_{key}"], alone[key], rtol=1e-5, atol=1e-6, err_msg=sense
@@ -222,7 +234,7 @@ def test_each_sense_alone_in_one_pass_is_the_clip_with_the_other_marked_missing(
 def test_bfloat16_compute_stays_close_to_float32():
     config = tiny_config(**{"fusion.kind": "attention"})
     x = random_inputs(6)
-    params = build_model(config.model).init(jax.random.key(0), x)["params"]
+    params = init_params(build_model(config.model), x)
     outputs = {}
     for dtype in ("float32", "bfloat16"):
         config.model.dtype = dtype
@@ -243,7 +255,7 @@ def test_tiny_model_overfits_a_batch_of_eight_clips():
     )
     x = random_inputs(7, batch=8, samples=8000)
     labels = jnp.arange(8) % 5
-    params = model.init(jax.random.key(0), x)["params"]
+    params = init_params(model, x)
     tx = optax.adam(3e-3)
     opt_state = tx.init(params)
 

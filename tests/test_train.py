@@ -3,7 +3,6 @@ losses, config errors, checkpoint retention and the evaluation command."""
 
 import functools
 import json
-import logging
 import pathlib
 import re
 import signal
@@ -19,7 +18,7 @@ import pytest
 from sora_jax import config as config_lib
 from sora_jax.config import ConfigError
 from sora_jax.train import checkpoint, setup, trainer
-from tests.conftest import ONE_DEVICE, built_once, small_config
+from tests.conftest import ONE_DEVICE, small_config
 
 
 def losses(workdir) -> dict[int, float]:
@@ -296,47 +295,11 @@ def test_checkpoints_keep_the_last_k_plus_the_best(tmp_path):
     manager.close()
 
 
-class _CompileLog(logging.Handler):
-    """The programs JAX compiles while it is attached (under `jax.log_compiles`)."""
-
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.names: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.getMessage().startswith("Compiling "):
-            self.names.append(record.getMessage().split()[1])
-
-
-@pytest.fixture(scope="module")
-def short_run(demo_data, tmp_path_factory) -> pathlib.Path:
-    """One short run shared by the tests that read a trained work dir (`run/`): 8 steps
-    with EMA parameters, evaluated at steps 4 and 8, steps 2-3 profiled; beside it the
-    programs it compiled (`compiles.json`) and its result (`result.json`)."""
-
-    def build(root: pathlib.Path) -> None:
-        config = small_config(*demo_data)
-        config.total_steps, config.log_every, config.eval_every = 8, 4, 4
-        config.profile_steps = (2, 3)
-        config.optimizer.ema_decay = 0.5
-        log, jax_logger = _CompileLog(), logging.getLogger("jax")
-        jax_logger.addHandler(log)
-        try:
-            with jax.log_compiles(True):
-                result = trainer.train(config, root / "run", ONE_DEVICE)
-        finally:
-            jax_logger.removeHandler(log)
-        (root / "compiles.json").write_text(json.dumps(log.names))
-        (root / "result.json").write_text(json.dumps(result))
-
-    return built_once(tmp_path_factory, "short_run", build)
-
-
 def test_each_step_compiles_once_per_run_and_steps_can_be_profiled(short_run):
     compiled = json.loads((short_run / "compiles.json").read_text())
     assert compiled.count("jit(train_step)") == 1, compiled
     assert compiled.count("jit(eval_step)") == 1, compiled  # two evaluations
-    result = json.loads((short_run / "result.json").read_text())
+    result = json.loads((short_run / "run" / "eval_test.json").read_text())
     assert result["step"] == 8 and result["num_examples"] == 20
     # A trace TensorBoard's profile tab opens: tensorboard/plugins/profile/<run>/*.xplane.pb
     profiles = short_run / "run" / "tensorboard" / "plugins" / "profile"
