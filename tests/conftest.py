@@ -71,38 +71,10 @@ def no_compilation_cache(monkeypatch):
 # The longest test (~10 of test-all's ~30 minutes) starts the run: begun last, it would
 # keep one pytest-xdist worker busy long after the other had run out of tests.
 LONGEST = "tests/test_pretrain.py::"
-# Fixtures that are a training run each (built_once) read by several tests. Each run's
-# tests start one worker's share, a different worker's for each run: spread over both,
-# one worker sat waiting for the run the other was building (87 s of make test's worker
-# time). (pytest-xdist's `--dist loadgroup` would do this, but not under pytest 9.2.)
-SHARED_RUNS = ("pretrained", "short_run", "sight_or_sound")
 
 
-def _shared_run(item) -> str | None:
-    return next((name for name in SHARED_RUNS if name in item.fixturenames), None)
-
-
-def pytest_collection_modifyitems(config, items: list) -> None:
-    """Order the tests for `--dist worksteal`, which gives each worker a contiguous share
-    of this order (the first 1/n, the next ...) and steals from the ends of the shares:
-    the heads (the longest test, each shared run's tests) begin the shares in turn."""
-    heads = [[item for item in items if item.nodeid.startswith(LONGEST)]]
-    heads += [[item for item in items if _shared_run(item) == run] for run in SHARED_RUNS]
-    heads = [head for head in heads if head]
-    at_head = {id(item) for head in heads for item in head}
-    rest = [item for item in items if id(item) not in at_head]
-    workers = max(1, config.getoption("numprocesses", None) or 1)
-    shares: list[list] = [[] for _ in range(workers)]
-    for i, head in enumerate(heads):
-        shares[i % workers] += head
-    left = len(items)
-    for i, share in enumerate(shares):  # worksteal's first split: pending // nodes left
-        size = left // (workers - i)
-        take = max(0, size - len(share))
-        share += rest[:take]
-        rest = rest[take:]
-        left -= len(share)
-    items[:] = [item for share in shares for item in share] + rest
+def pytest_collection_modifyitems(items: list) -> None:
+    items.sort(key=lambda item: not item.nodeid.startswith(LONGEST))
 
 
 def pytest_report_header() -> str:
