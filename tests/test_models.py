@@ -220,11 +220,13 @@ def test_each_sense_alone_in_one_pass_is_the_clip_with_the_other_marked_missing(
     model = build_model(tiny_config(**{"fusion.kind": fusion}).model)
     x = random_inputs(6)
     params = init_params(model, x)
-    one_pass = jax.jit(lambda inp: model.apply({"params": params}, inp, modality_embeddings=True))
-    apply = jax.jit(lambda inp: model.apply({"params": params}, inp))
-    one_pass = one_pass(x)
+    apply = jax.jit(
+        lambda inp, both: model.apply({"params": params}, inp, modality_embeddings=both),
+        static_argnums=1,
+    )
+    one_pass = apply(x, True)
     for sense, missing in (("video", "has_audio"), ("audio", "has_video")):
-        alone = apply(dict(x, **{missing: jnp.zeros(B, bool)}))
+        alone = apply(dict(x, **{missing: jnp.zeros(B, bool)}), False)
         for key in ("logits", "embedding"):
             np.testing.assert_allclose(
                 one_pass[f"{sense}_{key}"], alone[key], rtol=1e-5, atol=1e-6, err_msg=sense
