@@ -185,6 +185,7 @@ def load(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
 # Keys that work dirs written by earlier versions lack, with the value those runs used.
 SAVED_BEFORE_KEY = {
     "profile_steps": (),
+    "cpu_fast_compile": False,
     "model.visual.conv_backend": "auto",
     "model.audio.lstm_backend": "auto",
     "model.audio.unroll": 1,

@@ -12,6 +12,7 @@ import pytest
 from configs import demo
 from sora_jax.inputs import InputSpec
 from sora_jax.models import AudioEncoder, build_model, dummy_inputs, melspec
+from sora_jax.train import fit
 
 B, T, SIZE, SAMPLES = 2, 3, 32, 16_000
 
@@ -29,13 +30,17 @@ def tiny_config(**model_overrides):
     return c
 
 
+def compiled(fn, *args):
+    """`fn` compiled for `args`' shapes as one program without LLVM's optimisations
+    (fit.CPU_FAST_COMPILE, as the trainer's init and runlocal's steps are): these programs
+    run a few times each, so compiling them is most of a test, and optimised, they take
+    about twice as long to compile. Run eagerly, each of their ops compiles on its own."""
+    return jax.jit(fn).lower(*args).compile(compiler_options=fit.CPU_FAST_COMPILE)
+
+
 def init_params(model, inputs):
-    """The model's initial parameters, its init compiled as one program without LLVM's
-    optimisations (as the trainer does): run eagerly, each of its ~140 ops was compiled on
-    its own, and optimised, the random-number fusions take 5x as long to compile."""
-    init = jax.jit(model.init).lower(jax.random.key(0), inputs)
-    fast = {"xla_backend_optimization_level": 0}
-    return init.compile(compiler_options=fast)(jax.random.key(0), inputs)["params"]
+    """The model's initial parameters."""
+    return compiled(model.init, jax.random.key(0), inputs)(jax.random.key(0), inputs)["params"]
 
 
 def random_inputs(rng, batch=B, frames=T, size=SIZE, samples=SAMPLES):
@@ -101,7 +106,7 @@ def test_jit_runs_and_gives_finite_outputs(fusion, cell):
     model = build_model(tiny_config(**{"fusion.kind": fusion, "audio.cell": cell}).model)
     inputs = random_inputs(0)
     params = init_params(model, inputs)
-    out = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, inputs)
+    out = compiled(lambda p, x: model.apply({"params": p}, x), params, inputs)(params, inputs)
     assert np.isfinite(np.asarray(out["logits"])).all()
     assert out["logits"].shape == (B, 5)
 
@@ -111,6 +116,7 @@ def _flax_reference_rnn(encoder_params, mel, lengths, cell, hidden, bidirectiona
     gates = 4 if cell == "lstm" else 3
     names = ("i", "f", "g", "o") if cell == "lstm" else ("r", "z", "n")
     flax_cell = nn.LSTMCell(hidden) if cell == "lstm" else nn.GRUCell(hidden)
+    step = jax.jit(flax_cell.apply)  # one program, not each op of the cell on its own
     outputs = []
     for direction in ("fwd", "bwd") if bidirectional else ("fwd",):
         proj = encoder_params[f"input_proj_0_{direction}"]
@@ -135,7 +141,7 @@ def _flax_reference_rnn(encoder_params, mel, lengths, cell, hidden, bidirectiona
             steps = range(n) if direction == "fwd" else range(n - 1, -1, -1)
             carry = flax_cell.initialize_carry(jax.random.key(0), (1, mel.shape[-1]))
             for t in steps:
-                carry, h = flax_cell.apply({"params": p}, carry, mel[b : b + 1, t])
+                carry, h = step({"params": p}, carry, mel[b : b + 1, t])
                 seq[b, t] = np.asarray(h[0])
         outputs.append(seq)
     return np.concatenate(outputs, axis=-1)
@@ -153,8 +159,11 @@ def test_scanned_cells_match_flax_cells_step_by_step(cell, bidirectional, unroll
     rng = np.random.default_rng(1)
     wave = jnp.asarray(rng.normal(0, 0.3, (2, 4000)).astype(np.float32))
     lengths = jnp.array([4000, 2500], jnp.int32)
-    params = encoder.init(jax.random.key(0), wave, lengths)["params"]
-    pooled, seq, _mask = encoder.apply({"params": params}, wave, lengths)
+    params = compiled(encoder.init, jax.random.key(0), wave, lengths)(
+        jax.random.key(0), wave, lengths
+    )["params"]
+    apply = lambda p, w, n: encoder.apply({"params": p}, w, n)
+    pooled, seq, _mask = compiled(apply, params, wave, lengths)(params, wave, lengths)
     mel = (np.asarray(melspec.log_mel(wave, mels)) + 4.0) / 4.0
     frame_lengths = np.asarray(melspec.frame_lengths(lengths))
     expected = _flax_reference_rnn(params, mel, frame_lengths, cell, hidden, bidirectional)
@@ -176,9 +185,11 @@ def test_audio_padding_past_the_length_changes_nothing(cell, bidirectional):
     short = jnp.asarray(np.concatenate([clip, np.zeros_like(noise)], 1))
     noisy = jnp.asarray(np.concatenate([clip, noise], 1))
     lengths = jnp.array([5000], jnp.int32)
-    params = encoder.init(jax.random.key(0), short, lengths)["params"]
-    a = encoder.apply({"params": params}, short, lengths)
-    b = encoder.apply({"params": params}, noisy, lengths)
+    params = compiled(encoder.init, jax.random.key(0), short, lengths)(
+        jax.random.key(0), short, lengths
+    )["params"]
+    apply = compiled(lambda w, n: encoder.apply({"params": params}, w, n), short, lengths)
+    a, b = apply(short, lengths), apply(noisy, lengths)
     np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))
     np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
 
@@ -189,7 +200,7 @@ def test_padded_frames_do_not_change_the_visual_feature():
     params = init_params(model, x)
     x["frame_mask"] = jnp.array([[True, True, False], [True, True, False]])
     other = dict(x, frames=x["frames"].at[:, 2].set(255))
-    apply = jax.jit(lambda inp: model.apply({"params": params}, inp)["logits"])
+    apply = compiled(lambda inp: model.apply({"params": params}, inp)["logits"], x)
     a, b = apply(x), apply(other)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -199,7 +210,7 @@ def test_missing_modality_acts_only_through_its_mask(fusion):
     model = build_model(tiny_config(**{"fusion.kind": fusion}).model)
     x = random_inputs(4)
     params = init_params(model, x)
-    apply = jax.jit(lambda inp: model.apply({"params": params}, inp)["logits"])
+    apply = compiled(lambda inp: model.apply({"params": params}, inp)["logits"], x)
     y = random_inputs(5)
     # Video-only: whatever the audio holds, the output is the same.
     video_only = dict(x, has_audio=jnp.zeros(B, bool))
@@ -220,13 +231,12 @@ def test_each_sense_alone_in_one_pass_is_the_clip_with_the_other_marked_missing(
     model = build_model(tiny_config(**{"fusion.kind": fusion}).model)
     x = random_inputs(6)
     params = init_params(model, x)
-    apply = jax.jit(
-        lambda inp, both: model.apply({"params": params}, inp, modality_embeddings=both),
-        static_argnums=1,
+    apply = lambda both: compiled(
+        lambda inp: model.apply({"params": params}, inp, modality_embeddings=both), x
     )
-    one_pass = apply(x, True)
+    one_pass, alone_apply = apply(True)(x), apply(False)
     for sense, missing in (("video", "has_audio"), ("audio", "has_video")):
-        alone = apply(dict(x, **{missing: jnp.zeros(B, bool)}), False)
+        alone = alone_apply(dict(x, **{missing: jnp.zeros(B, bool)}))
         for key in ("logits", "embedding"):
             np.testing.assert_allclose(
                 one_pass[f"{sense}_{key}"], alone[key], rtol=1e-5, atol=1e-6, err_msg=sense
@@ -241,9 +251,8 @@ def test_bfloat16_compute_stays_close_to_float32():
     for dtype in ("float32", "bfloat16"):
         config.model.dtype = dtype
         model = build_model(config.model)
-        outputs[dtype] = np.asarray(
-            jax.jit(lambda p, m=model: m.apply({"params": p}, x))(params)["embedding"]
-        )
+        apply = compiled(lambda p, m=model: m.apply({"params": p}, x), params)
+        outputs[dtype] = np.asarray(apply(params)["embedding"])
     rel = np.linalg.norm(outputs["bfloat16"] - outputs["float32"]) / np.linalg.norm(
         outputs["float32"]
     )

@@ -33,8 +33,10 @@ def compile_eval_step(run: Setup, config: ml_collections.ConfigDict) -> jax.stag
     batch = abstract_batch(config, run.inputs, d.eval_batch_size, run.batch_sharding, views)
     inputs = {k: v for k, v in batch.items() if k not in _PER_PROCESS}
     step = make_eval_step(run.model, config, run.mesh)
-    compiled, report = fit.compile_step(step, run.abstract_state.params, inputs)
-    fit.check_fits("eval step", report, list(run.mesh.devices.flat), config, *fit.EVAL_KEYS)
+    devices = list(run.mesh.devices.flat)
+    options = fit.compiler_options(config, devices)
+    compiled, report = fit.compile_step(step, run.abstract_state.params, inputs, options=options)
+    fit.check_fits("eval step", report, devices, config, *fit.EVAL_KEYS)
     return compiled
 
 

@@ -241,8 +241,10 @@ def _compile_train_step(
     once, and a batch of another shape or layout is an error, never a silent recompile."""
     jitted = make_train_step(run.model, run.tx, config, run.mesh, run.state_sharding)
     batch = abstract_batch(config, run.inputs, config.batch_size, run.batch_sharding)
-    compiled, report = fit.compile_step(jitted, run.abstract_state, batch)
-    fit.check_fits("train step", report, list(run.mesh.devices.flat), config, *fit.TRAIN_KEYS)
+    devices = list(run.mesh.devices.flat)
+    options = fit.compiler_options(config, devices)
+    compiled, report = fit.compile_step(jitted, run.abstract_state, batch, options=options)
+    fit.check_fits("train step", report, devices, config, *fit.TRAIN_KEYS)
     log.info(
         "train step compiled in %.1f s; %.3f GiB per device",
         report.compile_s,
@@ -284,9 +286,7 @@ def _restore_or_init(
     # The initialiser runs once: on the CPU, compiled without LLVM's optimisations it is
     # ready in a fifth of the time (2.5 s instead of 9-13 s on 2 cores; it is mostly
     # random-number fusions), giving the same parameters up to float rounding.
-    fast = (
-        {"xla_backend_optimization_level": 0} if run.mesh.devices.flat[0].platform == "cpu" else {}
-    )
+    fast = fit.CPU_FAST_COMPILE if run.mesh.devices.flat[0].platform == "cpu" else {}
     state = init.compile(compiler_options=fast)(run.rng)
     if config.init_from:
         state = transfer.initialise_from(state, config, init_source)

@@ -29,6 +29,7 @@ MAY_CHANGE_ON_RESUME = (
     "log_every",
     "eval_every",
     "profile_steps",
+    "cpu_fast_compile",
     "checkpoint.every_steps",
     "checkpoint.keep",
     "data.dir",
