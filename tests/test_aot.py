@@ -54,6 +54,13 @@ def test_sora_compile_prints_the_contract_for_a_tpu_slice():
     # Neither program calls this project's CPU kernels: they are chosen by the devices a
     # program is compiled for, not by this CPU host (kernels/platform.py).
     assert not [t for t in result["custom_calls"] if t.startswith(OWN_KERNELS)]
+    # Where the train step's memory traffic goes: each part of the model in both passes,
+    # and the trainer's loss and optimizer scopes (aot/traffic.py).
+    moved = result["bytes_by_part"]
+    assert {"visual convolutions", "visual norms", "audio", "loss", "optimizer"} <= set(moved)
+    for part in ("visual convolutions", "visual norms", "audio"):
+        assert moved[part]["forward"] > 0 and moved[part]["backward"] > 0, part
+    assert moved["optimizer"]["backward"] == 0  # the update is not differentiated
     # One compile for the search, at twice the batch: it fits, so the answer is a lower bound.
     assert result["largest_fitting_batch"] == {"batch_size": 16, "exact": False}
     # Each step compiled once (the train step once more, for the search's batch).

@@ -11,6 +11,7 @@ import pytest
 
 from configs import demo
 from sora_jax.inputs import InputSpec
+from sora_jax.kernels import platform
 from sora_jax.models import AudioEncoder, build_model, dummy_inputs, melspec
 from sora_jax.train import fit
 
@@ -312,3 +313,18 @@ def test_audio_branch_is_scanned_not_unrolled(unroll, backend):
     assert program_lines(100) == program_lines(1600)
     _, loops, calls = program_lines(100)
     assert (loops, calls) == ((0, 4) if backend == "onednn" else (4, 0))  # per layer, direction
+
+
+def test_the_power_spectrum_is_an_fft_but_on_tpus_one_matmul():
+    """Both give the log-mel of the same audio (melspec.power_spectrum says why two)."""
+    rng = np.random.default_rng(8)
+    wave = jnp.asarray((rng.normal(0, 0.3, (2, 8000)) * 8000).astype(np.int16))
+    # A function of its own each: jit caches traces by function, not by target platform.
+    on_cpu = jax.jit(lambda w: melspec.log_mel(w)).lower(wave)
+    with platform.targeting("tpu"):  # traced as for a TPU, run here
+        for_tpu = jax.jit(lambda w: melspec.log_mel(w)).lower(wave)
+    assert "fft" in on_cpu.as_text() and "fft" not in for_tpu.as_text()
+    assert "dot_general" in for_tpu.as_text()
+    want, got = on_cpu.compile()(wave), for_tpu.compile()(wave)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert float(np.abs(want).mean()) > 1.0  # a signal, not the log of the floor

@@ -11,6 +11,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from sora_jax.aot import traffic
 from sora_jax.train import setup
 from sora_jax.train.fit import StepReport, compile_step
 from sora_jax.train.step import abstract_batch, make_eval_step, make_train_step
@@ -25,6 +26,7 @@ class RunReport:
     batch_bytes: int
     train: StepReport
     eval: StepReport
+    train_traffic: dict[str, dict[str, int]]  # traffic.bytes_by_part of the train step
 
 
 def shard_bytes(tree) -> int:
@@ -76,7 +78,7 @@ def compile_run(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]
     views, compiled for `devices` exactly as sora-train would build them."""
     run = abstract_run(config, devices)
     state = run.built.abstract_state
-    _, train = compile_step(run.train_step, state, run.train_batch)
+    compiled, train = compile_step(run.train_step, state, run.train_batch)
     _, evaluation = compile_step(run.eval_step, state.params, run.eval_batch)
     return RunReport(
         batch_size=config.batch_size,
@@ -84,6 +86,7 @@ def compile_run(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]
         **run.shard_bytes(),
         train=train,
         eval=evaluation,
+        train_traffic=traffic.bytes_by_part(compiled.as_text()),
     )
 
 

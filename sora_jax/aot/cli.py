@@ -9,7 +9,8 @@ would on that slice, compiles them with libtpu (`pip install -e '.[tpu]'`; no TP
 and prints a table, then one JSON object as the last line of stdout: per-chip bytes of
 parameters, optimizer state, batch, temporaries and the total; whether the train and eval
 steps fit the chip's HBM and by what margin; FLOPs and bytes accessed per chip per step and
-the lower bound on the step time they imply (topology.py says whose figures); the
+the lower bound on the step time they imply (topology.py says whose figures); where the
+train step's memory traffic goes, by part of the model and pass (traffic.py); the
 collectives and custom calls of the train program; and the largest global batch that fits,
 found by compiling (--nosearch skips it). Exit 0 when it compiled, fitting or not; 2 for a
 config or topology that cannot compile.
@@ -82,6 +83,8 @@ def report_dict(
         "eval_bytes_per_device": {"temp": run.eval.temp_bytes, "total": run.eval.total_bytes},
         "flops_per_step": train.flops,  # per chip
         "bytes_accessed_per_step": train.bytes_accessed,  # per chip
+        # The train step's kernel traffic per chip by part of the model (aot/traffic.py).
+        "bytes_by_part": run.train_traffic,
         "flops_per_byte": train.flops / max(train.bytes_accessed, 1.0),
         "ridge_flops_per_byte": chip.ridge_flops_per_byte,
         "step_time_bound_s": max(compute_s, memory_s),
@@ -119,6 +122,11 @@ def print_table(r: dict) -> None:
     if r["largest_fitting_batch"]:
         s = r["largest_fitting_batch"]
         rows.append(("largest batch that fits", f"{s['batch_size']}" + ("" if s["exact"] else "+")))
+    moved = sum(sum(p.values()) for p in r["bytes_by_part"].values()) or 1
+    for part, p in r["bytes_by_part"].items():
+        share = (p["forward"] + p["backward"]) / moved
+        split = f"forward {_size(p['forward'])}, backward {_size(p['backward'])}"
+        rows.append((f"traffic: {part}", f"{share:5.1%} ({split})"))
     _print_rows(rows)
 
 

@@ -69,7 +69,8 @@ def make_train_step(
             modality_embeddings=modality_embeddings,
             rngs={"dropout": rng},
         )
-        return objective_lib.objective(out, batch, config, mesh, views)
+        with jax.named_scope("loss"):  # named in profiles and in aot/traffic.py
+            return objective_lib.objective(out, batch, config, mesh, views)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -109,26 +110,27 @@ def make_train_step(
             )
             ((loss, parts), grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
             (loss, parts), grads = jax.tree.map(lambda x: x / accum, ((loss, parts), grads))
-        grad_norm = optax.global_norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = state.ema_params
-        if ema is not None:
-            ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
-        # A non-finite loss or gradient leaves the state as it was and records the step;
-        # the loop stops the run at its next check, before any checkpoint of a bad state.
-        loss_ok, grad_ok = jnp.isfinite(loss), jnp.isfinite(grad_norm)
-        ok = loss_ok & grad_ok & (state.nonfinite_step < 0)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-        first_bad = (state.nonfinite_step < 0) & ~(loss_ok & grad_ok)
-        new_state = TrainState(
-            step=state.step + 1,
-            params=keep(params, state.params),
-            opt_state=keep(opt_state, state.opt_state),
-            ema_params=None if ema is None else keep(ema, state.ema_params),
-            nonfinite_step=jnp.where(first_bad, state.step, state.nonfinite_step),
-            nonfinite_what=jnp.where(first_bad, jnp.where(loss_ok, 2, 1), state.nonfinite_what),
-        )
+        with jax.named_scope("optimizer"):  # the update, the EMA and the guard
+            grad_norm = optax.global_norm(grads)
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            ema = state.ema_params
+            if ema is not None:
+                ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
+            # A non-finite loss or gradient leaves the state as it was and records the step;
+            # the loop stops the run at its next check, before any checkpoint of a bad state.
+            loss_ok, grad_ok = jnp.isfinite(loss), jnp.isfinite(grad_norm)
+            ok = loss_ok & grad_ok & (state.nonfinite_step < 0)
+            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+            first_bad = (state.nonfinite_step < 0) & ~(loss_ok & grad_ok)
+            new_state = TrainState(
+                step=state.step + 1,
+                params=keep(params, state.params),
+                opt_state=keep(opt_state, state.opt_state),
+                ema_params=None if ema is None else keep(ema, state.ema_params),
+                nonfinite_step=jnp.where(first_bad, state.step, state.nonfinite_step),
+                nonfinite_what=jnp.where(first_bad, jnp.where(loss_ok, 2, 1), state.nonfinite_what),
+            )
         metrics = parts | {
             "loss": loss,
             "grad_norm": grad_norm,
