@@ -96,7 +96,8 @@ def test_runlocal_compiles_its_steps_fast_on_the_cpu_only():
     """runlocal's few steps compile without LLVM's optimisations (fit.CPU_FAST_COMPILE);
     full configs, and every run on an accelerator, compile with XLA's defaults."""
     cpu = jax.devices()[:1]
-    assert fit.compiler_options(_load("demo", "runlocal"), cpu) == fit.CPU_FAST_COMPILE
-    assert fit.compiler_options(_load("demo", None), cpu) == {}
+    runlocal = _load("demo", "runlocal").cpu_fast_compile
+    assert fit.compiler_options(cpu, runlocal) == fit.CPU_FAST_COMPILE
+    assert fit.compiler_options(cpu, _load("demo", None).cpu_fast_compile) == {}
     tpu = types.SimpleNamespace(platform="tpu")  # a TPU device, as far as this reads
-    assert fit.compiler_options(_load("demo", "runlocal"), [tpu]) == {}
+    assert fit.compiler_options([tpu], runlocal) == {}

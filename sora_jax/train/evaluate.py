@@ -34,7 +34,7 @@ def compile_eval_step(run: Setup, config: ml_collections.ConfigDict) -> jax.stag
     inputs = {k: v for k, v in batch.items() if k not in _PER_PROCESS}
     step = make_eval_step(run.model, config, run.mesh)
     devices = list(run.mesh.devices.flat)
-    options = fit.compiler_options(config, devices)
+    options = fit.compiler_options(devices, config.cpu_fast_compile)
     compiled, report = fit.compile_step(step, run.abstract_state.params, inputs, options=options)
     fit.check_fits("eval step", report, devices, config, *fit.EVAL_KEYS)
     return compiled

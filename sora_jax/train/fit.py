@@ -61,13 +61,12 @@ class StepReport:
 CPU_FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
-def compiler_options(
-    config: ml_collections.ConfigDict, devices: Sequence[jax.Device]
-) -> dict[str, int]:
-    """The XLA options of a run's train and eval steps: CPU_FAST_COMPILE on CPU devices
-    with config.cpu_fast_compile, else XLA's defaults (always on accelerators)."""
+def compiler_options(devices: Sequence[jax.Device], fast: bool) -> dict[str, int]:
+    """The XLA options of a program for `devices`: CPU_FAST_COMPILE when `fast` and they
+    are CPUs (the steps with config.cpu_fast_compile; the initialiser, which runs once,
+    always), else XLA's defaults (always on accelerators)."""
     on_cpu = all(d.platform == "cpu" for d in devices)
-    return dict(CPU_FAST_COMPILE) if config.cpu_fast_compile and on_cpu else {}
+    return dict(CPU_FAST_COMPILE) if fast and on_cpu else {}
 
 
 def compile_step(

@@ -242,7 +242,7 @@ def _compile_train_step(
     jitted = make_train_step(run.model, run.tx, config, run.mesh, run.state_sharding)
     batch = abstract_batch(config, run.inputs, config.batch_size, run.batch_sharding)
     devices = list(run.mesh.devices.flat)
-    options = fit.compiler_options(config, devices)
+    options = fit.compiler_options(devices, config.cpu_fast_compile)
     compiled, report = fit.compile_step(jitted, run.abstract_state, batch, options=options)
     fit.check_fits("train step", report, devices, config, *fit.TRAIN_KEYS)
     log.info(
@@ -286,7 +286,7 @@ def _restore_or_init(
     # The initialiser runs once: on the CPU, compiled without LLVM's optimisations it is
     # ready in a fifth of the time (2.5 s instead of 9-13 s on 2 cores; it is mostly
     # random-number fusions), giving the same parameters up to float rounding.
-    fast = fit.CPU_FAST_COMPILE if run.mesh.devices.flat[0].platform == "cpu" else {}
+    fast = fit.compiler_options(list(run.mesh.devices.flat), fast=True)
     state = init.compile(compiler_options=fast)(run.rng)
     if config.init_from:
         state = transfer.initialise_from(state, config, init_source)
