@@ -20,6 +20,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 
 # Must be set before jax is imported anywhere in the test process (each pytest-xdist
@@ -79,6 +80,34 @@ def pytest_collection_modifyitems(items: list) -> None:
 
 def pytest_report_header() -> str:
     return f"XLA compilation cache: {os.environ['JAX_COMPILATION_CACHE_DIR']}"
+
+
+def compiled(fn: Callable, *args) -> Callable:
+    """`fn` compiled for `args`' shapes as one program, for speed of compiling
+    (fit.CPU_FAST_COMPILE, as the trainer's init and runlocal's steps are): the programs
+    tests check run a few times each, so compiling them is most of a test. A model's
+    initialiser is the extreme: its random draws over conv kernels' 4-D shapes (threefry
+    with partitionable counters) took XLA:CPU 10 s to optimise for a tiny model, 2.6 s
+    not to. Run eagerly, each op of `fn` would compile on its own, optimised."""
+    from sora_jax.train import fit
+
+    return jax.jit(fn).lower(*args).compile(compiler_options=fit.CPU_FAST_COMPILE)
+
+
+def run_compiled(fn: Callable, *args):
+    """`fn(*args)`, compiled as one program (see `compiled`)."""
+    return compiled(fn, *args)(*args)
+
+
+def initialised(module, *args, seed: int = 1):
+    """`module.init(PRNGKey(seed), *args)`, compiled as one program (see `compiled`)."""
+    return run_compiled(module.init, jax.random.PRNGKey(seed), *args)
+
+
+def normal(seed: int, *shape: int) -> np.ndarray:
+    """Standard normal float32 test data from NumPy: an eager jax.random.normal of a 4-D
+    shape compiles for seconds (the draws of `compiled`'s note), a NumPy one is instant."""
+    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
 
 def built_once(tmp_path_factory, name: str, build: Callable[[pathlib.Path], None]) -> pathlib.Path:

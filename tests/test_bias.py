@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sora_jax.models.bias import Dense
+from tests.conftest import initialised, normal
 
 
 def _loss(module):
@@ -15,12 +16,11 @@ def _loss(module):
 
 
 def test_dense_equals_nn_dense():
-    x = jax.random.normal(jax.random.PRNGKey(0), (4, 10, 6))  # [B, F, M] as in the audio
+    x = normal(0, 4, 10, 6)  # [B, F, M] as in the audio
     ours, flax_dense = Dense(12), nn.Dense(12)
-    params = ours.init(jax.random.PRNGKey(1), x)
+    params = initialised(ours, x)
     np.testing.assert_equal(
-        jax.tree.map(np.asarray, params),
-        jax.tree.map(np.asarray, flax_dense.init(jax.random.PRNGKey(1), x)),
+        jax.tree.map(np.asarray, params), jax.tree.map(np.asarray, initialised(flax_dense, x))
     )
     params = jax.tree.map(lambda p: p + 0.1, params)
     np.testing.assert_allclose(ours.apply(params, x), flax_dense.apply(params, x), rtol=1e-6)

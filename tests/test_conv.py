@@ -13,6 +13,7 @@ import pytest
 from sora_jax import process
 from sora_jax.kernels import onednn
 from sora_jax.models.conv import Conv
+from tests.conftest import initialised, normal
 
 CASES = [  # (N, H, W, in, out, kernel, stride)
     (2, 8, 8, 16, 5, 3, 2),  # phase path: even sizes, 3x3, stride 2, >= 16 channels in
@@ -45,14 +46,13 @@ needs_onednn_conv = pytest.mark.skipif(
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
 def test_conv_equals_nn_conv_in_parameters_values_and_gradients(case, backend):
     n, h, w, cin, cout, k, s = case
-    x = jax.random.normal(jax.random.PRNGKey(0), (n, h, w, cin))
+    x = normal(0, n, h, w, cin)
     ours = Conv(cout, k, s, backend=backend)
     flax_conv = nn.Conv(cout, (k, k), strides=(s, s), padding="SAME")
-    params = ours.init(jax.random.PRNGKey(1), x)
+    params = initialised(ours, x)
     # Same names, shapes and initial values: checkpoints and runs carry over.
     np.testing.assert_equal(
-        jax.tree.map(np.asarray, params),
-        jax.tree.map(np.asarray, flax_conv.init(jax.random.PRNGKey(1), x)),
+        jax.tree.map(np.asarray, params), jax.tree.map(np.asarray, initialised(flax_conv, x))
     )
     params = jax.tree.map(lambda p: p + 0.1, params)  # a nonzero bias
     if backend == "xla":  # XLA's own forward convolution: the very same numbers
@@ -71,10 +71,10 @@ def test_conv_equals_nn_conv_in_parameters_values_and_gradients(case, backend):
 
 @pytest.mark.parametrize("backend", ["xla", pytest.param("onednn", marks=needs_onednn_conv)])
 def test_bfloat16_gradients_stay_close_to_float32(backend):
-    x = jax.random.normal(jax.random.PRNGKey(0), (4, 16, 16, 16))  # phase path
+    x = normal(0, 4, 16, 16, 16)  # phase path
     f32 = Conv(16, 3, 2, backend=backend)
     bf16 = Conv(16, 3, 2, dtype=jnp.bfloat16, backend=backend)
-    params = jax.tree.map(lambda p: p + 0.05, f32.init(jax.random.PRNGKey(1), x))
+    params = jax.tree.map(lambda p: p + 0.05, initialised(f32, x))
     exact, low = _grads(f32, params, x), _grads(bf16, params, x)
     for a, b in zip(jax.tree.leaves(low), jax.tree.leaves(exact), strict=True):
         assert a.dtype == b.dtype == jnp.float32  # parameters and inputs keep their dtype
@@ -83,11 +83,11 @@ def test_bfloat16_gradients_stay_close_to_float32(backend):
 
 @pytest.mark.parametrize("backend", ["xla", pytest.param("onednn", marks=needs_onednn_conv)])
 def test_fused_relu_equals_conv_then_relu(backend):
-    x = jax.random.normal(jax.random.PRNGKey(0), (4, 12, 12, 16))
+    x = normal(0, 4, 12, 12, 16)
     fused = Conv(8, 3, 2, backend=backend, relu=True)
     flax_conv = nn.Conv(8, (3, 3), strides=(2, 2), padding="SAME")
     reference = nn.Sequential([flax_conv, nn.relu])
-    params = fused.init(jax.random.PRNGKey(1), x)
+    params = initialised(fused, x)
     ref_params = {"params": {"layers_0": params["params"]}}
     y = fused.apply(params, x)
     assert 0 < float(jnp.mean(y > 0)) < 1  # the ReLU cuts somewhere
@@ -108,7 +108,7 @@ def test_strided_input_gradient_has_no_zero_dilated_convolution():
     the phase split must replace it, and odd sizes must keep XLA's."""
     x = jnp.ones((2, 8, 8, 16))
     model = Conv(8, 3, 2, backend="xla")
-    params = model.init(jax.random.PRNGKey(0), x)
+    params = initialised(model, x)
     input_grad = jax.jit(jax.grad(_loss(model), argnums=1))
     ops = _conv_ops(input_grad.lower(params, x).as_text(dialect="hlo"))
     assert ops and not any("lhs_dilate" in op for op in ops)

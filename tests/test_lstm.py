@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from sora_jax.models import lstm
+from tests.conftest import normal, run_compiled
 
 
 def _autodiff_lstm(input_gates, w_h, dtype, unroll):
@@ -17,17 +18,20 @@ def _loss(fn, dtype, unroll):
     return lambda gates, w: jnp.sum(jnp.sin(3 * fn(gates, w, dtype, unroll)))
 
 
+def _grads(fn, dtype, unroll, gates, w_h):
+    return run_compiled(jax.grad(_loss(fn, dtype, unroll), argnums=(0, 1)), gates, w_h)
+
+
 @pytest.mark.parametrize("unroll", [1, 4])  # 4 with 7 steps: a remainder iteration too
 def test_gradients_equal_autodiff(unroll):
     t, b, h = 7, 3, 5
-    keys = jax.random.split(jax.random.PRNGKey(0), 2)
-    gates = jax.random.normal(keys[0], (t, b, 4 * h))
-    w_h = 0.5 * jax.random.normal(keys[1], (h, 4 * h))
-    ours = lstm.lstm_sequence(gates, w_h, jnp.float32, unroll)
-    np.testing.assert_allclose(ours, _autodiff_lstm(gates, w_h, jnp.float32, unroll), rtol=1e-6)
+    gates, w_h = normal(0, t, b, 4 * h), 0.5 * normal(1, h, 4 * h)
+    ours = run_compiled(lambda g, w: lstm.lstm_sequence(g, w, jnp.float32, unroll), gates, w_h)
+    want = run_compiled(lambda g, w: _autodiff_lstm(g, w, jnp.float32, unroll), gates, w_h)
+    np.testing.assert_allclose(ours, want, rtol=1e-6)
     assert ours.shape == (t, b, h) and ours.dtype == jnp.float32
-    got = jax.grad(_loss(lstm.lstm_sequence, jnp.float32, unroll), argnums=(0, 1))(gates, w_h)
-    want = jax.grad(_loss(_autodiff_lstm, jnp.float32, unroll), argnums=(0, 1))(gates, w_h)
+    got = _grads(lstm.lstm_sequence, jnp.float32, unroll, gates, w_h)
+    want = _grads(_autodiff_lstm, jnp.float32, unroll, gates, w_h)
     for a, e in zip(got, want, strict=True):
         assert float(jnp.abs(e).max()) > 0.1  # the gradients carry signal
         np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6)
@@ -35,13 +39,9 @@ def test_gradients_equal_autodiff(unroll):
 
 def test_bfloat16_compute_keeps_dtypes_and_stays_close():
     t, b, h = 6, 2, 8
-    keys = jax.random.split(jax.random.PRNGKey(1), 2)
-    gates = jax.random.normal(keys[0], (t, b, 4 * h))
-    w_h = 0.5 * jax.random.normal(keys[1], (h, 4 * h))
-    exact = jax.grad(_loss(lstm.lstm_sequence, jnp.float32, 1), argnums=(0, 1))(gates, w_h)
-    low = jax.grad(_loss(lstm.lstm_sequence, jnp.bfloat16, 1), argnums=(0, 1))(
-        gates.astype(jnp.bfloat16), w_h
-    )
+    gates, w_h = normal(2, t, b, 4 * h), 0.5 * normal(3, h, 4 * h)
+    exact = _grads(lstm.lstm_sequence, jnp.float32, 1, gates, w_h)
+    low = _grads(lstm.lstm_sequence, jnp.bfloat16, 1, gates.astype(jnp.bfloat16), w_h)
     assert low[0].dtype == jnp.bfloat16 and low[1].dtype == jnp.float32
     for a, e in zip(low, exact, strict=True):
         a = np.asarray(a, np.float32)

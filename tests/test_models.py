@@ -13,7 +13,7 @@ from configs import demo
 from sora_jax.inputs import InputSpec
 from sora_jax.kernels import platform
 from sora_jax.models import AudioEncoder, build_model, dummy_inputs, melspec
-from sora_jax.train import fit
+from tests.conftest import compiled, run_compiled
 
 B, T, SIZE, SAMPLES = 2, 3, 32, 16_000
 
@@ -31,17 +31,9 @@ def tiny_config(**model_overrides):
     return c
 
 
-def compiled(fn, *args):
-    """`fn` compiled for `args`' shapes as one program without LLVM's optimisations
-    (fit.CPU_FAST_COMPILE, as the trainer's init and runlocal's steps are): these programs
-    run a few times each, so compiling them is most of a test, and optimised, they take
-    about twice as long to compile. Run eagerly, each of their ops compiles on its own."""
-    return jax.jit(fn).lower(*args).compile(compiler_options=fit.CPU_FAST_COMPILE)
-
-
 def init_params(model, inputs):
     """The model's initial parameters."""
-    return compiled(model.init, jax.random.key(0), inputs)(jax.random.key(0), inputs)["params"]
+    return run_compiled(model.init, jax.random.key(0), inputs)["params"]
 
 
 def random_inputs(rng, batch=B, frames=T, size=SIZE, samples=SAMPLES):
@@ -107,7 +99,7 @@ def test_jit_runs_and_gives_finite_outputs(fusion, cell):
     model = build_model(tiny_config(**{"fusion.kind": fusion, "audio.cell": cell}).model)
     inputs = random_inputs(0)
     params = init_params(model, inputs)
-    out = compiled(lambda p, x: model.apply({"params": p}, x), params, inputs)(params, inputs)
+    out = run_compiled(lambda p, x: model.apply({"params": p}, x), params, inputs)
     assert np.isfinite(np.asarray(out["logits"])).all()
     assert out["logits"].shape == (B, 5)
 
@@ -160,11 +152,9 @@ def test_scanned_cells_match_flax_cells_step_by_step(cell, bidirectional, unroll
     rng = np.random.default_rng(1)
     wave = jnp.asarray(rng.normal(0, 0.3, (2, 4000)).astype(np.float32))
     lengths = jnp.array([4000, 2500], jnp.int32)
-    params = compiled(encoder.init, jax.random.key(0), wave, lengths)(
-        jax.random.key(0), wave, lengths
-    )["params"]
+    params = run_compiled(encoder.init, jax.random.key(0), wave, lengths)["params"]
     apply = lambda p, w, n: encoder.apply({"params": p}, w, n)
-    pooled, seq, _mask = compiled(apply, params, wave, lengths)(params, wave, lengths)
+    pooled, seq, _mask = run_compiled(apply, params, wave, lengths)
     mel = (np.asarray(melspec.log_mel(wave, mels)) + 4.0) / 4.0
     frame_lengths = np.asarray(melspec.frame_lengths(lengths))
     expected = _flax_reference_rnn(params, mel, frame_lengths, cell, hidden, bidirectional)
@@ -186,9 +176,7 @@ def test_audio_padding_past_the_length_changes_nothing(cell, bidirectional):
     short = jnp.asarray(np.concatenate([clip, np.zeros_like(noise)], 1))
     noisy = jnp.asarray(np.concatenate([clip, noise], 1))
     lengths = jnp.array([5000], jnp.int32)
-    params = compiled(encoder.init, jax.random.key(0), short, lengths)(
-        jax.random.key(0), short, lengths
-    )["params"]
+    params = run_compiled(encoder.init, jax.random.key(0), short, lengths)["params"]
     apply = compiled(lambda w, n: encoder.apply({"params": params}, w, n), short, lengths)
     a, b = apply(short, lengths), apply(noisy, lengths)
     np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))

@@ -18,6 +18,7 @@ from sora_jax import models
 from sora_jax.kernels import build, onednn
 from sora_jax.models.conv import conv2d
 from sora_jax.train.sharding import BATCH_AXES, make_mesh
+from tests.conftest import normal
 
 TARGETS = ("SoraConvForward", "SoraConvBackwardData", "SoraConvBackwardWeights")
 
@@ -29,10 +30,9 @@ needs_onednn_conv = pytest.mark.skipif(
 
 
 def _inputs(n=16, h=8, w=8, cin=16, cout=8, k=3, dtype=jnp.float32):
-    keys = jax.random.split(jax.random.PRNGKey(0), 3)
-    x = jax.random.normal(keys[0], (n, h, w, cin), dtype)
-    kernel = (0.2 * jax.random.normal(keys[1], (k, k, cin, cout))).astype(dtype)
-    bias = jax.random.normal(keys[2], (cout,), dtype)
+    x = normal(0, n, h, w, cin).astype(dtype)
+    kernel = (0.2 * normal(1, k, k, cin, cout)).astype(dtype)
+    bias = normal(2, cout).astype(dtype)
     return x, kernel, bias
 
 

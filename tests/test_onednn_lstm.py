@@ -15,6 +15,7 @@ from sora_jax.kernels import onednn
 from sora_jax.models import lstm
 from sora_jax.models.audio import AudioEncoder
 from sora_jax.train.sharding import BATCH_AXES, make_mesh
+from tests.conftest import initialised, normal
 
 needs_onednn_bfloat16 = pytest.mark.skipif(
     onednn.bfloat16_unsupported_reason() is not None,
@@ -23,10 +24,7 @@ needs_onednn_bfloat16 = pytest.mark.skipif(
 
 
 def _inputs(t=7, b=4, h=8, dtype=jnp.float32):
-    keys = jax.random.split(jax.random.PRNGKey(0), 2)
-    gates = jax.random.normal(keys[0], (t, b, 4 * h)).astype(dtype)
-    w_h = 0.5 * jax.random.normal(keys[1], (h, 4 * h))
-    return gates, w_h
+    return normal(0, t, b, 4 * h).astype(dtype), 0.5 * normal(1, h, 4 * h)
 
 
 def _value_and_grads(backend: str, dtype=jnp.float32):
@@ -98,11 +96,11 @@ def test_audio_encoder_same_parameters_and_outputs_for_both_backends(dtype):
     clips of different lengths: the backend changes how, not what, is computed."""
     kwargs = dict(hidden=16, layers=2, bidirectional=True, num_mel_bins=16)
     kwargs["dtype"] = jnp.dtype(dtype)
-    wave = jax.random.normal(jax.random.PRNGKey(2), (4, 16000)) * 0.1
+    wave = 0.1 * normal(2, 4, 16000)
     lengths = jnp.array([16000, 9000, 4000, 16000])
     encoders = {b: AudioEncoder(**kwargs, lstm_backend=b) for b in ("xla", "onednn")}
-    params = encoders["xla"].init(jax.random.PRNGKey(3), wave, lengths)
-    onednn_params = encoders["onednn"].init(jax.random.PRNGKey(3), wave, lengths)
+    params = initialised(encoders["xla"], wave, lengths, seed=3)
+    onednn_params = initialised(encoders["onednn"], wave, lengths, seed=3)
     assert jax.tree.structure(params) == jax.tree.structure(onednn_params)
 
     def loss(backend):

@@ -54,14 +54,18 @@ class StepReport:
         )
 
 
-# LLVM's optimisations off. Most of a small step's XLA:CPU compile is LLVM compiling its
-# ~300 kernels: the demo's runlocal train step compiles in 7.0 s instead of 11.0 s (2-core
-# AMD EPYC) and then takes 29 ms a step instead of 19 ms; the full demo step, 7.7 s
-# instead of 12.9 s, and 229 ms instead of 107 ms.
-CPU_FAST_COMPILE = {"xla_backend_optimization_level": 0}
+# For programs that run a few dozen times. Most of a small step's XLA:CPU compile is making
+# machine code for its ~500 kernels: LLVM's optimisations off, and XLA's older kernel
+# emitter (straight to LLVM IR) instead of its MLIR fusion emitters. Measured on a 2-core
+# AMD EPYC, compile and then time per step:
+#                          XLA's defaults     optimisations off   + older emitter
+#   demo, runlocal         13.0 s, 18 ms      9.0 s, 32 ms        4.6 s, 28 ms
+#   pretrain_av, runlocal  17.2 s, 21 ms      14.1 s, 40 ms       9.2 s, 33 ms
+#   demo                   18.0 s, 99 ms      13.5 s, 261 ms      6.2 s, 201 ms
+CPU_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 
 
-def compiler_options(devices: Sequence[jax.Device], fast: bool) -> dict[str, int]:
+def compiler_options(devices: Sequence[jax.Device], fast: bool) -> dict[str, int | bool]:
     """The XLA options of a program for `devices`: CPU_FAST_COMPILE when `fast` and they
     are CPUs (the steps with config.cpu_fast_compile; the initialiser, which runs once,
     always), else XLA's defaults (always on accelerators)."""
