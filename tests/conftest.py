@@ -87,8 +87,9 @@ def compiled(fn: Callable, *args) -> Callable:
     (fit.CPU_FAST_COMPILE, as the trainer's init and runlocal's steps are): the programs
     tests check run a few times each, so compiling them is most of a test. A model's
     initialiser is the extreme: its random draws over conv kernels' 4-D shapes (threefry
-    with partitionable counters) took XLA:CPU 10 s to optimise for a tiny model, 2.6 s
-    not to. Run eagerly, each op of `fn` would compile on its own, optimised."""
+    with partitionable counters) took XLA:CPU 10 s to compile for a tiny model, 2.6 s
+    without LLVM's optimisations. Run eagerly, each op of `fn` would compile on its own,
+    optimised."""
     from sora_jax.train import fit
 
     return jax.jit(fn).lower(*args).compile(compiler_options=fit.CPU_FAST_COMPILE)

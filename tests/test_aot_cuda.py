@@ -17,6 +17,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 OWN_KERNELS = ("SoraConv", "SoraLstm")  # this project's CPU custom calls (kernels/onednn.py)
 
 
+@pytest.mark.slow  # a cold sora-compile process; the lowering itself is tested below
 def test_sora_compile_lowers_for_cuda_and_says_what_it_did_not_check():
     command = pathlib.Path(sys.executable).parent / "sora-compile"
     done = subprocess.run(

@@ -226,6 +226,7 @@ def test_the_client_scores_files_as_sora_predict_and_needs_only_its_requirements
     assert {"jax", "orbax", "av", "PIL", "numpy", "flatbuffers"} <= set(imported)
 
 
+@pytest.mark.slow  # three client processes
 def test_the_readme_and_model_card_code_runs_as_printed(exported, demo_data, tmp_path):
     """The README's client snippet, as printed, from a directory laid out as the README's
     commands leave it; and the model card's, in a process that has only the client's
@@ -252,6 +253,7 @@ def test_the_readme_and_model_card_code_runs_as_printed(exported, demo_data, tmp
     assert "'red_high':" in printed[0]  # the README's prints the scores of the demo clip
 
 
+@pytest.mark.slow  # TensorFlow in a process of its own
 def test_the_saved_model_gives_the_artifacts_outputs(exported, tmp_path):
     workdir, output, card = exported
     config = config_lib.load(workdir)
