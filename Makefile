@@ -16,7 +16,7 @@ DEMO_TIMELINE := data/demo_timeline.mkv
 # 29 s instead of 123 s on 2 cores, a third of a fresh `make test`.
 # --compile-bytecode writes every module's .pyc now (27 s on 2 cores). Without them, where
 # PYTHONDONTWRITEBYTECODE is set (as in many containers and CI images), every process
-# compiles jax, flax and tensorflow from source again: 15 s more for each of the dozens of
+# compiles jax, flax and tensorflow from source again: 13-15 s more for each of the dozens of
 # processes the tests and the demo start.
 UV := $(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python
 
