@@ -13,7 +13,7 @@ from configs import demo
 from sora_jax.inputs import InputSpec
 from sora_jax.kernels import platform
 from sora_jax.models import AudioEncoder, build_model, dummy_inputs, melspec
-from tests.conftest import compiled, run_compiled
+from tests.conftest import compiled, initialised, run_compiled
 
 B, T, SIZE, SAMPLES = 2, 3, 32, 16_000
 
@@ -33,7 +33,7 @@ def tiny_config(**model_overrides):
 
 def init_params(model, inputs):
     """The model's initial parameters."""
-    return run_compiled(model.init, jax.random.key(0), inputs)["params"]
+    return initialised(model, inputs, seed=0)["params"]
 
 
 def random_inputs(rng, batch=B, frames=T, size=SIZE, samples=SAMPLES):
@@ -152,7 +152,7 @@ def test_scanned_cells_match_flax_cells_step_by_step(cell, bidirectional, unroll
     rng = np.random.default_rng(1)
     wave = jnp.asarray(rng.normal(0, 0.3, (2, 4000)).astype(np.float32))
     lengths = jnp.array([4000, 2500], jnp.int32)
-    params = run_compiled(encoder.init, jax.random.key(0), wave, lengths)["params"]
+    params = initialised(encoder, wave, lengths, seed=0)["params"]
     apply = lambda p, w, n: encoder.apply({"params": p}, w, n)
     pooled, seq, _mask = run_compiled(apply, params, wave, lengths)
     mel = (np.asarray(melspec.log_mel(wave, mels)) + 4.0) / 4.0
@@ -176,7 +176,7 @@ def test_audio_padding_past_the_length_changes_nothing(cell, bidirectional):
     short = jnp.asarray(np.concatenate([clip, np.zeros_like(noise)], 1))
     noisy = jnp.asarray(np.concatenate([clip, noise], 1))
     lengths = jnp.array([5000], jnp.int32)
-    params = run_compiled(encoder.init, jax.random.key(0), short, lengths)["params"]
+    params = initialised(encoder, short, lengths, seed=0)["params"]
     apply = compiled(lambda w, n: encoder.apply({"params": params}, w, n), short, lengths)
     a, b = apply(short, lengths), apply(noisy, lengths)
     np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))

@@ -283,9 +283,10 @@ def _restore_or_init(
         lambda rng: init_state(run.model, run.tx, run.inputs, config, rng),
         out_shardings=run.state_sharding,
     ).lower(run.rng)
-    # The initialiser runs once: on the CPU, compiled without LLVM's optimisations it is
-    # ready in a fifth of the time (2.5 s instead of 9-13 s on 2 cores; it is mostly
-    # random-number fusions), giving the same parameters up to float rounding.
+    # The initialiser runs once: on the CPU it is compiled for speed of compiling
+    # (fit.CPU_FAST_COMPILE; 2.5 s instead of 9-13 s on 2 cores with LLVM's optimisations
+    # alone: it is mostly random-number fusions), giving the same parameters up to float
+    # rounding.
     fast = fit.compiler_options(list(run.mesh.devices.flat), fast=True)
     state = init.compile(compiler_options=fast)(run.rng)
     if config.init_from:
