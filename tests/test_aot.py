@@ -54,13 +54,22 @@ def test_sora_compile_prints_the_contract_for_a_tpu_slice():
     # Neither program calls this project's CPU kernels: they are chosen by the devices a
     # program is compiled for, not by this CPU host (kernels/platform.py).
     assert not [t for t in result["custom_calls"] if t.startswith(OWN_KERNELS)]
-    # Where the train step's memory traffic goes: each part of the model in both passes,
-    # and the trainer's loss and optimizer scopes (aot/traffic.py).
+    # Where the train step's HBM traffic goes, by part of the model and pass, and the
+    # trainer's loss and optimizer scopes (aot/traffic.py). A program this small keeps
+    # most arrays in the cores' VMEM, so its HBM bytes are mostly XLA's prefetches and
+    # far fewer than the compiler's `bytes accessed`, which charges every operand.
     moved = result["bytes_by_part"]
-    assert {"visual convolutions", "visual norms", "audio", "loss", "optimizer"} <= set(moved)
-    for part in ("visual convolutions", "visual norms", "audio"):
-        assert moved[part]["forward"] > 0 and moved[part]["backward"] > 0, part
+    assert {"visual convolutions", "audio", "loss", "optimizer", "prefetch and evict"} <= set(moved)
     assert moved["optimizer"]["backward"] == 0  # the update is not differentiated
+    hbm = sum(p["forward"] + p["backward"] for p in moved.values())
+    assert result["hbm_bytes_per_step"] == hbm
+    assert 0 < hbm < result["bytes_accessed_per_step"] / 4
+    # XLA:TPU's own cycle estimates, by part: the convolutions are there.
+    assert result["estimated_cycles_by_part"]["visual convolutions"] > 0
+    chip = result["chip_figures"]
+    assert result["step_time_bound_s"] == max(
+        result["flops_per_step"] / chip["peak_bf16_flops_per_s"], hbm / chip["hbm_bytes_per_s"]
+    )
     # One compile for the search, at twice the batch: it fits, so the answer is a lower bound.
     assert result["largest_fitting_batch"] == {"batch_size": 16, "exact": False}
     # Each step compiled once (the train step once more, for the search's batch).

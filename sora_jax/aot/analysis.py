@@ -5,6 +5,7 @@ abstract inputs: nothing is allocated, so a 256-chip program is checked on a lap
 """
 
 import dataclasses
+import pathlib
 from collections.abc import Callable, Sequence
 
 import jax
@@ -27,6 +28,12 @@ class RunReport:
     train: StepReport
     eval: StepReport
     train_traffic: dict[str, dict[str, int]]  # traffic.bytes_by_part of the train step
+    train_cycles: dict[str, int]  # traffic.cycles_by_part: XLA:TPU's estimate, by part
+
+    @property
+    def hbm_bytes(self) -> int:
+        """The train step's HBM traffic per device and step, at least (aot/traffic.py)."""
+        return sum(sum(p.values()) for p in self.train_traffic.values())
 
 
 def shard_bytes(tree) -> int:
@@ -73,12 +80,20 @@ def abstract_run(config: ml_collections.ConfigDict, devices: Sequence[jax.Device
     )
 
 
-def compile_run(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]) -> RunReport:
+def compile_run(
+    config: ml_collections.ConfigDict,
+    devices: Sequence[jax.Device],
+    dump_hlo: str | None = None,
+) -> RunReport:
     """The train step at config.batch_size and the eval step at data.eval_batch_size x
-    views, compiled for `devices` exactly as sora-train would build them."""
+    views, compiled for `devices` exactly as sora-train would build them; the train step's
+    HLO text is written to `dump_hlo` if given."""
     run = abstract_run(config, devices)
     state = run.built.abstract_state
     compiled, train = compile_step(run.train_step, state, run.train_batch)
+    hlo = compiled.as_text()
+    if dump_hlo:
+        pathlib.Path(dump_hlo).write_text(hlo)
     _, evaluation = compile_step(run.eval_step, state.params, run.eval_batch)
     return RunReport(
         batch_size=config.batch_size,
@@ -86,7 +101,8 @@ def compile_run(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]
         **run.shard_bytes(),
         train=train,
         eval=evaluation,
-        train_traffic=traffic.bytes_by_part(compiled.as_text()),
+        train_traffic=traffic.bytes_by_part(hlo),
+        train_cycles=traffic.cycles_by_part(hlo),
     )
 
 

@@ -8,12 +8,12 @@ Builds the mesh, model, optimizer state, train step and eval step exactly as sor
 would on that slice, compiles them with libtpu (`pip install -e '.[tpu]'`; no TPU needed)
 and prints a table, then one JSON object as the last line of stdout: per-chip bytes of
 parameters, optimizer state, batch, temporaries and the total; whether the train and eval
-steps fit the chip's HBM and by what margin; FLOPs and bytes accessed per chip per step and
-the lower bound on the step time they imply (topology.py says whose figures); where the
-train step's memory traffic goes, by part of the model and pass (traffic.py); the
-collectives and custom calls of the train program; and the largest global batch that fits,
-found by compiling (--nosearch skips it). Exit 0 when it compiled, fitting or not; 2 for a
-config or topology that cannot compile.
+steps fit the chip's HBM and by what margin; FLOPs and HBM traffic per chip per step, and
+the lower bound on the step time they imply (topology.py says whose figures); where that
+traffic goes, by part of the model and pass (traffic.py); the collectives and custom calls
+of the train program; and the largest global batch that fits, found by compiling
+(--nosearch skips it). --dump_hlo=FILE keeps the compiled train step's HLO text. Exit 0
+when it compiled, fitting or not; 2 for a config or topology that cannot compile.
 
 `--topology cuda:N` (N GPUs) goes as far as JAX goes without a GPU: the steps lowered for
 CUDA (aot/cuda.py). The JSON then has the shardings' bytes and the custom calls; the
@@ -45,6 +45,9 @@ _TOPOLOGY = flags.DEFINE_string(
 _SLICES = flags.DEFINE_integer("slices", 1, "Slices of that shape (multislice).")
 _SEARCH = flags.DEFINE_boolean("search", True, "Search for the largest batch that fits.")
 _MAX_COMPILES = flags.DEFINE_integer("max_compiles", 8, "Compiles the batch search may use.")
+_DUMP_HLO = flags.DEFINE_string(
+    "dump_hlo", None, "Write the compiled train step's HLO text here, to read its kernels."
+)
 
 
 def _size(n: float) -> str:
@@ -63,7 +66,7 @@ def report_dict(
     train = run.train
     memory = chip.hbm_bytes
     compute_s = train.flops / chip.peak_flops
-    memory_s = train.bytes_accessed / chip.hbm_bytes_per_s
+    memory_s = run.hbm_bytes / chip.hbm_bytes_per_s
     return {
         "topology": topology,
         "slices": slices,
@@ -82,10 +85,16 @@ def report_dict(
         },
         "eval_bytes_per_device": {"temp": run.eval.temp_bytes, "total": run.eval.total_bytes},
         "flops_per_step": train.flops,  # per chip
-        "bytes_accessed_per_step": train.bytes_accessed,  # per chip
-        # The train step's kernel traffic per chip by part of the model (aot/traffic.py).
+        # The HBM bytes the train step's kernels read and write per chip, at least
+        # (aot/traffic.py), and by part of the model; then the compiler's `bytes accessed`,
+        # which also charges operands held in on-chip memory.
+        "hbm_bytes_per_step": run.hbm_bytes,
         "bytes_by_part": run.train_traffic,
-        "flops_per_byte": train.flops / max(train.bytes_accessed, 1.0),
+        "bytes_accessed_per_step": train.bytes_accessed,
+        # Shares of XLA:TPU's own cycle estimates by part (aot/traffic.py: undocumented,
+        # and without the asynchronous copies and collectives; not a step time).
+        "estimated_cycles_by_part": run.train_cycles,
+        "flops_per_byte": train.flops / max(run.hbm_bytes, 1),
         "ridge_flops_per_byte": chip.ridge_flops_per_byte,
         "step_time_bound_s": max(compute_s, memory_s),
         "bound_by": "compute" if compute_s >= memory_s else "memory",
@@ -113,8 +122,9 @@ def print_table(r: dict) -> None:
         ("eval step / chip", _size(r["eval_bytes_per_device"]["total"])),
         ("fits", f"{r['fits']} (margin {_size(r['margin_bytes'])})"),
         ("FLOPs / chip / step", f"{r['flops_per_step']:.3e}"),
+        ("HBM traffic / chip / step", _size(r["hbm_bytes_per_step"])),
         ("FLOP per byte", f"{r['flops_per_byte']:.0f} (ridge {r['ridge_flops_per_byte']:.0f})"),
-        ("step time >=", f"{r['step_time_bound_s'] * 1e3:.2f} ms ({r['bound_by']}-bound)"),
+        ("step time >=", f"{r['step_time_bound_s'] * 1e3:.3g} ms ({r['bound_by']}-bound)"),
         ("collectives", ", ".join(f"{k} {v}" for k, v in r["collectives"].items()) or "none"),
         ("custom calls", ", ".join(r["custom_calls"]) or "none"),
         ("compile", f"train {r['compile_s']['train']:.1f} s, eval {r['compile_s']['eval']:.1f} s"),
@@ -127,6 +137,9 @@ def print_table(r: dict) -> None:
         share = (p["forward"] + p["backward"]) / moved
         split = f"forward {_size(p['forward'])}, backward {_size(p['backward'])}"
         rows.append((f"traffic: {part}", f"{share:5.1%} ({split})"))
+    cycles = sum(r["estimated_cycles_by_part"].values()) or 1
+    for part, c in r["estimated_cycles_by_part"].items():
+        rows.append((f"compiler's cycles: {part}", f"{c / cycles:5.1%}"))
     _print_rows(rows)
 
 
@@ -215,7 +228,7 @@ def _compile(argv) -> None:
     try:
         chip, _ = topology.parse(_TOPOLOGY.value)
         devices = topology.tpu_devices(_TOPOLOGY.value, _SLICES.value)
-        run = analysis.compile_run(config, devices)
+        run = analysis.compile_run(config, devices, dump_hlo=_DUMP_HLO.value)
     except (ConfigError, ValueError, RuntimeError) as e:
         print(f"sora-compile: {e}", file=sys.stderr)
         sys.exit(2)

@@ -2,21 +2,31 @@
 
 A step far below its chip's ridge point (FLOPs per byte of HBM traffic) is bound by
 memory, and raising its arithmetic intensity starts with knowing which part moves the
-bytes. XLA's cost analysis gives one total; this reads the compiled program itself. Each
-kernel the program launches (a fusion, a convolution, a copy, a collective) reads its
-operands and writes its result; its bytes are charged to the part of the model that the
-kernel's metadata names (`op_name`, the JAX name stack: flax modules, and the trainer's
-`loss` and `optimizer` scopes), in the forward or the backward pass. A loop's body counts
-once per trip when XLA knows the trip count (the audio cell's scan over time).
+bytes. XLA's cost analysis gives one total, `bytes accessed`, which charges every operand
+of every operation wherever it lives: on a TPU, arrays that XLA keeps in a core's on-chip
+memory (VMEM, memory space `S(1)` in a layout) move no HBM bytes, so that total can be
+several times the HBM traffic (and a bound computed from it is no lower bound). This
+reads the compiled program itself. Each kernel it launches (a fusion, a convolution, a
+collective) reads its operands and writes its result; the bytes of those that live in
+HBM are charged to the part of the model that the kernel's metadata names (`op_name`, the
+JAX name stack: flax modules, and the trainer's `loss` and `optimizer` scopes), in the
+forward or the backward pass. Also:
+- an asynchronous copy, slice or collective reads at `-start` and writes at `-done`, so
+  XLA's prefetches into VMEM and evictions back count once, on their HBM side ("prefetch
+  and evict" when XLA gave them no name);
+- a fusion that only slices an operand reads the slices, and one whose root is a
+  dynamic-update-slice writes its update in place (a scan's step writes one row);
+- a loop's body counts once per trip: the trip count XLA recorded (XLA:CPU) or the bound
+  of its `counter < N` condition (XLA:TPU), so the audio cell's scan counts per step.
 
-These are bytes of the kernels' arguments and results (a kernel that slices an operand
-reads less of it). The compiler's `bytes accessed` counts differently, charging each
-operation inside a fusion, and comes out larger (small.py on a v5e: 464 MB against these
-264 MB); compare shares, and one program before and after a change.
+Each kernel's bytes are the least it can move (a kernel that tiles an operand may read
+it more than once), so their sum is a lower bound on the step's HBM traffic.
 """
 
 import collections
 import re
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 
@@ -31,6 +41,7 @@ PARTS = (
     "projection",
     "loss",
     "optimizer",
+    "prefetch and evict",
     "other",
 )
 PASSES = ("forward", "backward")
@@ -41,9 +52,10 @@ _ITEM_BYTES = {
     "s32": 4, "u32": 4, "f32": 4,
     "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
 }  # fmt: skip
-_ARRAY = re.compile(r"\b(" + "|".join(_ITEM_BYTES) + r")\[([\d,]*)\]")
+_ARRAY = re.compile(r"\b(" + "|".join(_ITEM_BYTES) + r")\[([\d,]*)\](\{[^}]*\})?")
+_MEMORY_SPACE = re.compile(r"S\((\d+)\)")  # in a layout; none (or 0) is the device's HBM
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) \(.*\{$")
-_NAME = re.compile(r"^\s*(?:ROOT )?%(\S+) = ")
+_NAME = re.compile(r"^\s*(ROOT )?%(\S+) = ")
 _OPERAND = re.compile(r"%([\w.\-]+)")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
@@ -54,19 +66,57 @@ _NO_TRAFFIC = {
     "partition-id", "replica-id", "opt-barrier", "while", "call", "conditional",
     "add-dependency", "domain",
 }  # fmt: skip
+_SLICES = ("slice", "dynamic-slice")
+_PREFETCHES = {
+    "copy-start",
+    "copy-done",
+    "slice-start",
+    "slice-done",
+}  # a fused slice of a parameter reads only the slice
 
 
-def array_bytes(shape: str) -> int:
-    """Bytes of every array in an HLO shape, e.g. `(f32[8,16]{1,0}, s32[])` -> 516."""
+class Instruction(NamedTuple):
+    name: str
+    shape: str
+    opcode: str
+    rest: str  # operands, then attributes
+    root: bool
+
+    @property
+    def operands(self) -> list[str]:
+        return _OPERAND.findall(self.rest.partition("), ")[0])
+
+    @property
+    def attributes(self) -> str:
+        return self.rest.partition("), ")[2]
+
+
+def array_bytes(shape: str, hbm_only: bool = False) -> int:
+    """Bytes of every array in an HLO shape, e.g. `(f32[8,16]{1,0}, s32[])` -> 516; with
+    hbm_only, of those in the device's main memory (a TPU's HBM): an array whose layout
+    names another memory space (`S(1)`, a TPU core's VMEM) moves no HBM bytes."""
     total = 0
-    for dtype, dims in _ARRAY.findall(shape):
+    for dtype, dims, layout in _ARRAY.findall(shape):
+        space = _MEMORY_SPACE.search(layout)
+        if hbm_only and space and space.group(1) != "0":
+            continue
         size = int(np.prod([int(d) for d in dims.split(",") if d], dtype=np.int64))
         total += size * _ITEM_BYTES[dtype]
     return total
 
 
-def _split_instruction(line: str) -> tuple[str, str, str, str] | None:
-    """(name, shape, opcode, rest) of an instruction line, or None."""
+def _tuple_elements(shape: str) -> list[str]:
+    """The top-level elements of a tuple shape, e.g. `(f32[2], (s32[], u8[4]))`."""
+    depth, start, elements = 0, 1, []
+    for i, ch in enumerate(shape):
+        depth += (ch in "({[") - (ch in ")}]")
+        if (ch == "," and depth == 1) or (ch == ")" and depth == 0):
+            elements.append(shape[start:i].strip())
+            start = i + 1
+    return elements
+
+
+def _split_instruction(line: str) -> Instruction | None:
     m = _NAME.match(line)
     if not m:
         return None
@@ -80,12 +130,12 @@ def _split_instruction(line: str) -> tuple[str, str, str, str] | None:
     opcode, paren, rest = text.partition("(")
     if not paren:
         return None
-    return m.group(1), shape, opcode, rest
+    return Instruction(m.group(2), shape, opcode, rest, root=bool(m.group(1)))
 
 
-def _parse(hlo_text: str) -> tuple[dict, str]:
-    """{computation: [(name, shape, opcode, rest)]} and the entry computation's name."""
-    computations: dict[str, list] = {}
+def _parse(hlo_text: str) -> tuple[dict[str, list[Instruction]], str]:
+    """{computation: [Instruction]} and the entry computation's name."""
+    computations: dict[str, list[Instruction]] = {}
     entry, current = "", None
     for line in hlo_text.splitlines():
         m = _COMPUTATION.match(line)
@@ -95,9 +145,86 @@ def _parse(hlo_text: str) -> tuple[dict, str]:
             continue
         if line.startswith("}"):
             current = None
-        elif current is not None and (parts := _split_instruction(line)):
-            current.append(parts)
+        elif current is not None and (instruction := _split_instruction(line)):
+            current.append(instruction)
     return computations, entry
+
+
+def trip_count(loop: Instruction, computations: dict[str, list[Instruction]]) -> int:
+    """How many times a while loop runs its body: the count XLA recorded (XLA:CPU), or
+    the bound of a condition `counter < N` (a scan, as XLA:TPU leaves it); else 1."""
+    known = _TRIP_COUNT.search(loop.rest)
+    if known:
+        return int(known.group(1))
+    condition = re.search(r"condition=%([\w.\-]+)", loop.attributes)
+    instructions = computations.get(condition.group(1), []) if condition else []
+    constants = {i.name: i.rest.partition(")")[0] for i in instructions if i.opcode == "constant"}
+    for i in instructions:
+        if i.root and i.opcode == "compare" and "direction=LT" in i.rest:
+            bound = constants.get(i.operands[-1], "")
+            if bound.isdigit():
+                return int(bound)
+    return 1
+
+
+def _fusion_bytes(kernel: Instruction, shapes: dict[str, str], fused: list[Instruction]) -> int:
+    """HBM bytes a fusion reads and writes. A parameter it only slices is read as the
+    slices; a root dynamic-update-slice writes its update in place (a scan's step writes
+    one row of its outputs, not all of them)."""
+    by_name = {i.name: i for i in fused}
+    root = next(i for i in fused if i.root)
+    outputs = [by_name[o] for o in root.operands] if root.opcode == "tuple" else [root]
+    elements = _tuple_elements(kernel.shape) if root.opcode == "tuple" else [kernel.shape]
+    if len(outputs) != len(elements) or any(o.opcode == "parameter" for o in outputs):
+        return array_bytes(kernel.shape, hbm_only=True) + sum(
+            array_bytes(shapes.get(o, ""), hbm_only=True) for o in kernel.operands
+        )
+    written, in_place = 0, set()
+    for output, element in zip(outputs, elements, strict=True):
+        if output.opcode == "dynamic-update-slice":
+            in_place.add(output.operands[0])
+            update = array_bytes(by_name[output.operands[1]].shape)
+            written += update if array_bytes(element, hbm_only=True) else 0
+        else:
+            written += array_bytes(element, hbm_only=True)
+    params = {int(i.rest.partition(")")[0]): i.name for i in fused if i.opcode == "parameter"}
+    users: dict[str, list[Instruction]] = collections.defaultdict(list)
+    for i in fused:
+        for o in i.operands:
+            users[o].append(i)
+    read = 0
+    for index, operand in enumerate(kernel.operands):
+        param, in_hbm = params.get(index, ""), array_bytes(shapes.get(operand, ""), hbm_only=True)
+        uses = users.get(param, [])
+        if param in in_place or not in_hbm:
+            continue
+        if uses and all(u.opcode in _SLICES and u.operands[0] == param for u in uses):
+            read += sum(array_bytes(u.shape) for u in uses)
+        else:
+            read += in_hbm
+    return read + written
+
+
+def kernel_bytes(
+    kernel: Instruction, shapes: dict[str, str], computations: dict[str, list[Instruction]]
+) -> int:
+    """The HBM bytes one kernel reads and writes. An asynchronous copy, slice or collective
+    reads its operands at `-start` and writes its result at `-done`: the prefetches into a
+    TPU core's VMEM that XLA schedules count once, and only on the HBM side."""
+    operands = [shapes.get(o, "") for o in kernel.operands]
+    if kernel.opcode.endswith("-done"):
+        return array_bytes(kernel.shape, hbm_only=True)
+    if kernel.opcode == "slice-start":  # reads the slice, the second element of its result
+        sliced = array_bytes(_tuple_elements(kernel.shape)[1])
+        return sum(min(array_bytes(s, hbm_only=True), sliced) for s in operands)
+    if kernel.opcode.endswith("-start"):
+        return sum(array_bytes(s, hbm_only=True) for s in operands)
+    called = re.search(r"calls=%([\w.\-]+)", kernel.attributes)
+    if kernel.opcode == "fusion" and called and called.group(1) in computations:
+        return _fusion_bytes(kernel, shapes, computations[called.group(1)])
+    return array_bytes(kernel.shape, hbm_only=True) + sum(
+        array_bytes(s, hbm_only=True) for s in operands
+    )
 
 
 def part_of(op_name: str) -> str:
@@ -131,41 +258,76 @@ def pass_of(op_name: str) -> str:
     return "backward" if "transpose(" in op_name else "forward"
 
 
-def bytes_by_part(hlo_text: str) -> dict[str, dict[str, int]]:
-    """{part: {"forward": bytes, "backward": bytes}} of a compiled program's kernels (its
-    `compiled.as_text()`), parts in PARTS order, those with no traffic left out."""
+class Launch(NamedTuple):
+    """A kernel of a compiled program, where it is charged, and how often it runs."""
+
+    kernel: Instruction
+    part: str  # one of PARTS
+    direction: str  # "forward" or "backward"
+    times: int  # launches per run of the program (trips of the loops around it)
+    hbm_bytes: int  # per launch (kernel_bytes)
+
+
+def launches(hlo_text: str) -> Iterator[Launch]:
+    """Every kernel of a compiled program (its `compiled.as_text()`), once per place it
+    runs: loop bodies once with their trip count, every branch of a conditional as if
+    each ran."""
     computations, entry = _parse(hlo_text)
-    traffic: dict[tuple[str, str], int] = collections.Counter()
 
-    def walk(name: str, times: int, seen: tuple[str, ...]) -> None:
+    def walk(name: str, times: int, seen: tuple[str, ...]) -> Iterator[Launch]:
         instructions = computations.get(name, [])
-        shapes = {n: s for n, s, _, _ in instructions}
-        for _, shape, opcode, rest in instructions:
-            if opcode == "while":
-                trips = _TRIP_COUNT.search(rest)
-                body = re.search(r"body=%([\w.\-]+)", rest)
+        shapes = {i.name: i.shape for i in instructions}
+        for kernel in instructions:
+            if kernel.opcode == "while":
+                body = re.search(r"body=%([\w.\-]+)", kernel.attributes)
                 if body and body.group(1) not in seen:
-                    trip_count = int(trips.group(1)) if trips else 1
-                    walk(body.group(1), times * trip_count, (*seen, body.group(1)))
+                    trips = trip_count(kernel, computations)
+                    yield from walk(body.group(1), times * trips, (*seen, body.group(1)))
                 continue
-            args, _, attributes = rest.partition("), ")  # operands, then attributes
-            if opcode in ("call", "conditional"):  # every branch, as if each ran
-                for called in _OPERAND.findall(attributes):
+            if kernel.opcode in ("call", "conditional"):
+                for called in _OPERAND.findall(kernel.attributes):
                     if called in computations and called not in seen:
-                        walk(called, times, (*seen, called))
+                        yield from walk(called, times, (*seen, called))
                 continue
-            if opcode in _NO_TRAFFIC:
+            if kernel.opcode in _NO_TRAFFIC:
                 continue
-            moved = array_bytes(shape) + sum(
-                array_bytes(shapes.get(o, "")) for o in _OPERAND.findall(args)
-            )
-            op_name = _OP_NAME.search(rest)
+            op_name = _OP_NAME.search(kernel.rest)
             op_name = op_name.group(1) if op_name else ""
-            traffic[part_of(op_name), pass_of(op_name)] += moved * times
+            part = part_of(op_name)
+            if part == "other" and kernel.opcode in _PREFETCHES:
+                part = "prefetch and evict"  # XLA's own copies between HBM and VMEM
+            moved = kernel_bytes(kernel, shapes, computations)
+            yield Launch(kernel, part, pass_of(op_name), times, moved)
 
-    walk(entry, 1, (entry,))
+    yield from walk(entry, 1, (entry,))
+
+
+def bytes_by_part(hlo_text: str) -> dict[str, dict[str, int]]:
+    """{part: {"forward": bytes, "backward": bytes}} of a compiled program's HBM traffic,
+    parts in PARTS order, those with no traffic left out."""
+    traffic: dict[tuple[str, str], int] = collections.Counter()
+    for launch in launches(hlo_text):
+        traffic[launch.part, launch.direction] += launch.hbm_bytes * launch.times
     return {
         part: {p: int(traffic[part, p]) for p in PASSES}
         for part in PARTS
         if traffic[part, "forward"] or traffic[part, "backward"]
     }
+
+
+_CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
+
+
+def cycles_by_part(hlo_text: str) -> dict[str, int]:
+    """{part: cycles} of XLA:TPU's own estimate of each kernel's run time: the
+    `estimated_cycles` its cost model writes into a kernel's backend config, times the
+    kernel's launches. Where the bytes go is not where the time goes: a scan of small
+    matmuls moves few bytes but runs one step after another. The field is undocumented and
+    missing on asynchronous copies and collectives, so read shares, not a step time. Empty
+    for a program without it (XLA:CPU's)."""
+    cycles: dict[str, int] = collections.Counter()
+    for launch in launches(hlo_text):
+        estimate = _CYCLES.search(launch.kernel.rest)
+        if estimate:
+            cycles[launch.part] += int(estimate.group(1)) * launch.times
+    return {part: cycles[part] for part in PARTS if cycles[part]}

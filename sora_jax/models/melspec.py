@@ -65,10 +65,10 @@ def power_spectrum(frames: jnp.ndarray) -> jnp.ndarray:
     """|rfft(frame * window, n=512)|^2 of frames [..., 480] -> [..., 257].
 
     An FFT, but on TPUs: there the same numbers come from one matmul by dft_matrix(). XLA's
-    FFT on a TPU is a chain of transposing kernels: in a small.py train step on a v5e the
-    matmul cut the audio part's forward traffic from 129 to 39 MiB per chip, a third of
-    the step's kernel traffic (BENCHMARKS.md section 7). It runs at HIGHEST
-    precision: float32, not one bfloat16 pass. GPUs keep the FFT (not measured there)."""
+    FFT on a TPU is a chain of transposing kernels: in a small.py train step compiled for
+    a v5e, the front end's kernels take 177k of XLA:TPU's estimated cycles with the matmul
+    and 304k with the FFT (BENCHMARKS.md section 7). It runs at HIGHEST precision:
+    float32, not one bfloat16 pass. GPUs keep the FFT (not measured there)."""
     if platform.target_platform() != "tpu":
         return jnp.abs(jnp.fft.rfft(frames * _periodic_hann(), n=FFT_SIZE)) ** 2
     both = jnp.matmul(frames, dft_matrix(), precision=jax.lax.Precision.HIGHEST)
