@@ -23,7 +23,7 @@ OWN_KERNELS = ("SoraConv", "SoraLstm")  # this project's CPU custom calls (kerne
 
 
 @pytest.mark.slow
-def test_sora_compile_prints_the_contract_for_a_tpu_slice():
+def test_sora_compile_prints_the_contract_for_a_tpu_slice(tmp_path):
     done = subprocess.run(
         [
             pathlib.Path(sys.executable).parent / "sora-compile",
@@ -31,6 +31,7 @@ def test_sora_compile_prints_the_contract_for_a_tpu_slice():
             "--topology=v5e:2x2",
             "--config.mesh.fsdp=2",
             "--max_compiles=1",
+            f"--dump_hlo={tmp_path / 'train_step.hlo'}",
         ],
         cwd=ROOT,
         capture_output=True,
@@ -63,6 +64,8 @@ def test_sora_compile_prints_the_contract_for_a_tpu_slice():
     assert moved["optimizer"]["backward"] == 0  # the update is not differentiated
     hbm = sum(p["forward"] + p["backward"] for p in moved.values())
     assert result["hbm_bytes_per_step"] == hbm
+    hlo = (tmp_path / "train_step.hlo").read_text()  # the program those bytes were read from
+    assert hlo.startswith("HloModule jit_train_step") and "S(1)" in hlo
     assert 0 < hbm < result["bytes_accessed_per_step"] / 4
     # XLA:TPU's own cycle estimates, by part: the convolutions are there.
     assert result["estimated_cycles_by_part"]["visual convolutions"] > 0

@@ -88,9 +88,9 @@ def test_hbm_bytes_leave_out_arrays_in_a_tpu_cores_own_memory():
 
 
 # A TPU program as XLA:TPU leaves it: a scan whose trip count is only in its condition, a
-# fusion per step that slices one row out of a [64, 256] f32 buffer (64 KiB) and one that
-# writes a row back in place, a prefetch of the input into VMEM (memory space 1), and an
-# eviction of a result computed there back to HBM.
+# fusion per step that slices one row out of a [64, 256] f32 buffer (64 KiB, in a fusion
+# nested in it) and one that writes a row back in place, a prefetch of the input into VMEM
+# (memory space 1), and an eviction of a result computed there back to HBM.
 TPU_LIKE_PROGRAM = """
 HloModule jit_f
 
@@ -101,11 +101,18 @@ HloModule jit_f
   ROOT %lt = pred[]{:T(512)} compare(%i, %n), direction=LT
 }
 
-%read_row (param_0: f32[64,256], param_1: s32[]) -> f32[1,256] {
+%slice_row (param_0: f32[64,256], param_1: s32[]) -> f32[1,256] {
   %param_0 = f32[64,256]{1,0:T(8,128)} parameter(0)
   %param_1 = s32[]{:T(128)S(2)} parameter(1)
   %zero = s32[]{:T(128)} constant(0)
   ROOT %ds = f32[1,256]{1,0:T(8,128)} dynamic-slice(%param_0, %param_1, %zero), dynamic_slice_sizes={1,256}
+}
+
+%read_row (param_0: f32[64,256], param_1: s32[]) -> f32[1,256] {
+  %param_0 = f32[64,256]{1,0:T(8,128)} parameter(0)
+  %param_1 = s32[]{:T(128)S(2)} parameter(1)
+  %nested = f32[1,256]{1,0:T(8,128)} fusion(%param_0, %param_1), kind=kLoop, calls=%slice_row
+  ROOT %copy = f32[1,256]{1,0:T(8,128)} copy(%nested)
 }
 
 %write_row (param_0: f32[64,256], param_1: f32[1,256], param_2: s32[]) -> f32[64,256] {

@@ -14,8 +14,9 @@ forward or the backward pass. Also:
 - an asynchronous copy, slice or collective reads at `-start` and writes at `-done`, so
   XLA's prefetches into VMEM and evictions back count once, on their HBM side ("prefetch
   and evict" when XLA gave them no name);
-- a fusion that only slices an operand reads the slices, and one whose root is a
-  dynamic-update-slice writes its update in place (a scan's step writes one row);
+- a fusion that only slices an operand (itself, or in a fusion nested in it) reads the
+  slices, and one whose root is a dynamic-update-slice writes its update in place (a
+  scan's step writes one row);
 - a loop's body counts once per trip: the trip count XLA recorded (XLA:CPU) or the bound
   of its `counter < N` condition (XLA:TPU), so the audio cell's scan counts per step.
 
@@ -66,13 +67,9 @@ _NO_TRAFFIC = {
     "partition-id", "replica-id", "opt-barrier", "while", "call", "conditional",
     "add-dependency", "domain",
 }  # fmt: skip
-_SLICES = ("slice", "dynamic-slice")
-_PREFETCHES = {
-    "copy-start",
-    "copy-done",
-    "slice-start",
-    "slice-done",
-}  # a fused slice of a parameter reads only the slice
+_SLICES = ("slice", "dynamic-slice")  # a fused slice of a parameter reads only the slice
+# XLA's asynchronous copies between HBM and a core's VMEM; unnamed, "prefetch and evict".
+_PREFETCHES = {"copy-start", "copy-done", "slice-start", "slice-done"}
 
 
 class Instruction(NamedTuple):
@@ -167,18 +164,52 @@ def trip_count(loop: Instruction, computations: dict[str, list[Instruction]]) ->
     return 1
 
 
-def _fusion_bytes(kernel: Instruction, shapes: dict[str, str], fused: list[Instruction]) -> int:
+def _sliced_bytes(
+    param: str, fused: list[Instruction], computations: dict[str, list[Instruction]]
+) -> int | None:
+    """The bytes a fused computation reads of its parameter `param` when it only slices
+    it (directly, or inside a fusion nested in it); None when it reads it whole."""
+    read = 0
+    for user in fused:
+        if param not in user.operands:
+            continue
+        nested = re.search(r"calls=%([\w.\-]+)", user.attributes)
+        if user.opcode in _SLICES and user.operands.index(param) == 0:
+            read += array_bytes(user.shape)
+        elif user.opcode == "fusion" and nested and nested.group(1) in computations:
+            inner = computations[nested.group(1)]
+            inner_params = _parameters(inner)
+            for index, operand in enumerate(user.operands):
+                if operand == param:
+                    sliced = _sliced_bytes(inner_params.get(index, ""), inner, computations)
+                    if sliced is None:
+                        return None
+                    read += sliced
+        else:
+            return None
+    return read
+
+
+def _parameters(fused: list[Instruction]) -> dict[int, str]:
+    return {int(i.rest.partition(")")[0]): i.name for i in fused if i.opcode == "parameter"}
+
+
+def _fusion_bytes(
+    kernel: Instruction,
+    shapes: dict[str, str],
+    fused: list[Instruction],
+    computations: dict[str, list[Instruction]],
+) -> int:
     """HBM bytes a fusion reads and writes. A parameter it only slices is read as the
     slices; a root dynamic-update-slice writes its update in place (a scan's step writes
     one row of its outputs, not all of them)."""
     by_name = {i.name: i for i in fused}
-    root = next(i for i in fused if i.root)
-    outputs = [by_name[o] for o in root.operands] if root.opcode == "tuple" else [root]
-    elements = _tuple_elements(kernel.shape) if root.opcode == "tuple" else [kernel.shape]
-    if len(outputs) != len(elements) or any(o.opcode == "parameter" for o in outputs):
-        return array_bytes(kernel.shape, hbm_only=True) + sum(
-            array_bytes(shapes.get(o, ""), hbm_only=True) for o in kernel.operands
-        )
+    root = next((i for i in fused if i.root), None)
+    tuple_root = root is not None and root.opcode == "tuple"
+    outputs = [by_name.get(o) for o in root.operands] if tuple_root else [root]
+    elements = _tuple_elements(kernel.shape) if tuple_root else [kernel.shape]
+    if len(outputs) != len(elements) or any(o is None or o.opcode == "parameter" for o in outputs):
+        return _plain_bytes(kernel, shapes)  # a form not read here: every operand, whole
     written, in_place = 0, set()
     for output, element in zip(outputs, elements, strict=True):
         if output.opcode == "dynamic-update-slice":
@@ -187,21 +218,14 @@ def _fusion_bytes(kernel: Instruction, shapes: dict[str, str], fused: list[Instr
             written += update if array_bytes(element, hbm_only=True) else 0
         else:
             written += array_bytes(element, hbm_only=True)
-    params = {int(i.rest.partition(")")[0]): i.name for i in fused if i.opcode == "parameter"}
-    users: dict[str, list[Instruction]] = collections.defaultdict(list)
-    for i in fused:
-        for o in i.operands:
-            users[o].append(i)
+    params = _parameters(fused)
     read = 0
     for index, operand in enumerate(kernel.operands):
         param, in_hbm = params.get(index, ""), array_bytes(shapes.get(operand, ""), hbm_only=True)
-        uses = users.get(param, [])
         if param in in_place or not in_hbm:
             continue
-        if uses and all(u.opcode in _SLICES and u.operands[0] == param for u in uses):
-            read += sum(array_bytes(u.shape) for u in uses)
-        else:
-            read += in_hbm
+        sliced = _sliced_bytes(param, fused, computations)
+        read += in_hbm if sliced is None else min(sliced, in_hbm)
     return read + written
 
 
@@ -221,10 +245,14 @@ def kernel_bytes(
         return sum(array_bytes(s, hbm_only=True) for s in operands)
     called = re.search(r"calls=%([\w.\-]+)", kernel.attributes)
     if kernel.opcode == "fusion" and called and called.group(1) in computations:
-        return _fusion_bytes(kernel, shapes, computations[called.group(1)])
-    return array_bytes(kernel.shape, hbm_only=True) + sum(
-        array_bytes(s, hbm_only=True) for s in operands
-    )
+        return _fusion_bytes(kernel, shapes, computations[called.group(1)], computations)
+    return _plain_bytes(kernel, shapes)
+
+
+def _plain_bytes(kernel: Instruction, shapes: dict[str, str]) -> int:
+    """The HBM bytes of a kernel's result and of its operands, whole."""
+    operands = sum(array_bytes(shapes.get(o, ""), hbm_only=True) for o in kernel.operands)
+    return array_bytes(kernel.shape, hbm_only=True) + operands
 
 
 def part_of(op_name: str) -> str:
