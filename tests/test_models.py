@@ -1,7 +1,6 @@
 """The model library: shapes, reference equality with flax cells, masks, precision."""
 
 import itertools
-from functools import partial
 
 import flax.linen as nn
 import jax
@@ -14,8 +13,7 @@ from configs import demo
 from sora_jax.inputs import InputSpec
 from sora_jax.kernels import platform
 from sora_jax.models import AudioEncoder, build_model, dummy_inputs, melspec
-from sora_jax.models.audio import LSTMRecurrence, both_directions
-from tests.conftest import compiled, initialised, normal, run_compiled
+from tests.conftest import compiled, initialised, run_compiled
 
 B, T, SIZE, SAMPLES = 2, 3, 32, 16_000
 
@@ -144,24 +142,12 @@ def _flax_reference_rnn(encoder_params, mel, lengths, cell, hidden, bidirectiona
 
 @pytest.mark.parametrize("unroll", [1, 4])  # 4: 23 and 13 frames leave remainders
 @pytest.mark.parametrize(
-    "cell,bidirectional,lstm_backend",
-    [
-        ("lstm", False, "auto"),
-        ("gru", False, "auto"),
-        ("lstm", True, "auto"),  # oneDNN's kernel on this CPU, if built: one per direction
-        ("lstm", True, "xla"),  # both directions in one scan, as on accelerators
-        ("gru", True, "auto"),
-    ],
+    "cell,bidirectional", [("lstm", False), ("gru", False), ("lstm", True), ("gru", True)]
 )
-def test_scanned_cells_match_flax_cells_step_by_step(cell, bidirectional, lstm_backend, unroll):
+def test_scanned_cells_match_flax_cells_step_by_step(cell, bidirectional, unroll):
     hidden, mels = 12, 16
     encoder = AudioEncoder(
-        hidden=hidden,
-        cell=cell,
-        bidirectional=bidirectional,
-        num_mel_bins=mels,
-        unroll=unroll,
-        lstm_backend=lstm_backend,
+        hidden=hidden, cell=cell, bidirectional=bidirectional, num_mel_bins=mels, unroll=unroll
     )
     rng = np.random.default_rng(1)
     wave = jnp.asarray(rng.normal(0, 0.3, (2, 4000)).astype(np.float32))
@@ -314,44 +300,7 @@ def test_audio_branch_is_scanned_not_unrolled(unroll, backend):
 
     assert program_lines(100) == program_lines(1600)
     _, loops, calls = program_lines(100)
-    # oneDNN: a call per layer and direction; XLA: a scan per layer, both directions in it.
-    assert (loops, calls) == ((0, 4) if backend == "onednn" else (2, 0))
-
-
-def test_both_directions_in_one_scan_are_each_direction_on_its_own():
-    """audio.both_directions: the same outputs and gradients as two LSTMs run one by one."""
-
-    class Layer(nn.Module):
-        merged: bool
-
-        @nn.compact
-        def __call__(self, gates_f, gates_b, lengths):
-            cells = [
-                LSTMRecurrence(8, unroll=4, backend="xla", name=f"cell_0_{d}")
-                for d in ("fwd", "bwd")
-            ]
-            if self.merged:
-                return both_directions(*cells, (gates_f, gates_b), lengths)
-            return cells[0](gates_f, lengths), cells[1](gates_b, lengths, reverse=True)
-
-    gates_f, gates_b = normal(0, 13, 3, 32), normal(1, 13, 3, 32)  # [F, B, 4H]
-    lengths = jnp.array([13, 9, 1], jnp.int32)
-    weights_f, weights_b = normal(2, 13, 3, 8), normal(3, 13, 3, 8)
-    params = initialised(Layer(merged=False), gates_f, gates_b, lengths)["params"]
-
-    def loss(merged, p, g_f, g_b):
-        h_f, h_b = Layer(merged).apply({"params": p}, g_f, g_b, lengths)
-        return jnp.sum(h_f * weights_f) + jnp.sum(h_b * weights_b)
-
-    got, want = (
-        run_compiled(
-            jax.value_and_grad(partial(loss, m), argnums=(0, 1, 2)), params, gates_f, gates_b
-        )
-        for m in (True, False)
-    )
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    assert float(jnp.abs(got[1][0]["cell_0_bwd"]["recurrent"]["kernel"]).sum()) > 0
+    assert (loops, calls) == ((0, 4) if backend == "onednn" else (4, 0))  # per layer, direction
 
 
 def test_the_power_spectrum_is_an_fft_but_on_tpus_one_matmul():

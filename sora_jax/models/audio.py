@@ -1,13 +1,10 @@
 """The audio branch: log-mel, then an LSTM or GRU scanned over time."""
 
-from functools import partial
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.linen.recurrent import flip_sequences
 
-from sora_jax.kernels import onednn
 from sora_jax.models import melspec
 from sora_jax.models.bias import Dense
 from sora_jax.models.lstm import lstm_sequence
@@ -40,37 +37,13 @@ class LSTMRecurrence(nn.Module):
     dtype: jnp.dtype = jnp.float32
     backend: str = "auto"  # onednn.BACKENDS: one custom call per loop on the CPU (lstm.py)
 
-    def setup(self):
-        self.recurrent = _Kernel((self.features, 4 * self.features))
-
-    def kernel(self) -> jax.Array:
-        """W_h [H, 4H], for a caller that scans several directions at once."""
-        return self.recurrent()
-
+    @nn.compact
     def __call__(self, input_gates, seq_lengths, reverse: bool = False):  # [F, B, 4H], [B]
+        w_h = _Kernel((self.features, 4 * self.features), name="recurrent")()
         if reverse:  # each clip's own frames reversed in place; padding stays at the end
             input_gates = flip_sequences(input_gates, seq_lengths, 1, time_major=True)
-        hs = lstm_sequence(input_gates, self.kernel(), self.dtype, self.unroll, self.backend)
-        return flip_sequences(hs, seq_lengths, 1, time_major=True) if reverse else hs  # [F, B, H]
-
-
-def both_directions(
-    forward: LSTMRecurrence,
-    backward: LSTMRecurrence,
-    gates: tuple[jax.Array, jax.Array],
-    seq_lengths,
-) -> tuple[jax.Array, jax.Array]:
-    """A bidirectional layer's two LSTMs ([F, B, 4H] input gates each) in one scan over
-    time, each step one batched matmul [2, B, H] x [2, H, 4H]: the steps of a scan run one
-    after another, and on an accelerator each is too small to fill the chip, so two
-    directions side by side take about the time of one (XLA:TPU's estimated cycles:
-    BENCHMARKS.md section 7). The same numbers as each direction on its own."""
-    flip = partial(flip_sequences, seq_lengths=seq_lengths, num_batch_dims=1, time_major=True)
-    stacked = jnp.stack([gates[0], flip(gates[1])])  # [2, F, B, 4H]
-    kernels = jnp.stack([forward.kernel(), backward.kernel()])  # [2, H, 4H]
-    run = partial(lstm_sequence, dtype=forward.dtype, unroll=forward.unroll, backend="xla")
-    hs = jax.vmap(run)(stacked, kernels)  # [2, F, B, H]
-    return hs[0], flip(hs[1])
+        hs = lstm_sequence(input_gates, w_h, self.dtype, self.unroll, self.backend)  # [F, B, H]
+        return flip_sequences(hs, seq_lengths, 1, time_major=True) if reverse else hs
 
 
 class HoistedGRUCell(nn.RNNCellBase):
@@ -168,39 +141,27 @@ class AudioEncoder(nn.Module):
                     gates_per_unit * self.hidden, dtype=self.dtype, name=f"input_proj_{suffix}"
                 )(x)  # [F, B, G*H]
                 if self.cell == "lstm":
-                    cell = LSTMRecurrence(
+                    recurrence = LSTMRecurrence(
                         self.hidden,
                         self.unroll,
                         self.dtype,
                         self.lstm_backend,
                         name=f"cell_{suffix}",
                     )
-                    outputs.append((cell, gates))
-                    continue
-                rnn = nn.RNN(
-                    HoistedGRUCell(self.hidden, dtype=self.dtype, name=f"cell_{suffix}"),
-                    reverse=reverse,
-                    keep_order=True,
-                    time_major=True,
-                    unroll=self.unroll,
-                    name=f"rnn_{suffix}",
-                )
-                outputs.append(rnn(gates, seq_lengths=frame_lengths))  # [F, B, H]
-            if self.cell == "lstm":
-                outputs = self._lstm_layer(outputs, frame_lengths)
+                    out = recurrence(gates, frame_lengths, reverse)
+                else:
+                    rnn = nn.RNN(
+                        HoistedGRUCell(self.hidden, dtype=self.dtype, name=f"cell_{suffix}"),
+                        reverse=reverse,
+                        keep_order=True,
+                        time_major=True,
+                        unroll=self.unroll,
+                        name=f"rnn_{suffix}",
+                    )
+                    out = rnn(gates, seq_lengths=frame_lengths)
+                outputs.append(out)  # [F, B, H]
             x = jnp.concatenate(outputs, axis=-1).astype(self.dtype)  # [F, B, H * directions]
         frame_mask = jnp.arange(x.shape[0])[None, :] < frame_lengths[:, None]  # [B, F]
         x = jnp.where(frame_mask.T[..., None], x, 0)
         pooled = jnp.sum(x, axis=0) / jnp.maximum(frame_lengths, 1)[:, None].astype(x.dtype)
         return pooled, jnp.swapaxes(x, 0, 1), frame_mask  # [B, D], [B, F, D], [B, F]
-
-    def _lstm_layer(self, cells_and_gates: list, frame_lengths) -> list[jax.Array]:
-        """[F, B, H] per direction: both in one scan where XLA runs the loop (the CPU's
-        oneDNN kernel runs each direction as one call already)."""
-        gates = cells_and_gates[0][1]
-        if len(cells_and_gates) == 2 and onednn.resolve(self.lstm_backend, gates, "lstm") == "xla":
-            (forward, g_f), (backward, g_b) = cells_and_gates
-            return list(both_directions(forward, backward, (g_f, g_b), frame_lengths))
-        return [
-            cell(g, frame_lengths, reverse=bool(d)) for d, (cell, g) in enumerate(cells_and_gates)
-        ]
