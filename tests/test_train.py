@@ -233,10 +233,10 @@ def test_bad_configs_fail_before_compiling_and_name_the_key(demo_data, tmp_path)
         "config.data.fps",
         "config.data.eval_split",
     ]
-    config = small_config(*demo_data)
-    config.data.dir = "/nowhere"
+    no_data = small_config(*demo_data)
+    no_data.data.dir = "/nowhere"
     with pytest.raises(FileNotFoundError, match="no prepared dataset 'demo_small' under"):
-        trainer.train(config, tmp_path / "w")
+        trainer.train(no_data, tmp_path / "w")
     # Overrides naming no key: the key, where, and the nearest keys there.
     override = lambda flag: cli._unknown_key(["--config", "configs/demo.py:runlocal", flag])
     assert override("--config.model.fuson.kind=gated") == (
@@ -245,7 +245,7 @@ def test_bad_configs_fail_before_compiling_and_name_the_key(demo_data, tmp_path)
     assert "config.total_steps is a value, not a group" in override("--config.total_steps.every=2")
     # The command: each way a user's error reaches it (a config check, an unknown key, a
     # value absl cannot parse) is a line or two naming the key, exit code 2, no traceback.
-    config = small_config(*demo_data)
+    config = small_config(*demo_data)  # a good one: only the flag below is wrong
     cases = [
         ("--config.model.fusion.kind=bogus", "config.model.fusion.kind"),
         ("--config.model.fuson.kind=gated", "config.model has no key 'fuson'; did you mean"),

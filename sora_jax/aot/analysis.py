@@ -94,6 +94,7 @@ def compile_run(
     hlo = compiled.as_text()
     if dump_hlo:
         pathlib.Path(dump_hlo).write_text(hlo)
+    launched = list(traffic.launches(hlo))  # read once, summed two ways
     _, evaluation = compile_step(run.eval_step, state.params, run.eval_batch)
     return RunReport(
         batch_size=config.batch_size,
@@ -101,8 +102,8 @@ def compile_run(
         **run.shard_bytes(),
         train=train,
         eval=evaluation,
-        train_traffic=traffic.bytes_by_part(hlo),
-        train_cycles=traffic.cycles_by_part(hlo),
+        train_traffic=traffic.bytes_by_part(launched),
+        train_cycles=traffic.cycles_by_part(launched),
     )
 
 

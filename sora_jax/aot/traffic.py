@@ -26,7 +26,7 @@ it more than once), so their sum is a lower bound on the step's HBM traffic.
 
 import collections
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -59,6 +59,8 @@ _COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) \(.*\{$")
 _NAME = re.compile(r"^\s*(ROOT )?%(\S+) = ")
 _OPERAND = re.compile(r"%([\w.\-]+)")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+_CALLS = re.compile(r"calls=%([\w.\-]+)")
+_CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 # Instructions that launch no kernel of their own: they name, group or alias buffers, or
 # hold other computations whose kernels are counted where they run.
@@ -86,6 +88,12 @@ class Instruction(NamedTuple):
     @property
     def attributes(self) -> str:
         return self.rest.partition("), ")[2]
+
+    @property
+    def calls(self) -> str:
+        """The computation a fusion runs, or ""."""
+        called = _CALLS.search(self.attributes)
+        return called.group(1) if called else ""
 
 
 def array_bytes(shape: str, hbm_only: bool = False) -> int:
@@ -173,11 +181,10 @@ def _sliced_bytes(
     for user in fused:
         if param not in user.operands:
             continue
-        nested = re.search(r"calls=%([\w.\-]+)", user.attributes)
         if user.opcode in _SLICES and user.operands.index(param) == 0:
             read += array_bytes(user.shape)
-        elif user.opcode == "fusion" and nested and nested.group(1) in computations:
-            inner = computations[nested.group(1)]
+        elif user.opcode == "fusion" and user.calls in computations:
+            inner = computations[user.calls]
             inner_params = _parameters(inner)
             for index, operand in enumerate(user.operands):
                 if operand == param:
@@ -243,9 +250,8 @@ def kernel_bytes(
         return sum(min(array_bytes(s, hbm_only=True), sliced) for s in operands)
     if kernel.opcode.endswith("-start"):
         return sum(array_bytes(s, hbm_only=True) for s in operands)
-    called = re.search(r"calls=%([\w.\-]+)", kernel.attributes)
-    if kernel.opcode == "fusion" and called and called.group(1) in computations:
-        return _fusion_bytes(kernel, shapes, computations[called.group(1)], computations)
+    if kernel.opcode == "fusion" and kernel.calls in computations:
+        return _fusion_bytes(kernel, shapes, computations[kernel.calls], computations)
     return _plain_bytes(kernel, shapes)
 
 
@@ -294,6 +300,7 @@ class Launch(NamedTuple):
     direction: str  # "forward" or "backward"
     times: int  # launches per run of the program (trips of the loops around it)
     hbm_bytes: int  # per launch (kernel_bytes)
+    cycles: int  # per launch: XLA:TPU's estimate (cycles_by_part), 0 where it has none
 
 
 def launches(hlo_text: str) -> Iterator[Launch]:
@@ -325,16 +332,23 @@ def launches(hlo_text: str) -> Iterator[Launch]:
             if part == "other" and kernel.opcode in _PREFETCHES:
                 part = "prefetch and evict"  # XLA's own copies between HBM and VMEM
             moved = kernel_bytes(kernel, shapes, computations)
-            yield Launch(kernel, part, pass_of(op_name), times, moved)
+            estimate = _CYCLES.search(kernel.rest)
+            cycles = int(estimate.group(1)) if estimate else 0
+            yield Launch(kernel, part, pass_of(op_name), times, moved, cycles)
 
     yield from walk(entry, 1, (entry,))
 
 
-def bytes_by_part(hlo_text: str) -> dict[str, dict[str, int]]:
-    """{part: {"forward": bytes, "backward": bytes}} of a compiled program's HBM traffic,
-    parts in PARTS order, those with no traffic left out."""
+def _launched(program: str | Sequence[Launch]) -> Sequence[Launch] | Iterator[Launch]:
+    return launches(program) if isinstance(program, str) else program
+
+
+def bytes_by_part(program: str | Sequence[Launch]) -> dict[str, dict[str, int]]:
+    """{part: {"forward": bytes, "backward": bytes}} of a compiled program's HBM traffic
+    (its text, or its launches() already read), parts in PARTS order, those with no
+    traffic left out."""
     traffic: dict[tuple[str, str], int] = collections.Counter()
-    for launch in launches(hlo_text):
+    for launch in _launched(program):
         traffic[launch.part, launch.direction] += launch.hbm_bytes * launch.times
     return {
         part: {p: int(traffic[part, p]) for p in PASSES}
@@ -343,10 +357,7 @@ def bytes_by_part(hlo_text: str) -> dict[str, dict[str, int]]:
     }
 
 
-_CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
-
-
-def cycles_by_part(hlo_text: str) -> dict[str, int]:
+def cycles_by_part(program: str | Sequence[Launch]) -> dict[str, int]:
     """{part: cycles} of XLA:TPU's own estimate of each kernel's run time: the
     `estimated_cycles` its cost model writes into a kernel's backend config, times the
     kernel's launches. Where the bytes go is not where the time goes: a scan of small
@@ -354,8 +365,6 @@ def cycles_by_part(hlo_text: str) -> dict[str, int]:
     missing on asynchronous copies and collectives, so read shares, not a step time. Empty
     for a program without it (XLA:CPU's)."""
     cycles: dict[str, int] = collections.Counter()
-    for launch in launches(hlo_text):
-        estimate = _CYCLES.search(launch.kernel.rest)
-        if estimate:
-            cycles[launch.part] += int(estimate.group(1)) * launch.times
+    for launch in _launched(program):
+        cycles[launch.part] += launch.cycles * launch.times
     return {part: cycles[part] for part in PARTS if cycles[part]}
