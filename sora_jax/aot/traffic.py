@@ -176,7 +176,10 @@ def _sliced_bytes(
     param: str, fused: list[Instruction], computations: dict[str, list[Instruction]]
 ) -> int | None:
     """The bytes a fused computation reads of its parameter `param` when it only slices
-    it (directly, or inside a fusion nested in it); None when it reads it whole."""
+    it (directly, or inside a fusion nested in it); None when it reads it whole, or when
+    the parameter could not be identified (a whole read, rather than none)."""
+    if not param:
+        return None
     read = 0
     for user in fused:
         if param not in user.operands:
