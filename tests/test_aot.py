@@ -74,7 +74,7 @@ def test_sora_compile_prints_the_contract_for_a_tpu_slice(tmp_path):
         result["flops_per_step"] / chip["peak_bf16_flops_per_s"], hbm / chip["hbm_bytes_per_s"]
     )
     # One compile for the search, at twice the batch: it fits, so the answer is a lower bound.
-    assert result["largest_fitting_batch"] == {"batch_size": 16, "exact": False}
+    assert result["largest_fitting_batch"] == {"batch_size": 16, "exact": False, "compiles": 1}
     # Each step compiled once (the train step once more, for the search's batch).
     compiled = re.findall(r"Compiling (jit\(\w+\))", done.stderr)
     assert compiled.count("jit(train_step)") == 2 and compiled.count("jit(eval_step)") == 1
@@ -112,11 +112,50 @@ def test_parameter_and_optimizer_bytes_per_chip_shrink_with_fsdp():
 @pytest.mark.parametrize("largest", [0, 1, 3, 4, 5, 8, 13, 100])
 @pytest.mark.parametrize("start", [1, 4, 6])
 def test_the_batch_search_finds_the_largest_that_fits(largest, start):
-    fits = lambda n: n <= largest
-    found, exact = analysis.search_largest(fits, start, fits(start), max_trials=20)
-    assert (found, exact) == (largest, True)
-    found, exact = analysis.search_largest(fits, start, fits(start), max_trials=1)
-    assert found <= largest and (found == 0 or fits(found))
+    bytes_at = lambda n: 10 * n  # the limit, 10 * largest, fits exactly
+    found = analysis.search_largest(bytes_at, start, bytes_at(start), 10 * largest, 20)
+    assert found[:2] == (largest, True)
+    found = analysis.search_largest(bytes_at, start, bytes_at(start), 10 * largest, 1)
+    assert found.trials <= 1 and found.largest <= largest
+
+
+# A train step's bytes against its batch, as XLA might give them: affine; convex (a
+# quadratic term); concave; with a jump where XLA changes plan; flat, then steep; in
+# stairs (a padded batch dimension).
+MEMORY_CURVES = {
+    "affine": lambda n: 300 + 7 * n,
+    "convex": lambda n: 300 + 2 * n + n * n // 40,
+    "concave": lambda n: 300 + int(80 * n**0.5),
+    "a jump": lambda n: 300 + 5 * n + (900 if n > 150 else 0),
+    "flat, then steep": lambda n: 1000 if n < 120 else 1000 + 60 * (n - 120),
+    "stairs": lambda n: 300 + 64 * ((7 * n) // 64),
+}
+
+
+@pytest.mark.parametrize("curve", MEMORY_CURVES)
+@pytest.mark.parametrize("start", [1, 16, 32, 500])
+@pytest.mark.parametrize("limit", [700, 2500, 9000])
+def test_the_batch_search_is_exact_in_few_compiles(curve, start, limit):
+    bytes_at = MEMORY_CURVES[curve]
+    largest = max((n for n in range(1, 20_000) if bytes_at(n) <= limit), default=0)
+    found = analysis.search_largest(bytes_at, start, bytes_at(start), limit, 40)
+    assert found[:2] == (largest, True)
+    # Each trial is a production compile (9-21 minutes here). Doubling from 32, then
+    # bisecting, takes 14 to find the affine curve's 1242.
+    if curve == "affine":
+        assert found.trials <= 4, found
+    if curve == "convex":
+        assert found.trials <= 10, found
+
+
+@pytest.mark.parametrize(("name", "slices", "chips"), [("v4:2x2x2", 1, 8), ("v5e:2x2", 2, 8)])
+def test_a_slice_has_one_device_per_chip(name, slices, chips):
+    """Every figure is per chip. A v4 chip's two TensorCores are one device (megacore), as
+    JAX drives them on a real v4; libtpu's compile-only v4 topology has one per core
+    unless asked."""
+    devices = topology.tpu_devices(name, slices)
+    assert len(devices) == chips and {d.core_on_chip for d in devices} == {0}
+    assert len({(getattr(d, "slice_index", 0), *d.coords) for d in devices}) == chips
 
 
 def test_an_unknown_topology_is_named():

@@ -7,6 +7,7 @@ abstract inputs: nothing is allocated, so a 256-chip program is checked on a lap
 import dataclasses
 import pathlib
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import ml_collections
@@ -119,57 +120,66 @@ def largest_fitting_batch(
     max_compiles: int = 8,
 ) -> dict:
     """The largest global batch whose train step fits, found by compiling it at other
-    batch sizes (multiples of the devices x accum_steps): {"batch_size", "exact"}, exact
-    False when max_compiles ran out first (that batch fits; a larger one might)."""
+    batch sizes (multiples of the devices x accum_steps): {"batch_size", "exact",
+    "compiles"}, exact False when max_compiles ran out first (that batch fits; a larger one
+    might). A production step takes minutes to compile, so the search guesses each next
+    batch from the bytes of the ones compiled (search_largest)."""
     unit = len(devices) * config.accum_steps
 
-    def train_fits(units: int) -> bool:
+    def train_bytes(units: int) -> int:
         trial = config.copy_and_resolve_references()
         trial.batch_size = units * unit
         run = abstract_run(trial, devices)
         _, report = compile_step(run.train_step, run.built.abstract_state, run.train_batch)
-        return report.total_bytes <= device_memory_bytes
+        return report.total_bytes
 
-    start_fits = first.train.total_bytes <= device_memory_bytes
-    units, exact = search_largest(train_fits, config.batch_size // unit, start_fits, max_compiles)
-    return {"batch_size": units * unit, "exact": exact}
+    found = search_largest(
+        train_bytes,
+        config.batch_size // unit,
+        first.train.total_bytes,
+        device_memory_bytes,
+        max_compiles,
+    )
+    return {"batch_size": found.largest * unit, "exact": found.exact, "compiles": found.trials}
+
+
+class Search(NamedTuple):
+    largest: int  # the largest n known to fit; 0 when none is
+    exact: bool  # n + 1 is known not to fit (or n = 0 and 1 does not)
+    trials: int  # calls of bytes_at
 
 
 def search_largest(
-    fits: Callable[[int], bool], start: int, start_fits: bool, max_trials: int
-) -> tuple[int, bool]:
-    """The largest n >= 1 with fits(n), for a `fits` true up to some n and false above,
-    known at `start`: doubling from it while it fits (halving while it does not), then
-    bisecting. Returns (n, exact); n is 0 when not even 1 fits, exact False when the
-    trials ran out first (n fits; a larger one might)."""
-    trials = 0
+    bytes_at: Callable[[int], int], start: int, start_bytes: int, limit: int, max_trials: int
+) -> Search:
+    """The largest n >= 1 with bytes_at(n) <= limit, for bytes_at growing with n, known at
+    `start`. Each trial is a compile, so it is spent where the answer likely is: a step's
+    memory is close to affine in its batch, and the next n is where the line through the
+    last two trials crosses the limit (a secant step), kept strictly inside what is known
+    (above every n that fits, below every n that does not; at most 64x beyond). An affine
+    curve takes three trials (the first doubles or halves `start`; then n, then n + 1);
+    a plateau, where the line is flat, halves the bracket instead."""
+    known = {start: start_bytes}
+    tried = [start]
 
-    def trial(n: int) -> bool:
-        nonlocal trials
-        trials += 1
-        return fits(n)
+    def crossing(a: int, b: int) -> int | None:
+        slope = (known[b] - known[a]) / (b - a)
+        return a + int((limit - known[a]) // slope) if slope > 0 else None
 
-    if start_fits:
-        good, bad = start, None
-        while bad is None:
-            if trials == max_trials:
-                return good, False
-            if trial(2 * good):
-                good *= 2
-            else:
-                bad = 2 * good
-    else:
-        good, bad = 0, start
-        while good == 0 and bad > 1:
-            if trials == max_trials:
-                return 0, False
-            half = bad // 2
-            good, bad = (half, bad) if trial(half) else (0, half)
-        if good == 0:
-            return 0, True
-    while bad - good > 1:
+    while True:
+        good = max((n for n, b in known.items() if b <= limit), default=0)
+        bad = min((n for n, b in known.items() if b > limit), default=None)
+        trials = len(tried) - 1
+        if bad is not None and bad - good <= 1:
+            return Search(good, True, trials)
         if trials == max_trials:
-            return good, False
-        middle = (good + bad) // 2
-        good, bad = (middle, bad) if trial(middle) else (good, middle)
-    return good, True
+            return Search(good, False, trials)
+        guess = crossing(*sorted(tried[-2:])) if trials else None
+        if bad is None:  # all fit so far
+            n = 2 * good if guess is None else min(max(guess, good + 1), 64 * good)
+        elif good == 0:  # none fits so far
+            n = bad // 2 if guess is None else min(max(guess, bad // 64, 1), bad - 1)
+        else:
+            n = (good + bad) // 2 if guess is None else min(max(guess, good + 1), bad - 1)
+        known[n] = bytes_at(n)
+        tried.append(n)

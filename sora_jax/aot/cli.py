@@ -11,8 +11,8 @@ parameters, optimizer state, batch, temporaries and the total; whether the train
 steps fit the chip's HBM and by what margin; FLOPs and HBM traffic per chip per step, and
 the lower bound on the step time they imply (topology.py says whose figures); where that
 traffic goes, by part of the model and pass (traffic.py); the collectives and custom calls
-of the train program; and the largest global batch that fits, found by compiling
-(--nosearch skips it). --dump_hlo=FILE keeps the compiled train step's HLO text. Exit 0
+of the train program; and the largest global batch that fits, found by compiling in as
+few compiles as the bytes allow (analysis.search_largest; --nosearch skips it). --dump_hlo=FILE keeps the compiled train step's HLO text. Exit 0
 when it compiled, fitting or not; 2 for a config or topology that cannot compile.
 
 `--topology cuda:N` (N GPUs) goes as far as JAX goes without a GPU: the steps lowered for
@@ -131,7 +131,8 @@ def print_table(r: dict) -> None:
     ]
     if r["largest_fitting_batch"]:
         s = r["largest_fitting_batch"]
-        rows.append(("largest batch that fits", f"{s['batch_size']}" + ("" if s["exact"] else "+")))
+        found = f"{s['batch_size']}" + ("" if s["exact"] else "+")
+        rows.append(("largest batch that fits", f"{found} ({s['compiles']} more compiles)"))
     moved = sum(sum(p.values()) for p in r["bytes_by_part"].values()) or 1
     for part, p in r["bytes_by_part"].items():
         share = (p["forward"] + p["backward"]) / moved

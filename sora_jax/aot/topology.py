@@ -12,6 +12,7 @@ they do not predict it.
 """
 
 import dataclasses
+import math
 
 import jax
 
@@ -24,6 +25,10 @@ class Chip:
     hbm_bytes: int  # per chip
     peak_flops: float  # bfloat16 FLOP/s per chip
     hbm_bytes_per_s: float
+    # Two TensorCores that JAX drives as one device ("megacore"), as it does on a real
+    # v4 or v5p: libtpu's compile-only v4 topology otherwise has a device per core, each
+    # with half the chip, and every per-chip figure here would be a core's.
+    megacore: bool = False
 
     @property
     def ridge_flops_per_byte(self) -> float:
@@ -33,9 +38,9 @@ class Chip:
 
 GiB = 1 << 30
 CHIPS = {
-    "v4": Chip("v4", 32 * GiB, 275e12, 1200e9),
+    "v4": Chip("v4", 32 * GiB, 275e12, 1200e9, megacore=True),
     "v5e": Chip("v5e", 16 * GiB, 197e12, 819e9),
-    "v5p": Chip("v5p", 95 * GiB, 459e12, 2765e9),
+    "v5p": Chip("v5p", 95 * GiB, 459e12, 2765e9, megacore=True),
     "v6e": Chip("v6e", 32 * GiB, 918e12, 1638e9),
 }
 
@@ -54,7 +59,7 @@ def parse(topology: str) -> tuple[Chip, str]:
 def tpu_devices(topology: str, slices: int = 1) -> list[jax.Device]:
     """The compile-only devices of `slices` slices of `topology`, e.g. ('v5e:16x16', 2)
     for 512 chips in two slices joined by the data-centre network."""
-    parse(topology)  # ValueError for a topology libtpu would not know
+    chip, shape = parse(topology)  # ValueError for a topology libtpu would not know
     try:
         import libtpu  # noqa: F401
     except ImportError as e:
@@ -65,8 +70,16 @@ def tpu_devices(topology: str, slices: int = 1) -> list[jax.Device]:
 
     process.quiet_libtpu()  # no TPU here: libtpu must not look for one
     kwargs = {"num_slices": slices} if slices > 1 else {}
+    if chip.megacore:
+        kwargs["chip_config_name"] = "megacore"
     try:
         description = topologies.get_topology_desc(topology, "tpu", **kwargs)
     except jax.errors.JaxRuntimeError as e:
         raise ValueError(f"topology {topology!r} x {slices} slices: {e}") from e
-    return list(description.devices)
+    devices = list(description.devices)
+    chips = slices * math.prod(int(side) for side in shape.split("x"))
+    if len(devices) != chips:  # the figures are per chip: one device must be one chip
+        raise ValueError(
+            f"topology {topology!r}: libtpu gave {len(devices)} devices for {chips} chips"
+        )
+    return devices
