@@ -13,7 +13,7 @@ import pytest
 from configs import demo
 from sora_jax.aot import analysis, topology
 from sora_jax.kernels import onednn
-from sora_jax.train import setup
+from sora_jax.train import setup, sharding
 from tests.conftest import ONE_DEVICE
 
 pytest.importorskip("libtpu", reason="sora-compile needs the tpu extra: pip install -e '.[tpu]'")
@@ -156,6 +156,15 @@ def test_a_slice_has_one_device_per_chip(name, slices, chips):
     devices = topology.tpu_devices(name, slices)
     assert len(devices) == chips and {d.core_on_chip for d in devices} == {0}
     assert len({(getattr(d, "slice_index", 0), *d.coords) for d in devices}) == chips
+
+
+def test_parameters_are_shared_within_a_slice_not_across_slices():
+    devices = topology.tpu_devices("v5e:2x2", slices=2)
+    mesh = sharding.make_mesh(4, devices[::-1])  # in any order
+    for row in mesh.devices:  # [data, fsdp]
+        assert len({d.slice_index for d in row}) == 1
+    with pytest.raises(ValueError, match=r"mesh\.fsdp=8 does not divide the 4 devices of each"):
+        sharding.make_mesh(8, devices)
 
 
 def test_an_unknown_topology_is_named():

@@ -12,8 +12,9 @@ steps fit the chip's HBM and by what margin; FLOPs and HBM traffic per chip per 
 the lower bound on the step time they imply (topology.py says whose figures); where that
 traffic goes, by part of the model and pass (traffic.py); the collectives and custom calls
 of the train program; and the largest global batch that fits, found by compiling in as
-few compiles as the bytes allow (analysis.search_largest; --nosearch skips it). --dump_hlo=FILE keeps the compiled train step's HLO text. Exit 0
-when it compiled, fitting or not; 2 for a config or topology that cannot compile.
+few compiles as the bytes allow (analysis.search_largest; --nosearch skips it).
+--dump_hlo=FILE keeps the compiled train step's HLO text. Exit 0 when it compiled, fitting
+or not; 2 for a config or topology that cannot compile.
 
 `--topology cuda:N` (N GPUs) goes as far as JAX goes without a GPU: the steps lowered for
 CUDA (aot/cuda.py). The JSON then has the shardings' bytes and the custom calls; the

@@ -16,10 +16,21 @@ MIN_SHARDED_SIZE = 2**12  # smaller arrays are cheaper to replicate than to gath
 
 
 def make_mesh(fsdp: int, devices: list | None = None) -> Mesh:
+    """[data, fsdp] devices: each row of `fsdp` devices shares one copy of the parameters
+    and optimizer state, and stays within one slice of a multislice run."""
     devices = list(jax.devices() if devices is None else devices)
+    devices.sort(key=lambda d: getattr(d, "slice_index", 0))  # stable: slice by slice
     if len(devices) % fsdp:
         raise ValueError(f"mesh.fsdp={fsdp} does not divide the {len(devices)} devices")
-    grid = np.asarray(devices).reshape(len(devices) // fsdp, fsdp)
+    per_slice = len(devices) // len({getattr(d, "slice_index", 0) for d in devices})
+    if per_slice % fsdp:
+        # A group that shares parameters gathers them every step: across slices, that is
+        # over the data-centre network instead of the chips' own links.
+        raise ValueError(
+            f"mesh.fsdp={fsdp} does not divide the {per_slice} devices of each slice: "
+            f"parameters would be gathered across slices"
+        )
+    grid = np.asarray(devices).reshape(len(devices) // fsdp, fsdp)  # [data, fsdp]
     return Mesh(grid, BATCH_AXES)
 
 
