@@ -1,6 +1,7 @@
 """sora-compile: the run's train and eval steps compiled for TPU slices that are not
 attached (libtpu compiles them here; nothing runs on a TPU)."""
 
+import importlib.metadata
 import json
 import os
 import pathlib
@@ -165,6 +166,13 @@ def test_parameters_are_shared_within_a_slice_not_across_slices():
         assert len({d.slice_index for d in row}) == 1
     with pytest.raises(ValueError, match=r"mesh\.fsdp=8 does not divide the 4 devices of each"):
         sharding.make_mesh(8, devices)
+
+
+def test_a_slice_libtpu_was_seen_to_crash_on_is_warned_of():
+    v6e, v5e = topology.CHIPS["v6e"], topology.CHIPS["v5e"]
+    crashes = importlib.metadata.version("libtpu").startswith("0.0.42.")
+    assert bool(topology.known_crash(v6e, 8)) == crashes
+    assert topology.known_crash(v6e, 4) is None and topology.known_crash(v5e, 256) is None
 
 
 def test_an_unknown_topology_is_named():

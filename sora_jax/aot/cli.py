@@ -230,6 +230,8 @@ def _compile(argv) -> None:
     try:
         chip, _ = topology.parse(_TOPOLOGY.value)
         devices = topology.tpu_devices(_TOPOLOGY.value, _SLICES.value)
+        if crash := topology.known_crash(chip, len(devices)):
+            print(f"sora-compile: warning: {crash}", file=sys.stderr, flush=True)
         run = analysis.compile_run(config, devices, dump_hlo=_DUMP_HLO.value)
     except (ConfigError, ValueError, RuntimeError) as e:
         print(f"sora-compile: {e}", file=sys.stderr)

@@ -12,6 +12,7 @@ they do not predict it.
 """
 
 import dataclasses
+import importlib.metadata
 import math
 
 import jax
@@ -83,3 +84,19 @@ def tpu_devices(topology: str, slices: int = 1) -> list[jax.Device]:
             f"topology {topology!r}: libtpu gave {len(devices)} devices for {chips} chips"
         )
     return devices
+
+
+def known_crash(chip: Chip, chips: int) -> str | None:
+    """Why this compile may die in libtpu, when the installed libtpu was seen to: a
+    segmentation fault ends the process, so it can only be said beforehand."""
+    try:
+        version = importlib.metadata.version("libtpu")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    if chip.name == "v6e" and chips > 4 and version.startswith("0.0.42."):
+        return (
+            f"libtpu {version} (the one jax 0.10.2 pins) crashed with a segmentation fault "
+            f"compiling this project's train steps for v6e slices of more than 4 chips; "
+            f"v6e:2x2 compiles, and so did libtpu 0.0.52 (BENCHMARKS.md section 7)"
+        )
+    return None
