@@ -1,6 +1,6 @@
 """Pure-functional Flax modules of the Sora audio-visual model."""
 
-from sora_jax.models.audio import AudioEncoder, HoistedGRUCell, LSTMRecurrence
+from sora_jax.models.audio import AudioEncoder, GRURecurrence, LSTMRecurrence
 from sora_jax.models.fusion import FUSIONS, FusionHead
 from sora_jax.models.sora import (
     DTYPES,
@@ -21,7 +21,7 @@ __all__ = [
     "AudioEncoder",
     "ContrastiveHeads",
     "FusionHead",
-    "HoistedGRUCell",
+    "GRURecurrence",
     "LSTMRecurrence",
     "SoraModel",
     "VisualTower",

@@ -7,6 +7,7 @@ from flax.linen.recurrent import flip_sequences
 
 from sora_jax.models import melspec
 from sora_jax.models.bias import Dense
+from sora_jax.models.gru import gru_sequence
 from sora_jax.models.lstm import lstm_sequence
 
 # A fixed standardisation of log-mel values (about -14 for silence, +9 for a full-scale
@@ -46,32 +47,35 @@ class LSTMRecurrence(nn.Module):
         return flip_sequences(hs, seq_lengths, 1, time_major=True) if reverse else hs
 
 
-class HoistedGRUCell(nn.RNNCellBase):
-    """A GRU step (as `flax.linen.GRUCell`, gate order r, z, n) with a hoisted input
-    projection; the recurrent bias of `n` stays inside because it is gated by `r`."""
+class _KernelAndBias(nn.Module):
+    """A weight and bias named and initialised as `nn.Dense`'s (checkpoints carry over)."""
+
+    shape: tuple[int, int]
+
+    @nn.compact
+    def __call__(self) -> tuple[jax.Array, jax.Array]:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), self.shape, jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), self.shape[-1:], jnp.float32)
+        return kernel, bias
+
+
+class GRURecurrence(nn.Module):
+    """The GRU over a sequence whose input projection was computed for all steps
+    beforehand, with the backward pass of gru.py (the recurrent weight gradient once for
+    all steps). Equivalent to `flax.linen.GRUCell` scanned by `nn.RNN` (gate order r, z,
+    n), its recurrent biases of r and z moved beside the input's."""
 
     features: int
+    unroll: int = 1
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, carry, input_gates):  # input_gates: [B, 3H]
-        h = carry
-        recurrent = nn.Dense(3 * self.features, use_bias=True, dtype=self.dtype, name="recurrent")
-        xr, xz, xn = jnp.split(input_gates.astype(jnp.float32), 3, axis=-1)
-        hr, hz, hn = jnp.split(recurrent(h).astype(jnp.float32), 3, axis=-1)
-        r = nn.sigmoid(xr + hr)
-        z = nn.sigmoid(xz + hz)
-        n = jnp.tanh(xn + r * hn)
-        h = (1.0 - z) * n + z * h
-        return h, h
-
-    @nn.nowrap
-    def initialize_carry(self, rng, input_shape):
-        return jnp.zeros((*input_shape[:-1], self.features), jnp.float32)
-
-    @property
-    def num_feature_axes(self) -> int:
-        return 1
+    def __call__(self, input_gates, seq_lengths, reverse: bool = False):  # [F, B, 3H], [B]
+        w_h, b_h = _KernelAndBias((self.features, 3 * self.features), name="recurrent")()
+        if reverse:  # each clip's own frames reversed in place; padding stays at the end
+            input_gates = flip_sequences(input_gates, seq_lengths, 1, time_major=True)
+        hs = gru_sequence(input_gates, w_h, b_h, self.dtype, self.unroll)  # [F, B, H]
+        return flip_sequences(hs, seq_lengths, 1, time_major=True) if reverse else hs
 
 
 CELLS = {"lstm": 4, "gru": 3}  # gates per hidden unit
@@ -150,15 +154,10 @@ class AudioEncoder(nn.Module):
                     )
                     out = recurrence(gates, frame_lengths, reverse)
                 else:
-                    rnn = nn.RNN(
-                        HoistedGRUCell(self.hidden, dtype=self.dtype, name=f"cell_{suffix}"),
-                        reverse=reverse,
-                        keep_order=True,
-                        time_major=True,
-                        unroll=self.unroll,
-                        name=f"rnn_{suffix}",
+                    recurrence = GRURecurrence(
+                        self.hidden, self.unroll, self.dtype, name=f"cell_{suffix}"
                     )
-                    out = rnn(gates, seq_lengths=frame_lengths)
+                    out = recurrence(gates, frame_lengths, reverse)
                 outputs.append(out)  # [F, B, H]
             x = jnp.concatenate(outputs, axis=-1).astype(self.dtype)  # [F, B, H * directions]
         frame_mask = jnp.arange(x.shape[0])[None, :] < frame_lengths[:, None]  # [B, F]
