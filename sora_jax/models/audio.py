@@ -63,7 +63,8 @@ class GRURecurrence(nn.Module):
     """The GRU over a sequence whose input projection was computed for all steps
     beforehand, with the backward pass of gru.py (the recurrent weight gradient once for
     all steps). Equivalent to `flax.linen.GRUCell` scanned by `nn.RNN` (gate order r, z,
-    n), its recurrent biases of r and z moved beside the input's."""
+    n); r and z each have two biases that add (the input's and the recurrent's) where
+    flax's have one."""
 
     features: int
     unroll: int = 1
