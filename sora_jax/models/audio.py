@@ -17,14 +17,29 @@ _LOG_MEL_CENTER = -4.0
 _LOG_MEL_SCALE = 4.0
 
 
-class _Kernel(nn.Module):
-    """A weight named and initialised as `nn.Dense`'s kernel (checkpoints carry over)."""
+class _RecurrentWeights(nn.Module):
+    """W_h [H, G*H] (and b_h [G*H]), named and initialised as `nn.Dense`'s kernel and bias
+    (checkpoints carry over)."""
 
     shape: tuple[int, int]
+    use_bias: bool = False
 
     @nn.compact
-    def __call__(self) -> jax.Array:
-        return self.param("kernel", nn.initializers.lecun_normal(), self.shape, jnp.float32)
+    def __call__(self) -> tuple[jax.Array, jax.Array | None]:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), self.shape, jnp.float32)
+        if not self.use_bias:
+            return kernel, None
+        bias = self.param("bias", nn.initializers.zeros_init(), self.shape[-1:], jnp.float32)
+        return kernel, bias
+
+
+def _in_clip_order(run, input_gates, seq_lengths, reverse: bool) -> jax.Array:
+    """run(input_gates) over each clip's own frames, reversed in place when `reverse`
+    (padding stays at the end, where the masks drop it)."""
+    if not reverse:
+        return run(input_gates)
+    flip = lambda x: flip_sequences(x, seq_lengths, 1, time_major=True)
+    return flip(run(flip(input_gates)))
 
 
 class LSTMRecurrence(nn.Module):
@@ -40,23 +55,9 @@ class LSTMRecurrence(nn.Module):
 
     @nn.compact
     def __call__(self, input_gates, seq_lengths, reverse: bool = False):  # [F, B, 4H], [B]
-        w_h = _Kernel((self.features, 4 * self.features), name="recurrent")()
-        if reverse:  # each clip's own frames reversed in place; padding stays at the end
-            input_gates = flip_sequences(input_gates, seq_lengths, 1, time_major=True)
-        hs = lstm_sequence(input_gates, w_h, self.dtype, self.unroll, self.backend)  # [F, B, H]
-        return flip_sequences(hs, seq_lengths, 1, time_major=True) if reverse else hs
-
-
-class _KernelAndBias(nn.Module):
-    """A weight and bias named and initialised as `nn.Dense`'s (checkpoints carry over)."""
-
-    shape: tuple[int, int]
-
-    @nn.compact
-    def __call__(self) -> tuple[jax.Array, jax.Array]:
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), self.shape, jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros_init(), self.shape[-1:], jnp.float32)
-        return kernel, bias
+        w_h, _ = _RecurrentWeights((self.features, 4 * self.features), name="recurrent")()
+        run = lambda gates: lstm_sequence(gates, w_h, self.dtype, self.unroll, self.backend)
+        return _in_clip_order(run, input_gates, seq_lengths, reverse)  # [F, B, H]
 
 
 class GRURecurrence(nn.Module):
@@ -72,11 +73,10 @@ class GRURecurrence(nn.Module):
 
     @nn.compact
     def __call__(self, input_gates, seq_lengths, reverse: bool = False):  # [F, B, 3H], [B]
-        w_h, b_h = _KernelAndBias((self.features, 3 * self.features), name="recurrent")()
-        if reverse:  # each clip's own frames reversed in place; padding stays at the end
-            input_gates = flip_sequences(input_gates, seq_lengths, 1, time_major=True)
-        hs = gru_sequence(input_gates, w_h, b_h, self.dtype, self.unroll)  # [F, B, H]
-        return flip_sequences(hs, seq_lengths, 1, time_major=True) if reverse else hs
+        shape = (self.features, 3 * self.features)
+        w_h, b_h = _RecurrentWeights(shape, use_bias=True, name="recurrent")()
+        run = lambda gates: gru_sequence(gates, w_h, b_h, self.dtype, self.unroll)
+        return _in_clip_order(run, input_gates, seq_lengths, reverse)  # [F, B, H]
 
 
 CELLS = {"lstm": 4, "gru": 3}  # gates per hidden unit
@@ -145,21 +145,14 @@ class AudioEncoder(nn.Module):
                 gates = Dense(  # nn.Dense with a fast bias gradient (bias.py)
                     gates_per_unit * self.hidden, dtype=self.dtype, name=f"input_proj_{suffix}"
                 )(x)  # [F, B, G*H]
+                name = f"cell_{suffix}"
                 if self.cell == "lstm":
                     recurrence = LSTMRecurrence(
-                        self.hidden,
-                        self.unroll,
-                        self.dtype,
-                        self.lstm_backend,
-                        name=f"cell_{suffix}",
+                        self.hidden, self.unroll, self.dtype, self.lstm_backend, name=name
                     )
-                    out = recurrence(gates, frame_lengths, reverse)
                 else:
-                    recurrence = GRURecurrence(
-                        self.hidden, self.unroll, self.dtype, name=f"cell_{suffix}"
-                    )
-                    out = recurrence(gates, frame_lengths, reverse)
-                outputs.append(out)  # [F, B, H]
+                    recurrence = GRURecurrence(self.hidden, self.unroll, self.dtype, name=name)
+                outputs.append(recurrence(gates, frame_lengths, reverse))  # [F, B, H]
             x = jnp.concatenate(outputs, axis=-1).astype(self.dtype)  # [F, B, H * directions]
         frame_mask = jnp.arange(x.shape[0])[None, :] < frame_lengths[:, None]  # [B, F]
         x = jnp.where(frame_mask.T[..., None], x, 0)
