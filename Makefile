@@ -79,6 +79,7 @@ bench: demo-data
 	$(BIN)/python bench/compile_time.py --out bench/results/compile_time.json
 	$(BIN)/python bench/memory.py --out bench/results/memory.json
 	$(BIN)/python bench/pretrain.py --out bench/results/pretrain.json
+	$(BIN)/python bench/storage.py --out bench/results/storage.json
 	test -f $(DEMO_RUN)/export/model.jax || $(MAKE) demo
 	$(BIN)/python bench/timeline.py --out bench/results/timeline.json
 

@@ -22,7 +22,7 @@ import tqdm
 
 from data_prep.layouts import Entry
 from data_prep.worker import PrepSettings, prepare_entry
-from sora_jax import process
+from sora_jax import process, storage
 
 VERSION = "1.0.0"
 
@@ -232,14 +232,19 @@ def file_facts(path: pathlib.Path) -> list:
     return [str(path), stat and stat.st_size, stat and stat.st_mtime_ns]
 
 
+# What tfds writes beside the shards, in the order a bucket gets them last: a reader finds
+# a dataset by its dataset_info.json, so that goes up after everything it describes.
+INFO_FILES = ("features.json", "metadata.json", "dataset_info.json")
+
+
 def build_if_changed(
-    data_dir: str | pathlib.Path, name: str, digest: str, **builder_kwargs
+    data_dir: "str | os.PathLike[str]", name: str, digest: str, **builder_kwargs
 ) -> tuple[list[dict], bool]:
-    """Build unless a dataset with the same fingerprint exists: (report rows, rebuilt?)."""
-    data_dir = pathlib.Path(data_dir)
-    report_path = data_dir / f"{name}_report.json"
-    version_dir = data_dir / name / VERSION
-    info_path = version_dir / "metadata.json"
+    """Build unless a dataset with the same fingerprint exists: (report rows, rebuilt?).
+    `data_dir` is a local path or a gs:// URL."""
+    out = storage.local(data_dir)
+    report_path = out / f"{name}_report.json"
+    info_path = out / name / VERSION / "metadata.json"
     up_to_date = (
         info_path.exists()
         and report_path.exists()
@@ -247,6 +252,10 @@ def build_if_changed(
     )
     if up_to_date:
         return json.loads(report_path.read_text()), False
+    if storage.is_remote(out):
+        return _build_to_bucket(out, name, digest, **builder_kwargs), True
+    data_dir = pathlib.Path(out)
+    version_dir = data_dir / name / VERSION
     _remove_leftovers(data_dir, name)
     # Inputs or settings changed: build anew beside the old version, which stays readable
     # until the new one is whole (a killed rebuild leaves the old dataset, not none).
@@ -262,6 +271,25 @@ def build_if_changed(
     shutil.rmtree(old, ignore_errors=True)
     shutil.rmtree(staging, ignore_errors=True)
     return builder.report, True
+
+
+def _build_to_bucket(out, name: str, digest: str, **builder_kwargs) -> list[dict]:
+    """Build on the local disk, then upload. ArrayRecord's writer opens local files only
+    (its reader opens gs:// itself), so the shards are written here first. A bucket has
+    no rename to swap versions whole: the old version is removed first, then the new one
+    uploaded with its dataset_info.json last, so a reader finds the new dataset, or none
+    (a killed upload: run sora-prep again), never a mix of the two."""
+    with tempfile.TemporaryDirectory(prefix="sora_prep_") as scratch:
+        builder = make_builder(name, scratch, fingerprint=digest, **builder_kwargs)
+        builder.build()
+        version_dir = out / name / VERSION
+        with contextlib.suppress(FileNotFoundError):
+            (version_dir / "dataset_info.json").unlink()  # unseen from now on
+        storage.remove_tree(version_dir)
+        storage.copy_tree(
+            storage.path(pathlib.Path(scratch, name, VERSION)), version_dir, INFO_FILES
+        )
+    return builder.report
 
 
 def _remove_leftovers(data_dir: pathlib.Path, name: str) -> None:
@@ -290,7 +318,7 @@ def _alive(pid: int) -> bool:
 
 def prepare(
     entries: list[Entry],
-    data_dir: str | pathlib.Path,
+    data_dir: "str | os.PathLike[str]",
     name: str,
     settings: PrepSettings,
     workers: int = 0,

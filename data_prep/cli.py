@@ -121,11 +121,28 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from data_prep import builder, layouts, report
     from data_prep.worker import PrepSettings
+    from sora_jax import storage
 
-    source = pathlib.Path(args.source)
+    try:
+        out, source = storage.local(args.out), storage.path(args.source)
+    except storage.StorageError as e:
+        print(f"sora-prep: {e}", file=sys.stderr)
+        return 2
     name = args.name or source.stem.lower().replace("-", "_").replace(" ", "_")
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if storage.is_remote(source):  # PyAV and the layouts read local files
+        print(f"sora-prep: copying {source} to this machine", file=sys.stderr)
+        source = storage.download(source)
+    source = pathlib.Path(source)
+    if not storage.is_remote(out):
+        out.mkdir(parents=True, exist_ok=True)
+    elif args.beam and "--runner" in args.beam and "DirectRunner" not in args.beam:
+        print(
+            f"sora-prep: --out {out} with --beam on a remote runner: ArrayRecord's writer "
+            "opens local files only, so remote workers cannot write the shards into a bucket. "
+            "Prepare with the DirectRunner (or without --beam), which builds here and uploads.",
+            file=sys.stderr,
+        )
+        return 2
     settings = PrepSettings(
         fps=args.fps,
         short_side=args.short_side,

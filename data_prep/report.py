@@ -2,11 +2,14 @@
 
 import collections
 import json
-import pathlib
+import os
+
+from sora_jax import storage
 
 
-def write(rows: list[dict], path: str | pathlib.Path) -> None:
-    pathlib.Path(path).write_text(json.dumps(rows, indent=1) + "\n")
+def write(rows: list[dict], path: "str | os.PathLike[str]") -> None:
+    """Whole or not at all, on a local disk or in a bucket."""
+    storage.write_atomic(storage.path(path), json.dumps(rows, indent=1) + "\n")
 
 
 def summary_table(rows: list[dict]) -> str:

@@ -8,9 +8,12 @@ logging), `sora_jax.models.check_config` the model's, the data pipeline the data
 """
 
 import json
-import pathlib
+import os
 
 import ml_collections
+
+from sora_jax import storage
+from sora_jax.workdir import Workdir
 
 SAMPLE_RATE = 16_000  # Hz: prepared audio and the model's log-mel front end
 # What evaluation reports, so what checkpoints rank by: classification (supervised runs)
@@ -153,10 +156,18 @@ def audio_samples(config: ml_collections.ConfigDict) -> int:
     return round(d.num_frames * d.frame_stride / d.fps * SAMPLE_RATE)
 
 
-def save(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> None:
-    """Write the final config beside the checkpoints, for resumption, eval and export."""
-    path = pathlib.Path(workdir) / "config.json"
-    path.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+def save(config: ml_collections.ConfigDict, workdir: "str | os.PathLike[str]") -> None:
+    """Write the final config beside the checkpoints, for resumption, eval and export;
+    whole or not at all (a killed write must not leave a run that cannot be resumed). How
+    this process joined its run (coordinator, process count and id) is not saved: a work dir
+    outlives its launch, and sora-eval or sora-export reading it would wait for peers that
+    are gone."""
+    saved = config.copy_and_resolve_references()
+    if "distributed" in saved:
+        saved.distributed.update(coordinator="", num_processes=0, process_id=-1)
+    storage.write_atomic(
+        Workdir(workdir).config, saved.to_json_best_effort(indent=2, sort_keys=True)
+    )
 
 
 def from_dict(tree: dict) -> ml_collections.ConfigDict:
@@ -174,12 +185,15 @@ def from_dict(tree: dict) -> ml_collections.ConfigDict:
     return config
 
 
-def load(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
+def load(workdir: "str | os.PathLike[str]") -> ml_collections.ConfigDict:
     """The config a run in `workdir` was trained with (keys added since filled in)."""
-    path = pathlib.Path(workdir) / "config.json"
+    path = Workdir(workdir).config
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {workdir} a sora-train work dir?")
-    return from_dict(json.loads(path.read_text()))
+    try:
+        return from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is damaged ({e}): not a config sora-train wrote") from e
 
 
 # Keys that work dirs written by earlier versions lack, with the value those runs used.

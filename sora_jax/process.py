@@ -13,7 +13,7 @@ import os
 import threading
 import time
 
-from sora_jax import host_memory
+from sora_jax import host_memory, storage
 
 # XLA:CPU hands convolutions to YNNPACK by default (jaxlib 0.10), where ours ran 2-4x slower
 # than on its Eigen path, their weight gradients most (BENCHMARKS.md, "YNNPACK"); dots stay
@@ -64,9 +64,11 @@ def quiet_libtpu() -> None:
 
 
 def configure() -> dict[str, bool]:
-    """Quiet TensorFlow, and apply the CPU settings if this process computes on the CPU;
-    returns which CPU settings were applied (the XLA flag, the malloc settings)."""
+    """Quiet TensorFlow, set how buckets are reached (storage.py), and apply the CPU
+    settings if this process computes on the CPU; returns which CPU settings were applied
+    (the XLA flag, the malloc settings)."""
     quiet_tensorflow()
+    storage.client_environment()
     if not computes_on_cpu():
         return {"xla_flag": False, "host_malloc": False}
     # No accelerator here: JAX need not start the TPU or GPU plugins a machine may have

@@ -130,6 +130,18 @@ def built_once(tmp_path_factory, name: str, build: Callable[[pathlib.Path], None
 
 
 @pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+    """A real GCS server on 127.0.0.1 (tests/gcs_server.py) for this test process and the
+    runs it starts: (server root folder, "gs://BUCKET"). The bucket's objects are files
+    under ROOT/BUCKET, for tests that damage one as a failing store would."""
+    from tests import gcs_server
+
+    root = tmp_path_factory.mktemp("gcs")
+    with gcs_server.running(root):
+        yield root, f"gs://{gcs_server.BUCKET}"
+
+
+@pytest.fixture(scope="session")
 def demo_data(tmp_path_factory):
     """A small prepared demo dataset: (data_dir, name). Real mp4s -> real ArrayRecords."""
     from data_prep import builder, layouts

@@ -169,3 +169,13 @@ def test_conv_layers_times_every_reference_conv_every_way(dtype):
         for impl in impls:
             assert set(row[impl]) == {"forward_ms", "input_grad_ms", "param_grad_ms"}
             assert all(v > 0 for v in row[impl].values())
+
+
+@pytest.mark.slow
+def test_storage_prints_the_contract(tmp_path):
+    """A bucket's cost against the local disk, on the GCS server bench/storage.py starts."""
+    result = _run("storage.py", "--configs", "configs/demo.py", "--reads", "20", "--repeats", "1")
+    for where in ("local", "bucket"):
+        costs = result["checkpoint_demo"][where]
+        assert costs["state_mb"] > 0 and costs["save_s"] > 0 and costs["restore_s"] > 0
+        assert result["data_reads"][where]["clips_per_s"] > 0

@@ -12,8 +12,7 @@ import time
 import pytest
 
 from sora_jax import config as config_lib
-from sora_jax.train import checkpoint, evaluate, setup, trainer
-from sora_jax.train import workdir as workdir_lib
+from sora_jax.train import checkpoint, evaluate, ownership, setup, trainer
 from tests.conftest import ONE_DEVICE, small_config
 
 
@@ -75,18 +74,18 @@ def test_a_work_dir_has_one_trainer_at_a_time_and_a_killed_one_does_not_keep_it(
     demo_data, tmp_path
 ):
     config, workdir = _config(demo_data), tmp_path / "run"
-    held = workdir_lib.Lock(workdir)
-    with pytest.raises(workdir_lib.WorkdirBusyError, match=f"in use by another.*pid {os.getpid()}"):
+    held = ownership.Lock(workdir)
+    with pytest.raises(ownership.WorkdirBusyError, match=f"in use by another.*pid {os.getpid()}"):
         trainer.train(config, workdir, devices=ONE_DEVICE)
     held.release()
-    workdir_lib.Lock(workdir).release()  # free again
+    ownership.Lock(workdir).release()  # free again
 
     # An owner killed with SIGKILL (no clean-up runs) leaves nothing stuck.
     owner = subprocess.Popen(
         [
             sys.executable,
             "-c",
-            "import sys, time\nfrom sora_jax.train.workdir import Lock\n"
+            "import sys, time\nfrom sora_jax.train.ownership import Lock\n"
             f"lock = Lock({str(workdir)!r}); print('locked', flush=True); time.sleep(600)",
         ],
         stdout=subprocess.PIPE,
@@ -94,13 +93,13 @@ def test_a_work_dir_has_one_trainer_at_a_time_and_a_killed_one_does_not_keep_it(
     )
     try:
         assert owner.stdout.readline().strip() == "locked"
-        with pytest.raises(workdir_lib.WorkdirBusyError, match=f"pid {owner.pid}"):
-            workdir_lib.Lock(workdir)
+        with pytest.raises(ownership.WorkdirBusyError, match=f"pid {owner.pid}"):
+            ownership.Lock(workdir)
     finally:
         owner.send_signal(signal.SIGKILL)
         owner.wait()
     time.sleep(0.1)
-    workdir_lib.Lock(workdir).release()
+    ownership.Lock(workdir).release()
 
 
 def test_a_resume_with_another_config_is_refused_naming_every_change(demo_data, tmp_path):
@@ -121,7 +120,7 @@ def test_a_resume_with_another_config_is_refused_naming_every_change(demo_data, 
     assert "--allow_config_change" in message
     longer = _config(demo_data)
     longer.total_steps = 8
-    workdir_lib.check_config_unchanged(longer, workdir)  # no error
+    ownership.check_config_unchanged(longer, workdir)  # no error
 
 
 def test_warmup_beyond_the_last_step_is_said(demo_data, tmp_path, caplog):

@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import pathlib
 from collections.abc import Sequence
 
 import grain
@@ -25,7 +24,7 @@ import tensorflow_datasets as tfds
 from absl import flags
 
 from sora_jax import config as config_lib
-from sora_jax import process
+from sora_jax import process, storage
 from sora_jax.media import sampling
 
 log = logging.getLogger("sora_jax")
@@ -47,7 +46,7 @@ def dataset_summary(data_dir: str, name: str) -> DatasetSummary:
         f"no prepared dataset {name!r} under {data_dir!r}: run "
         f"`sora-prep SOURCE --out {data_dir} --name {name}` first"
     )
-    if "://" not in data_dir and not any(pathlib.Path(data_dir, name).glob("*/dataset_info.json")):
+    if not any((storage.path(data_dir) / name).glob("*/dataset_info.json")):
         raise missing  # (tfds's own error lists its whole catalogue of datasets)
     try:
         builder = tfds.builder(name, data_dir=data_dir)

@@ -52,9 +52,10 @@ class Embedder:
         from sora_jax import config as config_lib
 
         if export:
+            from sora_jax import storage
             from sora_jax.export.predict import Predictor
 
-            predictor = Predictor(export)
+            predictor = Predictor(storage.download(storage.path(export)))
             if not set(EMBEDDINGS) <= set(predictor.card["outputs"]):
                 raise ValueError(
                     f"{export} was exported before exports gave each sense's embedding: "
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         embedder = Embedder(args.workdir, args.export, args.checkpoint)
-    except (FileNotFoundError, ValueError, CorruptCheckpointError) as e:
+    except (FileNotFoundError, ValueError, CorruptCheckpointError) as e:  # StorageError too
         print(f"sora-embed: {e}", file=sys.stderr)
         return 2
     if args.data_dir:

@@ -29,6 +29,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -37,15 +38,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 import sora_jax
 from sora_jax import config as config_lib
-from sora_jax import media, process
+from sora_jax import media, process, storage
 from sora_jax.data.pipeline import DatasetSummary
 from sora_jax.inputs import MEANINGS, MODEL_INPUTS, InputSpec
 from sora_jax.media.decode import SAMPLE_RATE
 from sora_jax.train import setup
 from sora_jax.train.checkpoint import CorruptCheckpointError
+from sora_jax.workdir import Workdir
 
 if TYPE_CHECKING:  # annotations only
     from sora_jax.models import SoraModel
@@ -202,13 +205,13 @@ def model_card(
     config: ml_collections.ConfigDict,
     summary: DatasetSummary,
     step: int,
-    workdir: pathlib.Path,
+    workdir: Workdir,
     platforms: Sequence[str],
     exported: jax.export.Exported,
 ) -> dict:
     d = config.data
     metrics = None
-    eval_file = workdir / f"eval_{d.eval_split}.json"
+    eval_file = workdir.eval_result(d.eval_split)
     if eval_file.exists():
         full = json.loads(eval_file.read_text())
         brief = lambda r: {k: r[k] for k in ("top1", "top5", "map", "num_examples") if k in r}
@@ -429,12 +432,13 @@ def write_saved_model(
 
 
 def export(
-    workdir: str | pathlib.Path,
-    output: str | pathlib.Path,
+    workdir: "str | os.PathLike[str]",
+    output: "str | os.PathLike[str]",
     step: int | None = None,
     data_dir: str | None = None,
 ) -> dict:
-    workdir, output = pathlib.Path(workdir), pathlib.Path(output).absolute()
+    """Export a work dir's checkpoint to `output`; either may be local or in a bucket."""
+    workdir, output = Workdir(workdir), storage.local(output)
     check_output(output, workdir)
     config = config_lib.load(workdir)
     if data_dir:
@@ -448,11 +452,13 @@ def export(
     model, params, step = restored.setup.model, jax.device_get(restored.params), restored.step
     summary = restored.dataset
     platforms = tuple(dict.fromkeys(("cpu", *config.get("export", {}).get("platforms", ()))))
-    # Written beside OUTPUT and moved into place whole: a failed export leaves any previous
-    # one as it was, and nothing this tool did not write is ever deleted.
-    staging = output.parent / f".{output.name}.incomplete-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    # Written on the local disk first (beside OUTPUT when it is local) and then moved or
+    # uploaded into place: a failed export leaves any previous one as it was, and nothing
+    # this tool did not write is ever deleted.
+    scratch = None if storage.is_remote(output) else pathlib.Path(output).parent
+    if scratch is not None:
+        scratch.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{output.name}.incomplete-", dir=scratch))
     try:
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(staging / "params", params)
@@ -469,7 +475,10 @@ def export(
         write_client(staging)
         (staging / "model_card.json").write_text(json.dumps(card, indent=1))
         (staging / "model_card.md").write_text(card_markdown(card, output))
-        _swap_into_place(staging, output)
+        if storage.is_remote(output):
+            _upload_into_place(staging, output)
+        else:
+            _swap_into_place(staging, pathlib.Path(output))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return card
@@ -491,14 +500,16 @@ class OutputError(ValueError):
     """An --output that sora-export must not write to."""
 
 
-def check_output(output: pathlib.Path, workdir: pathlib.Path) -> None:
+def check_output(output: epath.Path, workdir: Workdir) -> None:
     """Refuse the work dir, its parents, and any non-empty directory that is not a
     previous export: replacing OUTPUT must never delete what this tool did not write."""
-    output, workdir = output.resolve(), workdir.resolve()
-    if output == workdir or output in workdir.parents:
+    if not storage.is_remote(output):
+        output = epath.Path(os.path.realpath(output))
+    root = workdir.root if workdir.remote else epath.Path(os.path.realpath(workdir.root))
+    if os.fspath(output) == os.fspath(root) or output in root.parents:
         raise OutputError(
-            f"--output {output} would replace the work dir {workdir}; choose a new "
-            f"directory, e.g. {workdir / 'export'}"
+            f"--output {output} would replace the work dir {root}; choose a new "
+            f"directory, e.g. {root / 'export'}"
         )
     if output.exists() and not output.is_dir():
         raise OutputError(f"--output {output} is a file, not a directory")
@@ -522,6 +533,16 @@ def _swap_into_place(staging: pathlib.Path, output: pathlib.Path) -> None:
     shutil.rmtree(old)
 
 
+def _upload_into_place(staging: pathlib.Path, output: epath.Path) -> None:
+    """A bucket has no rename to swap a folder whole: the previous export's model card goes
+    first (a reader takes a folder without one for no export), then what else it held of
+    this tool's entries (check_output allowed no others), and the new export goes up with
+    its model card last."""
+    for name in ("model_card.json", *sorted(EXPORT_ENTRIES - {"model_card.json"})):
+        storage.remove_tree(output / name)
+    storage.copy_tree(epath.Path(staging), output, last=("model_card.json",))
+
+
 def main(argv: list[str] | None = None) -> int:
     process.configure()
     parser = argparse.ArgumentParser(
@@ -540,12 +561,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         card = export(args.workdir, args.output, args.checkpoint, args.data_dir)
-    except (FileNotFoundError, OutputError, CorruptCheckpointError) as e:
+    except (FileNotFoundError, OutputError, CorruptCheckpointError, storage.StorageError) as e:
         print(f"sora-export: {e}", file=sys.stderr)
         return 2
     print(
         f"exported step {card['checkpoint_step']} for {', '.join(card['platforms'])} to "
-        f"{pathlib.Path(args.output).absolute()}"
+        f"{storage.local(args.output)}"
     )
     return 0
 

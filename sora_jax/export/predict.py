@@ -33,7 +33,7 @@ import sys
 
 import numpy as np
 
-from sora_jax import process
+from sora_jax import process, storage
 from sora_jax.export import plots
 from sora_jax.media.predictor import Predictor
 from sora_jax.media.timeline import StreamReader
@@ -139,9 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--embeddings writes one per file: not with --timeline or --stream")
     if args.hop < 0 or args.batch < 1:
         parser.error("--hop must be >= 0 and --batch >= 1")
-    try:
-        predictor = Predictor(args.export)
-    except (OSError, ValueError) as e:  # not an export, or one written by an older version
+    try:  # Predictor (part of the exported client) reads a local folder: a bucket's is copied
+        predictor = Predictor(storage.download(storage.path(args.export)))
+    except (OSError, ValueError) as e:  # not an export, one written by an older version, a URL
         parser.error(str(e))
     explain_dir = pathlib.Path(args.explain) if args.explain else None
     if explain_dir:

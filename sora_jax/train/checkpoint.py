@@ -15,8 +15,7 @@ between orbax finishing it and the digests being written) is used unchecked.
 import hashlib
 import json
 import logging
-import pathlib
-import shutil
+import os
 from typing import Any
 
 import grain
@@ -24,10 +23,13 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
+from sora_jax import storage
 from sora_jax.train.state import TrainState
+from sora_jax.workdir import Workdir
 
 log = logging.getLogger("sora_jax")
 
@@ -39,7 +41,7 @@ class CorruptCheckpointError(RuntimeError):
 
 
 def make_manager(
-    workdir: str | pathlib.Path, config: ml_collections.ConfigDict, read_only: bool = False
+    workdir: "str | os.PathLike[str]", config: ml_collections.ConfigDict, read_only: bool = False
 ) -> ocp.CheckpointManager:
     c = config.checkpoint
     preservation = policies.AnyPreservationPolicy(
@@ -60,8 +62,7 @@ def make_manager(
         enable_async_checkpointing=not read_only,
         create=not read_only,
     )
-    directory = pathlib.Path(workdir).absolute() / "checkpoints"
-    return ocp.CheckpointManager(directory, options=options)
+    return ocp.CheckpointManager(Workdir(workdir).checkpoints, options=options)
 
 
 def save(
@@ -80,18 +81,16 @@ def save(
     manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
 
-def _step_dir(manager: ocp.CheckpointManager, step: int) -> pathlib.Path:
-    return pathlib.Path(manager.directory) / str(step)
+def _step_dir(manager: ocp.CheckpointManager, step: int) -> epath.Path:
+    return epath.Path(manager.directory) / str(step)
 
 
-def _digests(folder: pathlib.Path) -> dict[str, str]:
+def _digests(folder: epath.Path) -> dict[str, str]:
     digests = {}
-    for path in sorted(folder.rglob("*")):
-        if path.is_file() and path.name != DIGESTS:
-            with path.open("rb") as f:
-                digests[str(path.relative_to(folder))] = hashlib.file_digest(
-                    f, "sha256"
-                ).hexdigest()
+    for name in storage.files_under(folder):
+        if name != DIGESTS:
+            with (folder / name).open("rb") as f:
+                digests[name] = hashlib.file_digest(f, "sha256").hexdigest()
     return digests
 
 
@@ -104,9 +103,7 @@ def seal(manager: ocp.CheckpointManager) -> None:
     for step in manager.all_steps():
         record = _step_dir(manager, step) / DIGESTS
         if not record.exists():
-            partial = record.with_suffix(".partial")
-            partial.write_text(json.dumps(_digests(record.parent), indent=0))
-            partial.replace(record)
+            storage.write_atomic(record, json.dumps(_digests(record.parent), indent=0))
 
 
 def problem_with(manager: ocp.CheckpointManager, step: int) -> str | None:
@@ -149,20 +146,24 @@ def intact_step(manager: ocp.CheckpointManager, step: int | None = None) -> int 
     return None
 
 
-def set_aside_newer_than(manager: ocp.CheckpointManager, step: int | None, workdir) -> None:
+def set_aside_newer_than(
+    manager: ocp.CheckpointManager, step: int | None, workdir: "str | os.PathLike[str]"
+) -> None:
     """Move the (corrupt) checkpoints after `step` to WORKDIR/corrupt_checkpoints, so the
-    resumed run can write those steps again and nothing is deleted."""
+    resumed run can write those steps again and nothing is deleted (a step set aside
+    before keeps its place: the next one goes beside it as STEP.2, STEP.3, ...)."""
     newer = [s for s in manager.all_steps() if step is None or s > step]
     if newer and jax.process_count() > 1:  # every process has checked them before any move
         multihost_utils.sync_global_devices("corrupt checkpoints found")
     if newer and jax.process_index() == 0:
-        aside = pathlib.Path(workdir) / "corrupt_checkpoints"
-        aside.mkdir(exist_ok=True)
+        aside = Workdir(workdir).corrupt_checkpoints
+        aside.mkdir(parents=True, exist_ok=True)
         for s in newer:
-            target = aside / str(s)
-            if target.exists():
-                shutil.rmtree(target)
-            _step_dir(manager, s).rename(target)
+            target, copy = aside / str(s), 1
+            while target.exists():
+                copy += 1
+                target = aside / f"{s}.{copy}"
+            storage.move_tree(_step_dir(manager, s), target)
             log.warning("moved corrupt checkpoint %d to %s", s, target)
     if newer:
         if jax.process_count() > 1:

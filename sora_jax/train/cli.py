@@ -21,7 +21,6 @@ import difflib
 import importlib.util
 import json
 import logging
-import pathlib
 import sys
 
 from absl import app, flags
@@ -32,7 +31,15 @@ from sora_jax import process
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file (optionally FILE:PRESET).", lock_config=True
 )
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for checkpoints and logs: a local path or gs://BUCKET/PATH."
+)
+_LEASE = flags.DEFINE_float(
+    "lease_seconds",
+    60.0,
+    "A gs:// work dir: how long a killed owner on another host keeps the work dir from the "
+    "next run (its owner renews the lease every third of this).",
+)
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change",
     False,
@@ -51,20 +58,25 @@ def _train(argv) -> None:
     import jax
 
     from sora_jax.config import ConfigError
-    from sora_jax.train import checkpoint, evaluate, setup, trainer, workdir
+    from sora_jax.storage import StorageError
+    from sora_jax.train import checkpoint, evaluate, ownership, setup, trainer
 
     _quiet_logs()
     config = _CONFIG.value
     setup.maybe_initialize_distributed(config)
     try:
         result = trainer.train(
-            config, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value
+            config,
+            _WORKDIR.value,
+            allow_config_change=_ALLOW_CONFIG_CHANGE.value,
+            lease_s=_LEASE.value,
         )
     except (
         ConfigError,
+        StorageError,
         FileNotFoundError,
         trainer.NonFiniteError,
-        workdir.WorkdirBusyError,
+        ownership.WorkdirBusyError,
         checkpoint.CorruptCheckpointError,
     ) as e:
         print(f"sora-train: {e}", file=sys.stderr)
@@ -135,27 +147,35 @@ def eval_main(argv: list[str] | None = None) -> int:
     import jax
 
     from sora_jax import config as config_lib
+    from sora_jax import storage
     from sora_jax.train import checkpoint, evaluate, setup
+    from sora_jax.workdir import Workdir
 
     _quiet_logs()
     try:
-        config = config_lib.load(args.workdir)
+        workdir = Workdir(args.workdir)
+        config = config_lib.load(workdir)
         if args.data_dir:
             config.data.dir = args.data_dir
         setup.maybe_initialize_distributed(config)
         split = args.split or config.data.eval_split
-        restored = setup.load_for_inference(config, args.workdir, args.checkpoint)
+        restored = setup.load_for_inference(config, workdir, args.checkpoint)
         evaluator = evaluate.Evaluator(restored.setup, config, split, restored.dataset.class_names)
-    except (config_lib.ConfigError, FileNotFoundError, checkpoint.CorruptCheckpointError) as e:
+    except (
+        config_lib.ConfigError,
+        storage.StorageError,
+        FileNotFoundError,
+        checkpoint.CorruptCheckpointError,
+    ) as e:
         print(f"sora-eval: {e}", file=sys.stderr)
         return 2
     try:
-        result = evaluator(restored.params, args.workdir, restored.step)
+        result = evaluator(restored.params, workdir, restored.step)
     finally:
         evaluator.close()
     if jax.process_index() == 0:
-        path = pathlib.Path(args.workdir) / f"eval_{split}.json"
-        path.write_text(json.dumps(result, indent=1))
+        path = workdir.eval_result(split)
+        storage.write_atomic(path, json.dumps(result, indent=1))
         brief = {"split": split, "step": restored.step, "details": str(path)}
         if "top1" in result:
             for mode in evaluate.MODES:

@@ -6,7 +6,7 @@ called at every evaluation.
 """
 
 import collections
-import pathlib
+import os
 from collections.abc import Sequence
 
 import jax
@@ -19,6 +19,7 @@ from sora_jax.train import fit, representation
 from sora_jax.train import metrics as metrics_lib
 from sora_jax.train.setup import Setup
 from sora_jax.train.step import abstract_batch, make_eval_step
+from sora_jax.workdir import Workdir
 
 MODES = ("full", "audio_only", "video_only")
 _PER_PROCESS = ("label", "valid", "index")  # host-side keys, never sent to the devices
@@ -116,9 +117,10 @@ class Evaluator:
         return {m: outputs[m] for m in MODES}, labels
 
     def __call__(
-        self, params: dict, out_dir: str | pathlib.Path | None = None, step: int | None = None
+        self, params: dict, out_dir: "str | os.PathLike[str] | None" = None, step: int | None = None
     ) -> dict:
-        """Every measure that applies; PNG confusion matrices if `out_dir` is given."""
+        """Every measure that applies; PNG confusion matrices in work dir `out_dir`, if
+        given."""
         outputs, labels = self._reader.run(self._step, params)
         summary = {}
         if self.classify:
@@ -145,7 +147,7 @@ class Evaluator:
                 metrics_lib.save_confusion_png(
                     report["confusion_matrix"],
                     self.class_names,
-                    pathlib.Path(out_dir) / f"confusion_{self.split}_{mode}.png",
+                    Workdir(out_dir).confusion_png(self.split, mode),
                     f"{self.config.data.name} {self.split} ({mode.replace('_', '-')}), step {step}",
                 )
         return dict(results["full"]) | {

@@ -1,9 +1,12 @@
 """Classification metrics on host NumPy arrays, and the confusion-matrix picture."""
 
-import pathlib
+import io
+import os
 from collections.abc import Sequence
 
 import numpy as np
+
+from sora_jax import storage
 
 
 def top_k_accuracy(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
@@ -64,7 +67,7 @@ def classification_report(
 
 
 def save_confusion_png(
-    matrix: np.ndarray, class_names: Sequence[str], path: str | pathlib.Path, title: str
+    matrix: np.ndarray, class_names: Sequence[str], path: "str | os.PathLike[str]", title: str
 ) -> None:
     import matplotlib
 
@@ -92,5 +95,7 @@ def save_confusion_png(
                 fontsize=8,
             )
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    png = io.BytesIO()  # then one write: `path` may be in a bucket
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    storage.write_atomic(storage.path(path), png.getvalue())

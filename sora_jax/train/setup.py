@@ -6,7 +6,7 @@ the train state, and loading parameters for inference.
 import dataclasses
 import hashlib
 import json
-import pathlib
+import os
 from collections.abc import Sequence
 
 import jax
@@ -127,7 +127,7 @@ class Restored:
 
 def load_for_inference(
     config: ml_collections.ConfigDict,
-    workdir: str | pathlib.Path,
+    workdir: "str | os.PathLike[str]",
     step: int | None = None,
     devices: Sequence[jax.Device] | None = None,
 ) -> Restored:

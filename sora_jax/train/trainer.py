@@ -9,8 +9,9 @@ followed by the log window's bookkeeping and, when due, evaluation and a checkpo
 
 import json
 import logging
-import pathlib
+import os
 import signal
+import tempfile
 import time
 from collections.abc import Sequence
 
@@ -19,16 +20,18 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import tqdm
+from etils import epath
 from jax.experimental import multihost_utils
 
 from sora_jax import config as config_lib
+from sora_jax import storage
 from sora_jax.data import pipeline
-from sora_jax.train import checkpoint, evaluate, fit, transfer
+from sora_jax.train import checkpoint, evaluate, fit, ownership, transfer
 from sora_jax.train import setup as setup_lib
-from sora_jax.train import workdir as workdir_lib
 from sora_jax.train.state import NONFINITE_NAMES, TrainState, init_state
 from sora_jax.train.step import abstract_batch, make_train_step
 from sora_jax.train.tensorboard import ScalarWriter
+from sora_jax.workdir import Workdir
 
 log = logging.getLogger("sora_jax")
 
@@ -40,10 +43,13 @@ class NonFiniteError(RuntimeError):
 class _Preemption:
     """SIGTERM sets a flag; the loop saves a checkpoint and exits. With several
     processes, all must stop at the same step (a checkpoint is collective), so the flag
-    is shared at log steps, which are host syncs anyway."""
+    is shared at log steps, which are host syncs anyway. So is a lost lease on a bucket
+    work dir (process 0's): then every process stops without saving anything, since
+    another run owns the work dir now."""
 
-    def __init__(self):
+    def __init__(self, lock: ownership.Lock):
         self.requested = False
+        self._lock = lock
         self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
@@ -51,11 +57,19 @@ class _Preemption:
 
     def should_stop(self, step: int, at_sync_point: bool) -> bool:
         if jax.process_count() == 1:
-            return self.requested
-        if not at_sync_point:
+            flags = np.array([[self.requested, self._lock.lost]])
+        elif at_sync_point:
+            flags = multihost_utils.process_allgather(
+                np.array([self.requested, self._lock.lost], np.int32)
+            ).reshape(-1, 2)
+        else:
             return False
-        flags = multihost_utils.process_allgather(np.int32(self.requested))
-        return bool(np.asarray(flags).any())
+        if flags[:, 1].any():
+            raise ownership.WorkdirBusyError(
+                f"{self._lock.path} was taken over by another run at step {step}: stopped "
+                "without saving (the lease could not be renewed in time)"
+            )
+        return bool(flags[:, 0].any())
 
     def restore(self):
         signal.signal(signal.SIGTERM, self._previous)
@@ -72,38 +86,48 @@ def _check_finite(state) -> None:
         )
 
 
-def _keep_steps_up_to(path: pathlib.Path, step: int) -> None:
-    """A resumed run runs again the steps after its checkpoint: their lines from before
-    (and a line cut short by a kill) go, so each step is logged once."""
-    if not path.exists():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    kept = []
-    for line in lines:
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (json.JSONDecodeError, KeyError):
-            pass
-    if len(kept) < len(lines):
-        partial = path.with_suffix(".partial")
-        partial.write_text("".join(kept))
-        partial.replace(path)
+class _JsonLines:
+    """A log of one JSON object per line, each with its "step". A resumed run runs again
+    the steps after its checkpoint: their lines from before (and a line cut short by a
+    kill) go, so each step is logged once. Lines are appended to a local file; a bucket
+    object cannot be appended to, so there the file is rewritten whole at each log step
+    from the lines kept in memory (about 10 MB for a million steps of metrics)."""
+
+    def __init__(self, path: epath.Path, start: int):
+        self.path, self.remote = path, storage.is_remote(path)
+        lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+        self.lines = [line for line in lines if _step_of(line) <= start]
+        if len(self.lines) < len(lines):
+            storage.write_atomic(path, "".join(self.lines))
+
+    def append(self, records: list[dict]) -> None:
+        new = [json.dumps(r) + "\n" for r in records]
+        if self.remote:
+            self.lines += new
+            self.path.write_text("".join(self.lines))
+        else:
+            with self.path.open("a") as f:
+                f.writelines(new)
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")  # cut short by a kill: dropped
 
 
 class _Logger:
     """TensorBoard scalars, metrics.jsonl (every step's loss) and the progress bar."""
 
-    def __init__(self, workdir: pathlib.Path, total: int, start: int, enabled: bool):
+    def __init__(self, workdir: Workdir, total: int, start: int, enabled: bool):
         self.enabled = enabled
-        self.jsonl = workdir / "metrics.jsonl"
-        self.throughput = workdir / "throughput.jsonl"  # per log window
         self.writer = None
         self.bar = None
         if enabled:
-            for path in (self.jsonl, self.throughput):
-                _keep_steps_up_to(path, start)
-            self.writer = ScalarWriter(workdir / "tensorboard")
+            self.jsonl = _JsonLines(workdir.metrics, start)
+            self.throughput = _JsonLines(workdir.throughput, start)  # per log window
+            self.writer = ScalarWriter(workdir.tensorboard)
             self.bar = tqdm.tqdm(
                 total=total, initial=start, desc="train", unit="step", dynamic_ncols=True
             )
@@ -111,15 +135,14 @@ class _Logger:
     def steps(self, first_step: int, per_step: list[dict], extra: dict) -> None:
         if not self.enabled:
             return
-        with self.jsonl.open("a") as f:
-            for i, m in enumerate(per_step):
-                f.write(
-                    json.dumps({"step": first_step + i, **{k: float(v) for k, v in m.items()}})
-                    + "\n"
-                )
+        self.jsonl.append(
+            [
+                {"step": first_step + i, **{k: float(v) for k, v in m.items()}}
+                for i, m in enumerate(per_step)
+            ]
+        )
         last = first_step + len(per_step) - 1
-        with self.throughput.open("a") as f:
-            f.write(json.dumps({"step": last, "steps": len(per_step), **extra}) + "\n")
+        self.throughput.append([{"step": last, "steps": len(per_step), **extra}])
         mean = {k: float(np.mean([m[k] for m in per_step])) for k in per_step[0]}
         for k, v in (mean | extra).items():
             self.writer.scalar(f"train/{k}", v, last)
@@ -192,15 +215,20 @@ class _LogWindow:
 
 class _Profile:
     """A trace of steps `first`..`last` (config.profile_steps) in the TensorBoard dir,
-    which TensorBoard's profile tab opens; on process 0 only."""
+    which TensorBoard's profile tab opens; on process 0 only. For a bucket it is written
+    locally and uploaded when it ends (the profiler writes through TensorFlow's file
+    system, which this project does not use for buckets)."""
 
-    def __init__(self, steps: Sequence[int], logdir: pathlib.Path, enabled: bool):
+    def __init__(self, steps: Sequence[int], logdir: epath.Path, enabled: bool):
         self.first, self.last = tuple(steps) if steps and enabled else (0, -1)
         self.logdir, self.active = logdir, False
+        self._local: tempfile.TemporaryDirectory | None = None
 
     def before_step(self, step: int) -> None:  # `step` is about to run (1-based)
         if step == self.first:
-            jax.profiler.start_trace(str(self.logdir))
+            if storage.is_remote(self.logdir):
+                self._local = tempfile.TemporaryDirectory(prefix="sora_trace_")
+            jax.profiler.start_trace(self._local.name if self._local else os.fspath(self.logdir))
             self.active = True
 
     def after_step(self, step: int, metrics: dict) -> None:
@@ -212,17 +240,20 @@ class _Profile:
         if self.active:
             jax.profiler.stop_trace()
             self.active = False
+            if self._local is not None:
+                storage.copy_tree(epath.Path(self._local.name), self.logdir)
+                self._local.cleanup()
 
 
-def _saved_step(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> int | None:
+def _saved_step(config: ml_collections.ConfigDict, workdir: Workdir) -> int | None:
     """The step of the work dir's latest checkpoint; None for a run that starts fresh."""
-    if not (workdir / "checkpoints").is_dir():
+    if not workdir.has_checkpoints():
         return None
     return checkpoint.make_manager(workdir, config, read_only=True).latest_step()
 
 
 def _check_not_past_the_end(
-    config: ml_collections.ConfigDict, workdir: pathlib.Path, saved: int | None
+    config: ml_collections.ConfigDict, workdir: Workdir, saved: int | None
 ) -> None:
     """A work dir whose checkpoints are past total_steps would train nothing."""
     config_lib.check(
@@ -269,15 +300,16 @@ def _restore_or_init(
     manager: ocp.CheckpointManager,
     batches: pipeline.DevicePrefetch,
     init_source: tuple[dict, str] | None,
+    workdir: Workdir,
 ) -> tuple[TrainState, int]:
     """The newest intact checkpoint's state, with the data reader moved to where it was
     (corrupt newer ones are set aside); or a fresh state at step 0 (with
     config.init_parts loaded from config.init_from: `init_source` if read already)."""
     start = checkpoint.intact_step(manager)
-    checkpoint.set_aside_newer_than(manager, start, manager.directory.parent)
+    checkpoint.set_aside_newer_than(manager, start, workdir)
     if start is not None:
         state = checkpoint.restore(manager, start, run.abstract_state, batches)
-        log.info("resumed from step %d in %s", start, manager.directory.parent)
+        log.info("resumed from step %d in %s", start, workdir)
         return state, start
     init = jax.jit(
         lambda rng: init_state(run.model, run.tx, run.inputs, config, rng),
@@ -300,14 +332,16 @@ def _inference_params(state: TrainState):
 
 def train(
     config: ml_collections.ConfigDict,
-    workdir: str | pathlib.Path,
+    workdir: "str | os.PathLike[str]",
     devices: Sequence[jax.Device] | None = None,
     allow_config_change: bool = False,
+    lease_s: float = ownership.LEASE_S,
 ) -> dict:
-    """Train (resuming from `workdir` if it holds checkpoints) and evaluate at the end.
-    The work dir is this run's alone while it trains (workdir.py); resuming with another
-    config than the run's is refused unless `allow_config_change`."""
-    workdir = pathlib.Path(workdir)
+    """Train (resuming from `workdir`, a local path or a gs:// URL, if it holds
+    checkpoints) and evaluate at the end. The work dir is this run's alone while it trains
+    (ownership.py; `lease_s`: a bucket lease's life); resuming with another config than the
+    run's is refused unless `allow_config_change`."""
+    workdir = Workdir(workdir)
     setup_lib.check_config(config)
     if config.optimizer.warmup_steps > config.total_steps:  # valid (a smoke test), but say so
         log.warning(
@@ -318,22 +352,23 @@ def train(
         )
     summary = pipeline.check_dataset(config)
     setup_lib.check_processes_agree(config, summary)
-    lock = workdir_lib.Lock(workdir)
+    lock = ownership.Lock(workdir, lease_s)
     try:
         if not allow_config_change:
-            workdir_lib.check_config_unchanged(config, workdir)
+            ownership.check_config_unchanged(config, workdir)
         saved = _saved_step(config, workdir)
         _check_not_past_the_end(config, workdir, saved)
-        return _train(config, workdir, devices, summary, resumes=saved is not None)
+        return _train(config, workdir, devices, summary, lock, resumes=saved is not None)
     finally:
         lock.release()
 
 
 def _train(
     config: ml_collections.ConfigDict,
-    workdir: pathlib.Path,
+    workdir: Workdir,
     devices: Sequence[jax.Device] | None,
     summary: pipeline.DatasetSummary,
+    lock: ownership.Lock,
     resumes: bool,
 ) -> dict:
     main_process = jax.process_index() == 0
@@ -343,17 +378,18 @@ def _train(
     eval_step = evaluate.compile_eval_step(run, config)  # or here
     manager = checkpoint.make_manager(workdir, config)
     if main_process:
-        workdir.mkdir(parents=True, exist_ok=True)
+        if not workdir.remote:  # a bucket has no folders to make
+            workdir.root.mkdir(parents=True, exist_ok=True)
         config_lib.save(config, workdir)
     local_batch = config.batch_size // jax.process_count()
     batches = pipeline.DevicePrefetch(
         iter(pipeline.train_dataset(config, local_batch)), run.batch_sharding
     )
-    state, step = _restore_or_init(run, config, manager, batches, init_source)
+    state, step = _restore_or_init(run, config, manager, batches, init_source, workdir)
     evaluator: evaluate.Evaluator | None = None  # made at the first evaluation, kept for the rest
     logger = _Logger(workdir, config.total_steps, step, main_process)
-    profile = _Profile(config.profile_steps, workdir / "tensorboard", main_process)
-    preemption = _Preemption()
+    profile = _Profile(config.profile_steps, workdir.tensorboard, main_process)
+    preemption = _Preemption(lock)
     window = _LogWindow()
     result: dict = {}
     try:
@@ -406,5 +442,7 @@ def _train(
         if evaluator is not None:
             evaluator.close()
     if result and main_process:
-        (workdir / f"eval_{config.data.eval_split}.json").write_text(json.dumps(result, indent=1))
+        storage.write_atomic(
+            workdir.eval_result(config.data.eval_split), json.dumps(result, indent=1)
+        )
     return result

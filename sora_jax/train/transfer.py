@@ -10,40 +10,44 @@ classes starts anew; any other difference fails, naming the parameter and both s
 
 import json
 import logging
-import pathlib
+import os
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from sora_jax import config as config_lib
-from sora_jax import models
+from sora_jax import models, storage
 from sora_jax.inputs import InputSpec
 from sora_jax.train import checkpoint
+from sora_jax.workdir import Workdir
 
 log = logging.getLogger("sora_jax")
 
 
-def _source_config(path: pathlib.Path) -> tuple[ml_collections.ConfigDict, str]:
+def _source_config(path: epath.Path) -> tuple[ml_collections.ConfigDict, str]:
     """(the source's config, what kind of source it is)."""
     if (path / "model_card.json").exists() and (path / "params").is_dir():
         card = json.loads((path / "model_card.json").read_text())
         return config_lib.from_dict(card["config"]), "export"
-    if (path / "config.json").exists():
+    if Workdir(path).config.exists():
         return config_lib.load(path), "workdir"
-    if path.parent.name == "checkpoints" and path.name.isdigit():
-        return config_lib.load(path.parent.parent), "step"
+    step_of = Workdir(path.parent.parent)
+    if path.name.isdigit() and os.fspath(path.parent) == os.fspath(step_of.checkpoints):
+        return config_lib.load(step_of), "step"
     raise FileNotFoundError(
         f"config.init_from: {path} is not a sora-train work dir, a step dir "
         f"(WORKDIR/checkpoints/STEP) or a sora-export dir"
     )
 
 
-def load_source(path: str | pathlib.Path) -> tuple[dict, str]:
-    """(the source's inference parameters as NumPy arrays, a description for the log)."""
-    path = pathlib.Path(path).absolute()
+def load_source(path: "str | os.PathLike[str]") -> tuple[dict, str]:
+    """(the source's inference parameters as NumPy arrays, a description for the log);
+    `path` local or in a bucket."""
+    path = storage.local(path)
     if not path.exists():
         raise FileNotFoundError(f"config.init_from: {path} does not exist")
     source_config, kind = _source_config(path)
