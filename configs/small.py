@@ -29,13 +29,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def small_preset(c: ml_collections.ConfigDict, arg: str | None, total_steps: int) -> str | None:
     """The `small` preset of the pretraining and transfer configs: with arg "small", `c`
-    shrunk to this file's sizes, `total_steps` long and evaluated at the end. Returns the
-    preset left for base.apply_preset."""
+    shrunk to this file's sizes, `total_steps` long, evaluated and checkpointed three times.
+    Returns the preset left for base.apply_preset."""
     if arg != "small":
         return arg
     shrink_to_small_data(c)
-    c.total_steps, c.eval_every = total_steps, 0
-    c.checkpoint.every_steps = 100
+    # Three evaluations, each with its checkpoint: `--checkpoint best` chooses among them.
+    c.total_steps = total_steps
+    c.eval_every = c.checkpoint.every_steps = total_steps // 3
     return None
 
 

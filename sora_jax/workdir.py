@@ -74,3 +74,14 @@ class Workdir:
 
     def has_checkpoints(self) -> bool:
         return self.checkpoints.is_dir()
+
+
+def checkpoint_choice(text: str) -> int | str:
+    """A command's --checkpoint: a step, "latest" (the newest intact checkpoint) or "best"
+    (by the run's config.checkpoint.best_metric); an argparse `type`."""
+    if text in ("best", "latest"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a step, best or latest") from None

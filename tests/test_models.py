@@ -13,6 +13,8 @@ from configs import demo
 from sora_jax.inputs import InputSpec
 from sora_jax.kernels import platform
 from sora_jax.models import AudioEncoder, build_model, dummy_inputs, melspec
+from sora_jax.models.sora import unit
+from sora_jax.train.objective import objective
 from tests.conftest import compiled, initialised, run_compiled
 
 B, T, SIZE, SAMPLES = 2, 3, 32, 16_000
@@ -210,6 +212,40 @@ def test_missing_modality_acts_only_through_its_mask(fusion):
     # ... and the masks do matter: the three modes give three different answers.
     both, v, a = apply(x), apply(video_only), apply(audio_only)
     assert not np.allclose(both, v) and not np.allclose(both, a) and not np.allclose(v, a)
+
+
+def test_unit_vectors_have_a_finite_gradient_at_zero():
+    # The 3-line check that pretraining crashed on: x / max(|x|, eps) has a NaN gradient
+    # at x = 0, which a later jnp.where mask does not stop.
+    naive = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
+    zero = jnp.zeros((2, 4))
+    assert np.isnan(jax.grad(lambda x: jnp.sum(naive(x)))(zero)).any()  # the bug, as it was
+    grad = jax.grad(lambda x: jnp.sum(jnp.where(False, unit(x), 0.0)))(zero)
+    assert np.isfinite(grad).all()
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 8)), jnp.float32)
+    np.testing.assert_allclose(jnp.linalg.norm(unit(x), axis=-1), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("fusion", ["concat", "mean"])
+def test_contrastive_gradients_stay_finite_when_clips_lack_a_sound(fusion):
+    """Clips with no sound (a file without a track, a window past the sound's end) are
+    masked out of the contrastive loss, and the gradient of the rest stays finite: with
+    zero-initialised biases, a sound-less clip's audio projection is exactly 0."""
+    config = tiny_config(**{"fusion.kind": fusion})
+    config.loss.update(supervised=0.0, contrastive=1.0)
+    model = build_model(config.model, contrastive=True)
+    x = random_inputs(7, batch=4)
+    x = dict(x, has_audio=jnp.asarray([True, False, True, False]), audio_len=x["audio_len"] * 0)
+    init = lambda key: model.init(key, x, modality_embeddings=True)["params"]
+    params = run_compiled(init, jax.random.PRNGKey(0))
+
+    def loss(params):
+        out = model.apply({"params": params}, x, modality_embeddings=True)
+        return objective(out, x, config)[0]
+
+    value, grads = run_compiled(jax.value_and_grad(loss), params)
+    assert np.isfinite(value)
+    assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
 
 
 @pytest.mark.parametrize("fusion", ["concat", "mean", "gated", "attention"])

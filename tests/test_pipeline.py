@@ -108,6 +108,44 @@ def test_short_videos_are_padded_and_masked():
     assert views["frame_mask"].tolist() == [[True, True, False, False]] * 2
 
 
+def test_a_window_past_the_end_of_the_sound_has_no_sound():
+    """A still image with a shorter voice-over: the file has sound, but a window that
+    starts after the sound has ended has none, and is marked so (never paired with
+    zeros); a window that overlaps the sound keeps it."""
+    spec = sampling.ClipSpec(
+        num_frames=4, frame_stride=1, crop_size=16, fps=8.0, audio_samples=8_000, num_classes=4
+    )
+    example = _ramp_example(10)
+    example.update(frames=example["frames"] * 4, num_frames=40)  # 5 s of picture
+    example["audio"] = np.zeros(16_000 * 2, np.int16)  # 2 s of sound
+    views = sampling.eval_views(example, spec, temporal_views=4, spatial_views=1)
+    starts_s = np.round(np.linspace(0, 40 - 4, 4)) / 8  # 0, 1.5, 3, 4.5 s
+    assert views["has_audio"].tolist() == [True, True, False, False], starts_s
+    assert views["audio_len"].tolist() == [8_000, 8_000, 0, 0]
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(40):
+        clip = sampling.train_clip(example, spec, rng, min_scale=1.0, flip=False)
+        assert bool(clip["has_audio"]) == (clip["audio_len"] >= sampling.MIN_AUDIO_SAMPLES)
+        seen.add(bool(clip["has_audio"]))
+    assert seen == {True, False}
+    no_track = dict(example, has_audio=False)
+    assert not sampling.eval_views(no_track, spec, 2, 1)["has_audio"].any()
+
+
+def test_a_split_smaller_than_the_batch_lasts_to_the_last_step(demo_data):
+    """48 clips, batch 64, 3 steps: the batch read ahead of the last step once ran past
+    the end of the stream (StopIteration minutes into a run, again on resume)."""
+    config = small_config(*demo_data)
+    config.total_steps = 3
+    sharding = NamedSharding(Mesh(np.asarray(jax.devices()[:1]), ("data",)), P("data"))
+    batches = pipeline.DevicePrefetch(iter(pipeline.train_dataset(config, 64)), sharding)
+    assert len(pipeline.data_source(config, "train")) < 64
+    for _ in range(config.total_steps):
+        assert next(batches)["frames"].shape[0] == 64
+    batches.close()
+
+
 def test_local_batches_become_global_arrays_split_over_the_mesh():
     mesh = Mesh(np.asarray(jax.devices()).reshape(4, 2), ("data", "fsdp"))
     sharding = NamedSharding(mesh, P(("data", "fsdp")))

@@ -204,6 +204,10 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(demo_data, tmp_path):
     bad_step = int(error.value.args[0].split("at step ")[1].split(";")[0])
     saved = ocp.CheckpointManager((tmp_path / "checkpoints").absolute()).all_steps()
     assert all(step < bad_step for step in saved), (saved, bad_step)
+    if saved:  # what is known, said: the step it can resume from, or that there is none
+        assert f"the last checkpoint, step {max(saved)}, is from before it" in str(error.value)
+    else:
+        assert "no checkpoint was written before it" in str(error.value)
 
 
 def test_bad_configs_fail_before_compiling_and_name_the_key(demo_data, tmp_path):

@@ -17,6 +17,7 @@ from sora_jax.config import ConfigError
 from sora_jax.export import embed as embed_lib
 from sora_jax.export import export as export_lib
 from sora_jax.train import objective, trainer, transfer
+from sora_jax.train.representation import retrieval_report
 from sora_jax.train.state import param_roles
 from tests.conftest import ONE_DEVICE, built_once
 
@@ -232,6 +233,64 @@ def test_sora_embed_writes_one_npz_of_a_split_or_of_files(demo_data, pretrained,
     split = np.load(out)
     row = [i for i, p in enumerate(split["path"]) if p.endswith(files[0].name)]
     np.testing.assert_allclose(z["embedding"][0], split["embedding"][row[0]], atol=1e-4)
+
+
+def _retrieval_from(npz: pathlib.Path) -> dict:
+    z = np.load(npz)
+    both = z["has_video"] & z["has_audio"]
+    return retrieval_report(z["video_projection"], z["audio_projection"], both)
+
+
+def _numbers(report: dict) -> dict:
+    return {k: v for k, v in report.items() if not isinstance(v, str)}
+
+
+def test_the_aligned_space_is_exported_and_retrieval_from_it_is_sora_evals(
+    demo_data, pretrained, tmp_path
+):
+    """The projections are the product of pretraining: sora-embed and the export give them,
+    and retrieval computed from either is sora-eval's, on the same clips. (The raw
+    embeddings gave chance: they are not the space the senses were aligned in.)"""
+    evaluated = json.loads((pretrained / "eval_test.json").read_text())["retrieval"]
+    split = tmp_path / "split.npz"
+    assert (
+        embed_lib.main(["--workdir", str(pretrained), "--split", "test", "--out", str(split)]) == 0
+    )
+    assert _numbers(_retrieval_from(split)) == pytest.approx(_numbers(evaluated), abs=1e-9)
+
+    export_lib.export(pretrained, tmp_path / "export")
+    card = json.loads((tmp_path / "export" / "model_card.json").read_text())
+    assert card["kind"] == "embedding" and card["class_names"] == []
+    assert "logits" not in card["outputs"]  # an untrained classifier is not exported
+    assert {"video_projection", "audio_projection"} <= set(card["outputs"])
+    exported = tmp_path / "exported.npz"
+    args = ["--export", str(tmp_path / "export"), "--split", "test", "--out", str(exported)]
+    assert embed_lib.main(args) == 0
+    assert _numbers(_retrieval_from(exported)) == pytest.approx(_numbers(evaluated), abs=1e-9)
+
+    # Files in, embeddings out (never a crash over classes it does not have); a file with
+    # no sound has no sound's embedding, not a vector that looks like data.
+    from sora_jax.media.predictor import Predictor
+    from tests.media import write_clip
+
+    silent = write_clip(tmp_path / "silent.mp4", seconds=2.0, audio=False)
+    predictor = Predictor(tmp_path / "export")
+    result = predictor.predict(silent)
+    assert "scores" not in result and result["has_audio"] is False
+    assert result["embeddings"]["audio_embedding"] is None
+    assert result["embeddings"]["audio_projection"] is None
+    assert (
+        len(result["embeddings"]["video_projection"])
+        == card["outputs"]["video_projection"]["shape"][1]
+    )
+    files = tmp_path / "files.npz"
+    args = ["--export", str(tmp_path / "export"), str(silent), "--out", str(files)]
+    assert embed_lib.main(args) == 0
+    z = np.load(files)
+    assert not z["has_audio"][0] and np.isnan(z["audio_embedding"][0]).all()
+    assert np.isfinite(z["video_embedding"][0]).all()
+    with pytest.raises(ValueError, match="embedding model"):
+        predictor.explain_file(silent)
 
 
 def test_finetuning_trains_the_pretrained_parts_at_a_tenth_of_the_rate(

@@ -9,10 +9,12 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from sora_jax import config as config_lib
 from sora_jax.train import checkpoint, evaluate, ownership, setup, trainer
+from sora_jax.workdir import checkpoint_choice as workdir_choice
 from tests.conftest import ONE_DEVICE, small_config
 
 
@@ -132,3 +134,25 @@ def test_warmup_beyond_the_last_step_is_said(demo_data, tmp_path, caplog):
     ):
         trainer.train(config, tmp_path / "run", devices=ONE_DEVICE)
     assert "warmup_steps=30 is beyond total_steps=4" in caplog.text
+
+
+def test_best_is_the_intact_checkpoint_with_the_highest_score_evaluated(demo_data, tmp_path):
+    config = _config(demo_data)
+    config.checkpoint.keep = 5
+    manager = checkpoint.make_manager(tmp_path, config)
+    state = {"w": np.arange(4.0)}
+    for step, scores in ((1, {"top1": 0.5}), (2, {"top1": 0.9}), (3, None)):
+        checkpoint.save(manager, step, state, metrics=scores)
+    checkpoint.seal(manager)
+    best = lambda evaluated=None: checkpoint.chosen_step(manager, "best", "top1", evaluated)
+    assert best() == 2
+    assert best({3: {"top1": 0.95}}) == 3  # the final evaluation, made after its save
+    assert checkpoint.chosen_step(manager, "latest", "top1") is None  # the newest intact
+    assert checkpoint.chosen_step(manager, 1, "top1") == 1
+    _flip_bytes(next(p for p in (tmp_path / "checkpoints" / "2").rglob("*") if p.is_file()))
+    assert best() == 1  # the best one is corrupt: the next best intact one
+    with pytest.raises(FileNotFoundError, match="was evaluated"):
+        checkpoint.chosen_step(manager, "best", "retrieval_r1")
+    assert workdir_choice("best") == "best" and workdir_choice("300") == 300
+    with pytest.raises(ValueError, match="not a step, best or latest"):
+        workdir_choice("newest")

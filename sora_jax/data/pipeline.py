@@ -162,6 +162,9 @@ def _workers_exit_with_us():
     return functools.partial(process.exit_with_parent, os.getpid())
 
 
+DEVICE_READ_AHEAD = 2  # global batches DevicePrefetch puts on the devices ahead of a step
+
+
 def train_dataset(config: ml_collections.ConfigDict, local_batch_size: int) -> grain.IterDataset:
     """Endless shuffled training batches for this process.
 
@@ -173,9 +176,11 @@ def train_dataset(config: ml_collections.ConfigDict, local_batch_size: int) -> g
     source = data_source(config, config.data.train_split)
     shard = grain.sharding.ShardByJaxProcess(drop_remainder=True)
     global_batch = local_batch_size * shard.shard_count
-    # A finite repeat lets the per-process slice below index the stream; one spare epoch
-    # covers resumption rounding.
-    epochs = math.ceil(config.total_steps * global_batch / len(source)) + 1
+    # A finite repeat lets the per-process slice below index the stream. It holds every
+    # step's batch and those DevicePrefetch reads ahead of the last step, for a split of
+    # any size (one smaller than a batch included), plus a spare epoch for rounding.
+    batches = config.total_steps + DEVICE_READ_AHEAD
+    epochs = math.ceil(batches * global_batch / len(source)) + 1
     ds = (
         grain.MapDataset.source(source)
         .shuffle(seed=config.seed)
@@ -290,7 +295,12 @@ class DevicePrefetch:
     next. It is the interface grain's orbax handler saves and restores.
     """
 
-    def __init__(self, iterator: grain.DatasetIterator, sharding: jax.sharding.Sharding, size=2):
+    def __init__(
+        self,
+        iterator: grain.DatasetIterator,
+        sharding: jax.sharding.Sharding,
+        size: int = DEVICE_READ_AHEAD,
+    ):
         self._iterator, self._sharding, self._size = iterator, sharding, size
         self._ahead: collections.deque = collections.deque()  # (global batch, state after it)
         self._state = iterator.get_state()

@@ -3,9 +3,11 @@
     pip install -r requirements.txt
     python client.py FILE...
 
-One JSON line per file: {"path", "scores": {class: probability}, "has_audio"} (and
-"warning" when the file is shorter than the model's window), or {"path", "error"} for a
-file that cannot be read (then the exit code is 3). From Python:
+One JSON line per file: {"path", "scores": {class: probability}, "has_audio"} from a
+classifier, {"path", "embeddings": {name: [floats], or null for a sense the file lacks},
+"has_audio"} from an embedding model (model_card.json's "kind"); "warning" when the file
+is shorter than the model's window; or {"path", "error"} for a file that cannot be read
+(then the exit code is 3). From Python:
 
     sys.path.insert(0, THIS_DIRECTORY)
     from sora_media.predictor import Predictor

@@ -11,10 +11,19 @@ averaged over them. OUT.npz holds, row i for clip i:
   path             [N] str    where the clip came from
   label            [N] int32  class index; -1 when unlabeled (raw files, unlabeled data)
   label_name       [N] str
-  embedding        [N, E] float32  both senses fused (the model's clip embedding)
-  video_embedding  [N, E] float32  the picture alone (the sound marked absent)
-  audio_embedding  [N, E] float32  the sound alone (meaningless where has_audio is False)
-  has_audio        [N] bool
+  embedding        [N, E] float32  both senses fused (the model's clip embedding): features
+                                   for a downstream head, kNN or clustering
+  video_embedding  [N, E] float32  the picture alone (the sound marked absent); NaN rows
+                                   where has_video is False
+  audio_embedding  [N, E] float32  the sound alone; NaN rows where has_audio is False
+  video_projection [N, P] float32  models trained contrastively (pretrain_av.py): the
+  audio_projection [N, P] float32  picture and the sound in the space where they were
+                                   aligned, unit vectors; video_projection @
+                                   audio_projection.T ranks which sound belongs to which
+                                   picture (sora-eval's retrieval); NaN rows as above
+  has_video        [N] bool        a view of the clip has a picture
+  has_audio        [N] bool        a view of the clip has sound (a window past the end of
+                                   a clip's sound has none)
   class_names      [C] str
 
 Why .npz: the embeddings are a dense matrix, and `np.load(OUT)["embedding"]` is it, one
@@ -39,16 +48,20 @@ import ml_collections
 import numpy as np
 
 from sora_jax import process
+from sora_jax.workdir import checkpoint_choice
 
 BATCH = 8  # clips per call; the last batch is padded, so the model compiles once
 EMBEDDINGS = ("embedding", "video_embedding", "audio_embedding")
+PROJECTIONS = ("video_projection", "audio_projection")  # models trained contrastively
 
 
 class Embedder:
-    """A work dir's checkpoint or an export dir, as `embed(views) -> {name: [N, E]}`: the
-    fused embedding and each sense's alone, from one pass of the model."""
+    """A work dir's checkpoint or an export dir, as `embed(views) -> {name: [N, D]}`: the
+    fused embedding and each sense's alone, and for a model trained with the contrastive
+    objective each sense's projection into the space where they were aligned, all from
+    one pass of the model."""
 
-    def __init__(self, workdir: str | None, export: str | None, step: int | None = None):
+    def __init__(self, workdir: str | None, export: str | None, step: int | str | None = None):
         from sora_jax import config as config_lib
 
         if export:
@@ -62,6 +75,9 @@ class Embedder:
                     "export it again with this version of sora-export"
                 )
             self.config = config_lib.from_dict(predictor.card["config"])
+            self.outputs = tuple(
+                k for k in (*EMBEDDINGS, *PROJECTIONS) if k in predictor.card["outputs"]
+            )
             self.class_names = tuple(predictor.card["class_names"])
             self.short_side, self.jpeg_quality = predictor.short_side, predictor.jpeg_quality
             self._apply = lambda inputs: predictor.model.call(predictor.params, inputs)
@@ -71,24 +87,46 @@ class Embedder:
             self.config = config_lib.load(workdir)
             restored = setup.load_for_inference(self.config, workdir, step)
             model, params = restored.setup.model, restored.params
+            projected = self.config.loss.contrastive > 0
+            self.outputs = EMBEDDINGS + (PROJECTIONS if projected else ())
             self.class_names = restored.dataset.class_names
             self.short_side = restored.dataset.short_side
             self.jpeg_quality = restored.dataset.jpeg_quality
+            outputs = self.outputs
 
             @jax.jit
             def apply(params, inputs):
                 out = model.apply({"params": params}, inputs, modality_embeddings=True)
-                return {k: out[k] for k in EMBEDDINGS}
+                return {k: out[k] for k in outputs}
 
             self._apply = lambda inputs: apply(params, inputs)
 
     def embed(self, views: dict[str, np.ndarray], clips: int) -> dict[str, np.ndarray]:
-        """views: [clips * V, ...], each clip's V views in a row -> {name: [clips, E]}."""
+        """views: [clips * V, ...], each clip's V views in a row -> {name: [clips, D]}. A
+        sense's own outputs are averaged over the views that have the sense (as sora-eval
+        does), NaN for a clip where none has it; projections are unit vectors again."""
         out = self._apply(jax.tree.map(jnp.asarray, views))
-        return {
-            k: np.asarray(out[k], np.float32).reshape(clips, -1, out[k].shape[-1]).mean(axis=1)
-            for k in EMBEDDINGS
-        }
+        result = {}
+        for k in self.outputs:
+            x = np.asarray(out[k], np.float32).reshape(clips, -1, out[k].shape[-1])  # [N, V, D]
+            sense = k.split("_")[0]
+            present = np.ones(x.shape[:2], bool)
+            if sense in ("video", "audio"):
+                present = np.asarray(views[f"has_{sense}"], bool).reshape(clips, -1)
+            count = present.sum(axis=1, keepdims=True)  # [N, 1]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mean = (x * present[..., None]).sum(axis=1) / count  # NaN: no view has it
+            if k in PROJECTIONS:
+                mean = mean / np.maximum(np.linalg.norm(mean, axis=-1, keepdims=True), 1e-6)
+            result[k] = mean.astype(np.float32)
+        result["has_video"] = present_any(views, "has_video", clips)
+        result["has_audio"] = present_any(views, "has_audio", clips)
+        return result
+
+
+def present_any(views: dict[str, np.ndarray], key: str, clips: int) -> np.ndarray:
+    """[clips] bool: some view of the clip has the sense."""
+    return np.asarray(views[key], bool).reshape(clips, -1).any(axis=1)
 
 
 def _split_clips(config: ml_collections.ConfigDict, split: str) -> Iterator[tuple[dict, str]]:
@@ -127,7 +165,8 @@ def embed_clips(
     config = embedder.config
     spec = pipeline.clip_spec(config)
     views_per_clip = (config.data.eval_temporal_views, config.data.eval_spatial_views)
-    rows: dict[str, list] = {k: [] for k in ("id", "path", "label", "has_audio", *EMBEDDINGS)}
+    names = ("id", "path", "label", "has_video", "has_audio", *embedder.outputs)
+    rows: dict[str, list] = {k: [] for k in names}
     pending: list[dict] = []
 
     def flush():
@@ -143,7 +182,6 @@ def embed_clips(
         rows["id"].append(id_of(path))
         rows["path"].append(path)
         rows["label"].append(int(example["label"]) if "label" in example else -1)
-        rows["has_audio"].append(bool(example["has_audio"]))
         pending.append({k: v for k, v in views.items() if k != "label"})
         if len(pending) == BATCH:
             flush()
@@ -152,12 +190,12 @@ def embed_clips(
     if not rows["id"]:
         raise ValueError("no clip to embed")
     out = {k: np.asarray(v) for k, v in rows.items()}
-    for name in EMBEDDINGS:
+    for name in embedder.outputs:
         out[name] = np.asarray(rows[name], np.float32).reshape(len(out["id"]), -1)
     names = np.asarray(embedder.class_names, dtype=str)
     out["label"] = out["label"].astype(np.int32)
     out["label_name"] = np.asarray(
-        [names[i] if i >= 0 else "" for i in out["label"]], dtype=str
+        [names[i] if 0 <= i < len(names) else "" for i in out["label"]], dtype=str
     ).reshape(-1)
     out["class_names"] = names
     for key in ("id", "path"):
@@ -184,7 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--workdir", help="a sora-train work dir")
     source.add_argument("--export", help="a sora-export dir")
-    parser.add_argument("--checkpoint", type=int, default=None, help="--workdir: step")
+    parser.add_argument(
+        "--checkpoint",
+        type=checkpoint_choice,
+        default=None,
+        help="--workdir: a step, best or latest (default: latest)",
+    )
     parser.add_argument("--split", default=None, help="a split of the run's prepared dataset")
     parser.add_argument("--data-dir", default=None, help="override config.data.dir")
     parser.add_argument("files", nargs="*", help="video files (instead of --split)")

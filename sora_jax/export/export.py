@@ -48,7 +48,7 @@ from sora_jax.inputs import MEANINGS, MODEL_INPUTS, InputSpec
 from sora_jax.media.decode import SAMPLE_RATE
 from sora_jax.train import setup
 from sora_jax.train.checkpoint import CorruptCheckpointError
-from sora_jax.workdir import Workdir
+from sora_jax.workdir import Workdir, checkpoint_choice
 
 if TYPE_CHECKING:  # annotations only
     from sora_jax.models import SoraModel
@@ -61,7 +61,14 @@ OUTPUT_MEANINGS = {
     "video_embedding": "the embedding of the picture alone",
     "audio_embedding": "the embedding of the sound alone",
 }
-EXPORTED_OUTPUTS = tuple(OUTPUT_MEANINGS)
+# A model trained with the contrastive objective: the space where picture and sound were
+# aligned, the product of pretraining (retrieval, synchronisation and pairing checks).
+PROJECTION_MEANINGS = {
+    "video_projection": "the picture in the space where it was aligned with sound: a unit "
+    "vector; its dot product with a clip's audio_projection says how well they belong "
+    "together (what retrieval ranks by)",
+    "audio_projection": "the sound in the same space: a unit vector",
+}
 # Outputs only some fusions have: what the fusion weighed each sense by.
 FUSION_OUTPUTS = {
     "gated": {
@@ -71,9 +78,20 @@ FUSION_OUTPUTS = {
 }
 
 
+def is_classifier(config: ml_collections.ConfigDict) -> bool:
+    """A run that trained its classifier; one that did not (contrastive pretraining) is
+    exported as an embedding model, without its untrained logits."""
+    return config.loss.supervised > 0
+
+
 def exported_outputs(config: ml_collections.ConfigDict) -> dict[str, str]:
     """name -> meaning of every output of this config's artifact."""
-    return OUTPUT_MEANINGS | FUSION_OUTPUTS.get(config.model.fusion.kind, {})
+    outputs = dict(OUTPUT_MEANINGS)
+    if not is_classifier(config):
+        del outputs["logits"]
+    if config.loss.contrastive > 0:
+        outputs |= PROJECTION_MEANINGS
+    return outputs | FUSION_OUTPUTS.get(config.model.fusion.kind, {})
 
 
 # The client's distributions: the artifact needs jax (and flatbuffers to deserialize it),
@@ -102,11 +120,11 @@ def export_inference(
         out, state = model.apply(
             {"params": params}, inputs, modality_embeddings=True, mutable=["intermediates"]
         )
-        out = {k: out[k] for k in EXPORTED_OUTPUTS}
         sown = state.get("intermediates", {}).get("fusion", {})
-        for name in FUSION_OUTPUTS.get(config.model.fusion.kind, {}):
-            out[name] = sown[name][0]  # the pass with both senses (then each sense alone)
-        return out
+        fused = FUSION_OUTPUTS.get(config.model.fusion.kind, {})
+        return {  # a fusion's own outputs from the pass with both senses (then each alone)
+            name: sown[name][0] if name in fused else out[name] for name in exported_outputs(config)
+        }
 
     abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     specs = input_specs(config, audio_dtype)
@@ -229,13 +247,14 @@ def model_card(
         "name": f"{d.name}-sora",
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "checkpoint_step": step,
-        "class_names": list(summary.class_names),
+        # "classifier": files in, class scores out; "embedding": files in, embeddings out
+        # (a pretrained encoder, whose classifier was never trained).
+        "kind": "classifier" if is_classifier(config) else "embedding",
+        "class_names": list(summary.class_names) if is_classifier(config) else [],
         "multi_label": bool(config.model.multi_label),
         "inputs": input_contract(config),  # a dict keyed by these names, in any order
         "preprocessing": preprocessing(config, summary),
         "outputs": output_contract(exported, config),
-        # A pretrained encoder (contrastive only) has an untrained classifier: use its
-        # embedding, or train a head on it (configs/linear_probe.py, finetune.py).
         "objective": {k: float(v) for k, v in config.loss.items()},
         "platforms": list(platforms),
         "saved_model": _saved_model_wanted(config),
@@ -264,16 +283,36 @@ def _example_inputs(card: dict, batch: int) -> str:
 
 def card_markdown(card: dict, export_dir: pathlib.Path) -> str:
     p, m = card["preprocessing"], card["metrics"]
+    embedding_model = card.get("kind") == "embedding"
+    first = next(iter(card["outputs"]))  # logits, or an embedding model's embedding
+    what = "embeddings" if embedding_model else "class scores and embeddings"
+    returns = (
+        '{"path", "embeddings": {name: [floats] or None}, "has_audio"}'
+        if embedding_model
+        else '{"path", "scores": {class: p}, "has_audio"}'
+    )
     lines = [
         f"# {card['name']}",
         "",
         "A Sora (Spatio-temporal Relational Audio-visual) model exported by sora_jax: a "
-        "clip's frames and its sound in, class scores and embeddings out.",
+        f"clip's frames and its sound in, {what} out.",
         "",
-        f"- classes ({len(card['class_names'])}): {', '.join(card['class_names']) or 'none'}"
-        + (" (multi-label: each scored alone)" if card["multi_label"] else ""),
+        *(
+            [
+                "An embedding model: pretrained without labels, its classifier never trained. "
+                "Use `embedding` (or each sense's) as features for your own head "
+                "(configs/linear_probe.py), and `video_projection` with `audio_projection` "
+                "to ask whether a sound belongs to a picture (their dot product).",
+                "",
+            ]
+            if embedding_model
+            else [
+                f"- classes ({len(card['class_names'])}): {', '.join(card['class_names'])}"
+                + (" (multi-label: each scored alone)" if card["multi_label"] else "")
+            ]
+        ),
         f"- a clip: {p['num_frames']} frames over {p['clip_seconds']:g} s and its sound; "
-        f"scores averaged over {p['temporal_views']} x {p['spatial_views']} views",
+        f"outputs averaged over {p['temporal_views']} x {p['spatial_views']} views",
         f"- platforms: {', '.join(card['platforms'])}",
         f"- trained on: {card['training_data']['dataset']} {card['training_data']['splits']}",
         f"- checkpoint step: {card['checkpoint_step']}",
@@ -281,7 +320,7 @@ def card_markdown(card: dict, export_dir: pathlib.Path) -> str:
         "",
         "## Call it",
         "",
-        "Files in, scores out (needs only `pip install -r requirements.txt`):",
+        f"Files in, {what.split(' and ')[0]} out (needs only `pip install -r requirements.txt`):",
         "",
         "```bash",
         f"python {export_dir}/client.py clip1.mp4 clip2.mkv",
@@ -294,7 +333,7 @@ def card_markdown(card: dict, export_dir: pathlib.Path) -> str:
         f'sys.path.insert(0, "{export_dir}")  # this directory',
         "from sora_media.predictor import Predictor",
         f'predictor = Predictor("{export_dir}")',
-        'print(predictor.predict("clip.mp4"))  # {"path", "scores": {class: p}, "has_audio"}',
+        f'print(predictor.predict("clip.mp4"))  # {returns}',
         "```",
         "",
         "The artifact on inputs you prepare yourself (see the contract below):",
@@ -304,7 +343,7 @@ def card_markdown(card: dict, export_dir: pathlib.Path) -> str:
         f'model = jax.export.deserialize(open("{export_dir}/model.jax", "rb").read())',
         f'params = ocp.StandardCheckpointer().restore("{export_dir}/params")',
         _example_inputs(card, 2),
-        'print(model.call(params, inputs)["logits"])',
+        f'print(model.call(params, inputs)["{first}"])',
         "```",
         "",
     ]
@@ -319,7 +358,7 @@ def card_markdown(card: dict, export_dir: pathlib.Path) -> str:
             f'saved = tf.saved_model.load("{export_dir}/saved_model")',
             'serve = saved.signatures["serving_default"]',
             _example_inputs(card, 2),
-            'print(serve(**inputs)["logits"])',
+            f'print(serve(**inputs)["{first}"])',
             "```",
             "",
         ]
@@ -434,7 +473,7 @@ def write_saved_model(
 def export(
     workdir: "str | os.PathLike[str]",
     output: "str | os.PathLike[str]",
-    step: int | None = None,
+    step: int | str | None = None,
     data_dir: str | None = None,
 ) -> dict:
     """Export a work dir's checkpoint to `output`; either may be local or in a bucket."""
@@ -556,7 +595,12 @@ def main(argv: list[str] | None = None) -> int:
         required=True,
         help="the export directory: new, empty, or a previous export (replaced whole)",
     )
-    parser.add_argument("--checkpoint", type=int, default=None, help="step (default: latest)")
+    parser.add_argument(
+        "--checkpoint",
+        type=checkpoint_choice,
+        default=None,
+        help="a step, best (by the run's checkpoint.best_metric) or latest (the default)",
+    )
     parser.add_argument("--data-dir", default=None, help="override config.data.dir")
     args = parser.parse_args(argv)
     try:

@@ -143,6 +143,11 @@ def main(argv: list[str] | None = None) -> int:
         predictor = Predictor(storage.download(storage.path(args.export)))
     except (OSError, ValueError) as e:  # not an export, one written by an older version, a URL
         parser.error(str(e))
+    if not predictor.is_classifier and (args.timeline or args.stream or args.explain):
+        parser.error(
+            f"{args.export} is an embedding model (pretrained without labels): it has no "
+            "classes to follow or explain; give files to get their embeddings"
+        )
     explain_dir = pathlib.Path(args.explain) if args.explain else None
     if explain_dir:
         explain_dir.mkdir(parents=True, exist_ok=True)
@@ -167,6 +172,19 @@ def main(argv: list[str] | None = None) -> int:
             failed += 1
             print(json.dumps(result))
             print(f"{path}: error: {result['error']}", file=sys.stderr)
+            continue
+        if "scores" not in result:  # an embedding model: its embeddings are the answer
+            vector = result.pop("embedding", None)
+            if args.embeddings:
+                out = pathlib.Path(args.embeddings) / f"{pathlib.Path(path).stem}.npy"
+                np.save(out, vector)
+                result["embedding"] = str(out)
+            print(json.dumps(result))
+            absent = [k for k, v in result["embeddings"].items() if v is None]
+            print(
+                f"{path}: embedded" + (f" (no {', '.join(absent)})" if absent else ""),
+                file=sys.stderr,
+            )
             continue
         scores = result["scores"]
         top = sorted(scores, key=scores.get, reverse=True)[: args.top_k]

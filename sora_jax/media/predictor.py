@@ -86,6 +86,7 @@ class Predictor:
 
     def log_scores(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """log of the class scores [B, C] of a batch of inputs."""
+        self._require_classes("a class score")
         logits = np.asarray(self.call(self.params, inputs)["logits"], np.float64)
         if self.card["multi_label"]:
             return -np.logaddexp(0, -logits)
@@ -118,10 +119,44 @@ class Predictor:
         view = int(np.argmax(probs[:, int(np.argmax(probs.mean(0)))]))
         return self.explain({k: v[view] for k, v in inputs.items()}, grid) | {"view": view}
 
+    @property
+    def is_classifier(self) -> bool:
+        """False for an embedding model (a pretrained encoder: no classes, no scores)."""
+        return self.card.get("kind", "classifier") == "classifier"
+
+    def _require_classes(self, what: str) -> None:
+        if not self.is_classifier:
+            raise ValueError(
+                f"{what} needs class scores, and this export is an embedding model (pretrained "
+                "without labels): predict gives its embeddings; train a head on them first"
+            )
+
     def _averaged(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         out = self.call(self.params, inputs)
         probs = self.probabilities(out["logits"])  # [V, C]
         return probs.mean(0), np.asarray(out["embedding"]).mean(0)
+
+    def embeddings(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray | None]:
+        """Every embedding output of the views [V, ...], as one per clip: a sense's own
+        embedding and projection averaged over the views that have that sense (None where
+        none has it, never a vector that looks like data), projections made unit length
+        again, as sora-eval's retrieval reads them."""
+        out = self.call(self.params, inputs)
+        result = {}
+        for name in self.card["outputs"]:
+            if name == "logits" or name.startswith("fusion_"):
+                continue
+            x = np.asarray(out[name], np.float32)  # [V, D]
+            sense = name.split("_")[0]
+            present = np.asarray(inputs.get(f"has_{sense}", np.ones(len(x), bool)), bool)
+            if not present.any():
+                result[name] = None
+                continue
+            x = x[present].mean(0)
+            if name.endswith("_projection"):
+                x = x / max(float(np.linalg.norm(x)), 1e-6)
+            result[name] = x
+        return result
 
     def scores(self, path: str | pathlib.Path) -> tuple[np.ndarray, np.ndarray, bool]:
         """(class scores [C], embedding [E], has_audio), each averaged over the views."""
@@ -149,9 +184,17 @@ class Predictor:
             inputs, video = self._decode(path)
         except (DecodeError, FileNotFoundError) as e:
             return {"path": str(path), "error": str(e)}
-        probs, embedding = self._averaged(inputs)
-        scores = {name: float(p) for name, p in zip(self.class_names, probs, strict=True)}
-        result = {"path": str(path), "scores": scores, "has_audio": video.has_audio}
+        if self.is_classifier:
+            probs, embedding = self._averaged(inputs)
+            scores = {name: float(p) for name, p in zip(self.class_names, probs, strict=True)}
+            result = {"path": str(path), "scores": scores, "has_audio": video.has_audio}
+        else:  # an embedding model: its embeddings are what it gives
+            found = self.embeddings(inputs)
+            embedding = found["embedding"]
+            shown = {
+                k: None if v is None else [round(float(x), 6) for x in v] for k, v in found.items()
+            }
+            result = {"path": str(path), "embeddings": shown, "has_audio": video.has_audio}
         seconds = (
             len(video.frames) / video.fps if video.has_video else len(video.audio) / SAMPLE_RATE
         )
@@ -179,6 +222,7 @@ class Predictor:
         Memory stays bounded by a few windows however long the input. `with_inputs`:
         each window's dict also has "inputs", the model's inputs for it (to explain it).
         The summary's timing counts the time the caller spends between windows too."""
+        self._require_classes("a timeline")
         live = isinstance(source, StreamReader)
         name = source.name if live else str(source)
         span = (self.spec.num_frames - 1) * self.spec.frame_stride + 1

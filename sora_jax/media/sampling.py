@@ -31,13 +31,26 @@ def frame_indices(start: int, spec: ClipSpec, available: int) -> tuple[np.ndarra
     return np.minimum(idx, available - 1), idx < available
 
 
+# Fewer samples than one 25 ms log-mel window: no sound to hear.
+MIN_AUDIO_SAMPLES = 400
+
+
 def audio_window(audio: np.ndarray, start_frame: int, spec: ClipSpec) -> tuple[np.ndarray, int]:
-    """The audio under a window starting at `start_frame`, zero-padded: ([S], valid)."""
+    """The audio under a window starting at `start_frame`, zero-padded: ([S], valid). A
+    window past the end of a clip's sound (a still image with a shorter voice-over, a
+    trailing black screen) has no valid samples, whatever the file has elsewhere."""
     offset = round(start_frame / spec.fps * SAMPLE_RATE)
     piece = audio[offset : offset + spec.audio_samples]
     out = np.zeros(spec.audio_samples, np.int16)
     out[: len(piece)] = piece
     return out, len(piece)
+
+
+def _heard(example: dict, audio_len: int) -> bool:
+    """Whether a window has sound: the file has a sound track and the window has at least
+    one log-mel window of it. Judged per window, so a sense that is absent is masked (never
+    paired with zeros) and its length is 0."""
+    return bool(example["has_audio"]) and audio_len >= MIN_AUDIO_SAMPLES
 
 
 def _target(example: dict, spec: ClipSpec) -> np.ndarray:
@@ -90,9 +103,9 @@ def _sound_only(example: dict, spec: ClipSpec, starts: list[int]) -> dict[str, n
         "frames": np.zeros((views, spec.num_frames, size, size, 3), np.uint8),
         "frame_mask": np.zeros((views, spec.num_frames), bool),
         "audio": np.stack([w[0] for w in windows]),
-        "audio_len": np.asarray([w[1] for w in windows], np.int32),
+        "audio_len": np.asarray([w[1] if _heard(example, w[1]) else 0 for w in windows], np.int32),
         "has_video": np.zeros(views, bool),
-        "has_audio": np.ones(views, bool),
+        "has_audio": np.asarray([_heard(example, w[1]) for w in windows], bool),
         "label": _target(example, spec),
     }
 
@@ -130,13 +143,14 @@ def train_clip(
     if flip and rng.random() < 0.5:
         clip = clip[:, :, ::-1]
     audio, audio_len = audio_window(example["audio"], start, spec)
+    heard = _heard(example, audio_len)
     return {
         "frames": np.ascontiguousarray(clip),  # [T, S, S, 3] uint8
         "frame_mask": mask,  # [T]
         "audio": audio,  # [A] int16
-        "audio_len": np.int32(audio_len if example["has_audio"] else 0),
+        "audio_len": np.int32(audio_len if heard else 0),
         "has_video": np.bool_(True),
-        "has_audio": np.bool_(example["has_audio"]),
+        "has_audio": np.bool_(heard),
         "label": _target(example, spec),
     }
 
@@ -152,7 +166,7 @@ def eval_views(
         starts = np.round(np.linspace(0, max(sound - span, 0), temporal_views)).astype(int)
         return _sound_only(example, spec, [int(s) for s in starts for _ in range(spatial_views)])
     starts = np.round(np.linspace(0, max(n - span, 0), temporal_views)).astype(int)
-    frames, masks, audios, lengths = [], [], [], []
+    frames, masks, audios, lengths, heard = [], [], [], [], []
     for start in starts:
         indices, mask = frame_indices(int(start), spec, n)
         decoded = _decode(example, indices)
@@ -162,7 +176,8 @@ def eval_views(
             frames.append(np.stack([resize(f, box, spec.crop_size) for f in decoded]))
             masks.append(mask)
             audios.append(audio)
-            lengths.append(audio_len if example["has_audio"] else 0)
+            heard.append(_heard(example, audio_len))
+            lengths.append(audio_len if heard[-1] else 0)
     views = len(frames)
     return {
         "frames": np.stack(frames),  # [V, T, S, S, 3]
@@ -170,6 +185,6 @@ def eval_views(
         "audio": np.stack(audios),
         "audio_len": np.asarray(lengths, np.int32),
         "has_video": np.ones(views, bool),
-        "has_audio": np.full(views, bool(example["has_audio"])),
+        "has_audio": np.asarray(heard, bool),
         "label": _target(example, spec),
     }

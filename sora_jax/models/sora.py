@@ -17,6 +17,14 @@ from sora_jax.models.visual import NORMS, TEMPORAL_POOLS, VisualTower
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def unit(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """x / |x| along the last axis, and 0 (with a finite gradient) where x is 0. A clip
+    without a sense has an all-zero embedding there: the gradient of `jnp.linalg.norm` at 0
+    is 0/0, and a NaN gradient passes any `jnp.where` mask applied afterwards."""
+    squared = jnp.sum(x * x, axis=-1, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.maximum(squared, eps * eps))
+
+
 class ContrastiveHeads(nn.Module):
     """Projection heads and the learned temperature of audio-visual contrastive learning:
     each sense's embedding -> an MLP -> a unit vector in a space where a clip's picture
@@ -34,7 +42,7 @@ class ContrastiveHeads(nn.Module):
         def project(x, name):
             x = nn.relu(nn.Dense(x.shape[-1], dtype=self.dtype, name=f"{name}_hidden")(x))
             x = nn.Dense(self.dim, dtype=self.dtype, name=f"{name}_out")(x).astype(jnp.float32)
-            return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
+            return unit(x)
 
         log_scale = self.param(
             "log_inverse_temperature", nn.initializers.constant(-math.log(self.temperature)), ()

@@ -44,21 +44,20 @@ def make_manager(
     workdir: "str | os.PathLike[str]", config: ml_collections.ConfigDict, read_only: bool = False
 ) -> ocp.CheckpointManager:
     c = config.checkpoint
+    # Every checkpoint's scores are written with it (as orbax does once best_fn is set), so
+    # the best one is known after a restart too; one never evaluated ranks last.
+    score = lambda metrics: metrics.get(c.best_metric, float("-inf"))
     preservation = policies.AnyPreservationPolicy(
         [
             policies.LatestN(n=c.keep),
-            policies.BestN(
-                get_metric_fn=lambda metrics: metrics[c.best_metric],
-                reverse=False,
-                n=1,
-                keep_checkpoints_without_metrics=False,
-            ),
+            policies.BestN(get_metric_fn=score, reverse=False, n=1),
         ]
     )
     # Readers (eval, export) open without creating anything; orbax's own read_only mode
     # would do too, but warns on every open.
     options = ocp.CheckpointManagerOptions(
         preservation_policy=preservation,
+        best_fn=score,
         enable_async_checkpointing=not read_only,
         create=not read_only,
     )
@@ -78,7 +77,7 @@ def save(
     items = {"state": ocp.args.StandardSave(state)}
     if iterator is not None:
         items["data"] = grain.checkpoint.CheckpointSave(iterator)
-    manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+    manager.save(step, args=ocp.args.Composite(**items), metrics=metrics or {}, force=True)
 
 
 def _step_dir(manager: ocp.CheckpointManager, step: int) -> epath.Path:
@@ -144,6 +143,38 @@ def intact_step(manager: ocp.CheckpointManager, step: int | None = None) -> int 
             f"every checkpoint in {manager.directory} is corrupt (steps {sorted(steps)})"
         )
     return None
+
+
+def chosen_step(
+    manager: ocp.CheckpointManager,
+    which: int | str | None,
+    metric: str,
+    evaluated: dict[int, dict] | None = None,
+) -> int | None:
+    """The step `which` names: an int as it is, None or "latest" for the newest intact
+    checkpoint (None again), "best" for the intact checkpoint with the highest `metric`
+    among those evaluated: the scores saved with each checkpoint, and `evaluated` (step ->
+    result, e.g. the final evaluation, made after its checkpoint was saved)."""
+    if which is None or which == "latest":
+        return None
+    if which != "best":
+        return int(which)
+    scores = {s: (manager.metrics(s) or {}).get(metric) for s in manager.all_steps()}
+    for step, result in (evaluated or {}).items():
+        if step in scores and metric in result:
+            scores[step] = result[metric]
+    ranked = sorted((v, s) for s, v in scores.items() if v is not None)
+    if not ranked:
+        raise FileNotFoundError(
+            f"no checkpoint in {manager.directory} was evaluated, so none is best by "
+            f"{metric}: evaluate during training (config.eval_every), or name a step"
+        )
+    for _, step in reversed(ranked):
+        problem = problem_with(manager, step)
+        if problem is None:
+            return step
+        log.warning("checkpoint %d is corrupt (%s): passing over it for best", step, problem)
+    raise CorruptCheckpointError(f"every evaluated checkpoint in {manager.directory} is corrupt")
 
 
 def set_aside_newer_than(

@@ -27,6 +27,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from sora_jax import process
+from sora_jax.workdir import checkpoint_choice
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file (optionally FILE:PRESET).", lock_config=True
@@ -140,7 +141,12 @@ def eval_main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--workdir", required=True, help="a sora-train work dir")
     parser.add_argument("--split", default=None, help="default: the config's data.eval_split")
-    parser.add_argument("--checkpoint", type=int, default=None, help="step (default: latest)")
+    parser.add_argument(
+        "--checkpoint",
+        type=checkpoint_choice,
+        default=None,
+        help="a step, best (by the run's checkpoint.best_metric) or latest (the default)",
+    )
     parser.add_argument("--data-dir", default=None, help="override config.data.dir")
     args = parser.parse_args(argv)
 

@@ -6,6 +6,7 @@ called at every evaluation.
 """
 
 import collections
+import logging
 import os
 from collections.abc import Sequence
 
@@ -20,6 +21,8 @@ from sora_jax.train import metrics as metrics_lib
 from sora_jax.train.setup import Setup
 from sora_jax.train.step import abstract_batch, make_eval_step
 from sora_jax.workdir import Workdir
+
+log = logging.getLogger("sora_jax")
 
 MODES = ("full", "audio_only", "video_only")
 _PER_PROCESS = ("label", "valid", "index")  # host-side keys, never sent to the devices
@@ -133,6 +136,8 @@ class Evaluator:
                 outputs["has_video"] & outputs["has_audio"],
             )
             summary["retrieval"] = retrieval
+            if "warning" in retrieval and jax.process_index() == 0:
+                log.warning("retrieval on %s: %s", self.split, retrieval["warning"])
             summary["retrieval_r1"] = (retrieval.get("v2a_r1", 0) + retrieval.get("a2v_r1", 0)) / 2
             if self._bank is not None:
                 summary["knn"] = self._knn(outputs, labels, params)

@@ -10,6 +10,7 @@ thousands of clips needs no N x N matrix in memory.
 import numpy as np
 
 _BLOCK = 1024  # query rows per similarity block
+MIN_RETRIEVAL_CLIPS = 50  # fewer held-out clips with both senses: retrieval is flagged
 
 
 def _ranks(queries: np.ndarray, keys: np.ndarray) -> np.ndarray:
@@ -37,9 +38,15 @@ def retrieval_report(
         return report
     for name, ranks in (("v2a", _ranks(v, a)), ("a2v", _ranks(a, v))):
         for k in (1, 5, 10):
-            report[f"{name}_r{k}"] = float(np.mean(ranks <= k))
+            if k < len(v):  # recall@k of k >= N clips is 1 whatever the model
+                report[f"{name}_r{k}"] = float(np.mean(ranks <= k))
         report[f"{name}_median_rank"] = float(np.median(ranks))
     report["chance_r1"] = 1.0 / len(v)
+    if len(v) < MIN_RETRIEVAL_CLIPS:
+        report["warning"] = (
+            f"{len(v)} clips: recall is in steps of {1 / len(v):.3f} and says little "
+            f"below {MIN_RETRIEVAL_CLIPS}"
+        )
     return report
 
 

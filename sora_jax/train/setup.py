@@ -22,6 +22,7 @@ from sora_jax.data import pipeline
 from sora_jax.inputs import InputSpec
 from sora_jax.train import checkpoint, sharding
 from sora_jax.train.state import TrainState, init_state, make_optimizer
+from sora_jax.workdir import Workdir
 
 
 def check_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
@@ -128,13 +129,20 @@ class Restored:
 def load_for_inference(
     config: ml_collections.ConfigDict,
     workdir: "str | os.PathLike[str]",
-    step: int | None = None,
+    step: int | str | None = None,
     devices: Sequence[jax.Device] | None = None,
 ) -> Restored:
-    """The parameters of a work dir's checkpoint (the latest, or `step`), sharded over the
-    mesh; only the parameters are read (checkpoint.restore_params)."""
+    """The parameters of a work dir's checkpoint (the latest, a step, or "best" or
+    "latest": checkpoint.chosen_step), sharded over the mesh; only the parameters are read
+    (checkpoint.restore_params)."""
     summary = pipeline.check_dataset(config)
     run = build(config, devices)
     manager = checkpoint.make_manager(workdir, config, read_only=True)
+    last_eval = Workdir(workdir).eval_result(config.data.eval_split)
+    evaluated = {}
+    if step == "best" and last_eval.exists():
+        result = json.loads(last_eval.read_text())
+        evaluated[result.get("step")] = result
+    step = checkpoint.chosen_step(manager, step, config.checkpoint.best_metric, evaluated)
     params, step = checkpoint.restore_params(manager, step, run.abstract_state)
     return Restored(run, params, step, summary)

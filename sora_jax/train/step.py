@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from sora_jax.inputs import MODEL_INPUTS, InputSpec, label_shape
 from sora_jax.models import SoraModel
+from sora_jax.models.sora import unit
 from sora_jax.train import objective as objective_lib
 from sora_jax.train.sharding import BATCH_AXES
 from sora_jax.train.state import TrainState, learning_rate_schedule, stop_frozen_gradients
@@ -146,6 +147,13 @@ MODE_LOGITS = {"full": "logits", "audio_only": "audio_logits", "video_only": "vi
 PROJECTIONS = ("video_projection", "audio_projection")
 
 
+def masked_view_mean(x: jax.Array, present: jax.Array) -> jax.Array:
+    """x [B, V, D] averaged over the views where `present` [B, V]; over all views where no
+    view has it (such a clip is left out by whoever reads it)."""
+    weights = jnp.where(present.any(axis=1, keepdims=True), present, True).astype(x.dtype)
+    return jnp.sum(x * weights[..., None], axis=1) / jnp.sum(weights, axis=1, keepdims=True)
+
+
 def make_eval_step(
     model: SoraModel, config: ml_collections.ConfigDict, mesh: Mesh
 ) -> Callable[[dict, dict], dict]:
@@ -171,6 +179,10 @@ def make_eval_step(
         embedded = model.apply({"params": params}, flat, modality_embeddings=True)
         per_clip = lambda x: x.reshape(B, V, -1).mean(axis=1)  # averaged over the views
         out = {}
+        # A sense's own embedding and projection are averaged over the views that have
+        # that sense (a window past the end of a clip's sound has none); a clip without it
+        # in any view is marked by has_video/has_audio below.
+        has = {"video": batch["has_video"], "audio": batch["has_audio"]}  # [B, V] each
         if classify:
             for mode, key in MODE_LOGITS.items():
                 logits = embedded[key]
@@ -179,8 +191,12 @@ def make_eval_step(
                 )
         if represent:
             for k in EMBEDDINGS + PROJECTIONS:
-                x = per_clip(embedded[k])
-                out[k] = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
+                sense = k.split("_")[0]
+                if sense in has:
+                    x = masked_view_mean(embedded[k].reshape(B, V, -1), has[sense])
+                else:
+                    x = per_clip(embedded[k])
+                out[k] = unit(x)
         for k in ("has_video", "has_audio"):  # which senses each clip has: [B] bool
             out[k] = batch[k].any(axis=1)
         return out

@@ -75,14 +75,23 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def _check_finite(state) -> None:
+def _check_finite(state, manager: ocp.CheckpointManager) -> None:
+    """Stop, saying what is known, once the step recorded a NaN or inf (state.py rolled
+    that step back, so nothing non-finite is ever saved)."""
     bad_step = int(jax.device_get(state.nonfinite_step))
     if bad_step >= 0:
         what = NONFINITE_NAMES[int(jax.device_get(state.nonfinite_what))]
+        saved = manager.latest_step()
+        kept = (
+            f"the last checkpoint, step {saved}, is from before it: rerun to resume there"
+            if saved is not None
+            else "no checkpoint was written before it"
+        )
         raise NonFiniteError(
-            f"the {what} became NaN or inf at step {bad_step + 1}; stopping without saving "
-            f"that state (the last checkpoint is from before it). Lower "
-            f"config.optimizer.learning_rate or set config.optimizer.grad_clip."
+            f"the {what} became NaN or inf at step {bad_step + 1}; stopped without saving "
+            f"that state ({kept}). If it recurs at the same step, a batch is the likely cause "
+            "(look at its clips); if it moves with the learning rate, lower "
+            "config.optimizer.learning_rate or set config.optimizer.grad_clip."
         )
 
 
@@ -406,12 +415,12 @@ def _train(
             stop = preemption.should_stop(step, at_sync_point=step % config.log_every == 0)
             stop = stop or manager.reached_preemption(step)
             if step % config.log_every == 0 or last or stop:  # stop: log every step run
-                _check_finite(state)
+                _check_finite(state, manager)
                 logger.steps(step - len(window.pending) + 1, *window.summary(config.batch_size))
                 window = _LogWindow()
             evaluate_now = last or (config.eval_every and step % config.eval_every == 0)
             if last:  # the trained state is safe before the final evaluation can fail
-                _check_finite(state)
+                _check_finite(state, manager)
                 checkpoint.save(manager, step, state, batches)
             if evaluate_now:
                 if evaluator is None:
@@ -424,7 +433,7 @@ def _train(
                 logger.eval(step, result)
             due = evaluate_now or stop or step % config.checkpoint.every_steps == 0
             if due and not last:
-                _check_finite(state)
+                _check_finite(state, manager)
                 scores = None
                 if evaluate_now:
                     scores = {k: result[k] for k in config_lib.METRICS if k in result}
