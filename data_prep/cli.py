@@ -57,6 +57,13 @@ def _parser() -> argparse.ArgumentParser:
         "--min-frames", type=int, default=8, help="flag (but keep) clips shorter than this"
     )
     p.add_argument(
+        "--min-complete",
+        type=float,
+        default=0.9,
+        help="skip, as truncated, a file that decodes to less than this fraction of the "
+        "duration its container claims (0 keeps every file that decodes at all)",
+    )
+    p.add_argument(
         "--beam",
         nargs="?",
         const="",
@@ -66,6 +73,24 @@ def _parser() -> argparse.ArgumentParser:
         'e.g. "--runner=DataflowRunner --project=P --region=R"; none: the DirectRunner',
     )
     return p
+
+
+def _bad_arguments(args: argparse.Namespace) -> list[str]:
+    checks = (
+        (args.fps > 0, f"--fps {args.fps}: must be positive"),
+        (args.short_side >= 0, f"--short-side {args.short_side}: must be >= 0 (0 keeps the size)"),
+        (args.max_seconds >= 0, f"--max-seconds {args.max_seconds}: must be >= 0 (0: all)"),
+        (args.workers >= 0, f"--workers {args.workers}: must be >= 0 (0, 1: in this process)"),
+        (args.min_frames >= 0, f"--min-frames {args.min_frames}: must be >= 0"),
+        (0 <= args.min_complete <= 1, f"--min-complete {args.min_complete}: must be in [0, 1]"),
+        (0 <= args.test_fraction < 1, f"--test-fraction {args.test_fraction}: must be in [0, 1)"),
+        (args.dmvr_fps > 0, f"--dmvr-fps {args.dmvr_fps}: must be positive"),
+        (
+            args.dmvr_sample_rate > 0,
+            f"--dmvr-sample-rate {args.dmvr_sample_rate}: must be positive",
+        ),
+    )
+    return [message for ok, message in checks if not ok]
 
 
 def _demo(argv: list[str]) -> int:
@@ -118,7 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "demo":
         return _demo(argv[1:])
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    for problem in _bad_arguments(args):  # before any file is read
+        parser.error(problem)
     from data_prep import builder, layouts, report
     from data_prep.worker import PrepSettings
     from sora_jax import storage
@@ -148,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         short_side=args.short_side,
         max_seconds=args.max_seconds,
         min_frames=args.min_frames,
+        min_complete=args.min_complete,
     )
     start = time.time()
     try:

@@ -8,7 +8,7 @@ import dataclasses
 from typing import Any
 
 from data_prep.layouts import Entry
-from sora_jax.media.decode import DecodeError, decode_video, stored_example
+from sora_jax.media.decode import MIN_COMPLETE, DecodeError, decode_video, stored_example
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,6 +18,9 @@ class PrepSettings:
     max_seconds: float = 0.0
     jpeg_quality: int = 90
     min_frames: int = 8  # shorter clips are kept, and flagged in the report
+    # Skipped, as truncated: a file decoding to less than this fraction of its container's
+    # duration (0 keeps every file that decodes at all).
+    min_complete: float = MIN_COMPLETE
 
 
 def prepare_entry(entry: Entry, settings: PrepSettings) -> tuple[dict[str, Any], dict | None]:
@@ -42,6 +45,10 @@ def prepare_entry(entry: Entry, settings: PrepSettings) -> tuple[dict[str, Any],
         return row, None
     except Exception as e:
         row["reason"] = f"decoder failed: {type(e).__name__}: {e}"
+        return row, None
+    truncated = video.truncated(settings.min_complete)
+    if truncated:
+        row.update(reason=truncated, num_frames=len(video.frames))
         return row, None
     notes = []
     if not video.has_audio:

@@ -8,6 +8,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -118,6 +119,15 @@ def test_the_batch_search_finds_the_largest_that_fits(largest, start):
     assert found[:2] == (largest, True)
     found = analysis.search_largest(bytes_at, start, bytes_at(start), 10 * largest, 1)
     assert found.trials <= 1 and found.largest <= largest
+
+
+def test_the_batch_search_starts_no_compile_after_its_deadline():
+    calls = []
+    bytes_at = lambda n: calls.append(n) or 10 * n
+    found = analysis.search_largest(bytes_at, 4, 40, 1000, 20, deadline=time.monotonic() - 1)
+    assert found == (4, False, 0) and calls == []  # the known batch, not exact, no compile
+    found = analysis.search_largest(bytes_at, 4, 40, 1000, 20, deadline=time.monotonic() + 60)
+    assert found[:2] == (100, True)
 
 
 # A train step's bytes against its batch, as XLA might give them: affine; convex (a

@@ -105,3 +105,43 @@ def test_sora_predict_explains_files_and_timeline_windows(sight_or_sound, tmp_pa
             maps = np.load(png.with_suffix(".npz"))
             assert maps["frame_saliency"].shape == (4, 32, 32)
             assert maps["audio_saliency"].shape == maps["log_mel"].shape
+
+
+def _inside_figure(fig) -> bool:
+    """The figure's titles (its own and its axes') lie within it: none clipped at an edge."""
+    fig.canvas.draw()
+    renderer, box = fig.canvas.get_renderer(), fig.bbox
+    texts = [ax.title for ax in fig.axes] + [t for t in fig.texts]
+    texts = [t for t in texts if t.get_text()]
+    assert any(len(t.get_text()) > 60 for t in texts)  # the long ones are among them
+    for text in texts:
+        extent = text.get_window_extent(renderer)
+        if extent.x0 < box.x0 - 1 or extent.x1 > box.x1 + 1:
+            return False
+    return True
+
+
+def test_long_titles_are_wrapped_inside_their_figures():
+    """A confusion matrix's title once read "step 30" for step 300, and an explanation's
+    was cut at both edges: a title wider than its figure is clipped, not wrapped."""
+    import matplotlib.pyplot as plt
+
+    from sora_jax.export.plots import explanation_figure
+    from sora_jax.train.metrics import confusion_figure
+
+    title = "kinetics_sounds_with_a_long_name validation (video-only), step 300000"
+    fig = confusion_figure(np.eye(4, dtype=int), ["a", "b", "c", "d"], title)
+    assert _inside_figure(fig) and "300000" in fig.axes[0].get_title()
+    plt.close(fig)
+    rng = np.random.default_rng(0)
+    explanation = {
+        "frames": rng.integers(0, 255, (4, 16, 16, 3), np.uint8),
+        "frame_saliency": rng.random((4, 16, 16)),
+        "log_mel": rng.random((50, 32)),
+        "audio_saliency": rng.random((50, 32)),
+        "attribution": {"class": "red_high", "both": 0.9, "video_only": 0.5, "audio_only": None},
+    }
+    long = "/data/videos/a/rather/deep/folder/of/clips/clip_0001.mp4: red_high 0.987 at 12.5 s"
+    fig = explanation_figure(explanation, long)
+    assert _inside_figure(fig)
+    plt.close(fig)

@@ -434,3 +434,36 @@ def test_unlabeled_layout_reads_any_tree_or_a_path_only_csv_and_stores_no_labels
     assert sorted(clips) == ["a.mp4", "trip/d.mp4", "trip/day1/b.mp4", "trip/day2/c.mkv"]
     assert all("label" not in c for c in clips.values())
     assert [k for k, c in clips.items() if not c["has_audio"]] == ["trip/day2/c.mkv"]
+
+
+def test_a_truncated_file_is_skipped_with_a_reason_and_the_client_warns(tmp_path):
+    """A download cut off part way: FFmpeg decodes what is there without an error, so
+    the decoded length is held against the duration the container claims."""
+    whole = write_clip(tmp_path / "whole.mkv", seconds=4.0)
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(whole.read_bytes()[: len(whole.read_bytes()) // 2])
+    settings = PrepSettings(fps=8.0, short_side=16)
+    entry = lambda path: layouts.Entry(path, path.name, ("a",), "train")
+    row, example = prepare_entry(entry(cut), settings)
+    assert row["status"] == "skipped" and example is None
+    assert row["reason"].startswith("truncated: decoded 2.") and "of the 4.0 s" in row["reason"]
+    assert prepare_entry(entry(whole), settings)[0]["status"] == "ok"
+    # The threshold is a setting: 0 keeps every file that decodes at all.
+    kept, _ = prepare_entry(entry(cut), PrepSettings(fps=8.0, short_side=16, min_complete=0.0))
+    assert kept["status"] == "ok"
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--fps", "-3", "--fps -3.0: must be positive"),
+        ("--fps", "0", "--fps 0.0: must be positive"),
+        ("--short-side", "-5", "--short-side -5: must be >= 0"),
+        ("--min-complete", "1.5", "--min-complete 1.5: must be in [0, 1]"),
+    ],
+)
+def test_bad_arguments_fail_before_any_file_is_read(tmp_path, capsys, flag, value, message):
+    with pytest.raises(SystemExit) as e:
+        cli.main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"), flag, value])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -6,6 +6,7 @@ abstract inputs: nothing is allocated, so a 256-chip program is checked on a lap
 
 import dataclasses
 import pathlib
+import time
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from sora_jax.aot import traffic
 from sora_jax.train import setup
-from sora_jax.train.fit import StepReport, compile_step
+from sora_jax.train.fit import GiB, StepReport, compile_step
 from sora_jax.train.step import abstract_batch, make_eval_step, make_train_step
 
 
@@ -118,27 +119,41 @@ def largest_fitting_batch(
     device_memory_bytes: int,
     first: RunReport,
     max_compiles: int = 8,
+    max_seconds: float | None = None,
+    progress: Callable[[str], None] = lambda line: None,
 ) -> dict:
     """The largest global batch whose train step fits, found by compiling it at other
     batch sizes (multiples of the devices x accum_steps): {"batch_size", "exact",
-    "compiles"}, exact False when max_compiles ran out first (that batch fits; a larger one
-    might). A production step takes minutes to compile, so the search guesses each next
-    batch from the bytes of the ones compiled (search_largest)."""
+    "compiles"}, exact False when max_compiles or max_seconds ran out first (that batch
+    fits; a larger one might). A production step takes minutes to compile, so the search
+    guesses each next batch from the bytes of the ones compiled (search_largest), and says
+    each compile's outcome to `progress` as it ends."""
     unit = len(devices) * config.accum_steps
+    started, compiles = time.monotonic(), 0
 
     def train_bytes(units: int) -> int:
+        nonlocal compiles
         trial = config.copy_and_resolve_references()
         trial.batch_size = units * unit
         run = abstract_run(trial, devices)
         _, report = compile_step(run.train_step, run.built.abstract_state, run.train_batch)
+        compiles += 1
+        fits = "fits" if report.total_bytes <= device_memory_bytes else "does not fit"
+        progress(
+            f"batch search: compile {compiles} of at most {max_compiles}: batch "
+            f"{trial.batch_size} needs {report.total_bytes / GiB:.2f} GiB per device ({fits}), "
+            f"{time.monotonic() - started:.0f} s so far"
+        )
         return report.total_bytes
 
+    deadline = None if max_seconds is None else started + max_seconds
     found = search_largest(
         train_bytes,
         config.batch_size // unit,
         first.train.total_bytes,
         device_memory_bytes,
         max_compiles,
+        deadline,
     )
     return {"batch_size": found.largest * unit, "exact": found.exact, "compiles": found.trials}
 
@@ -150,7 +165,12 @@ class Search(NamedTuple):
 
 
 def search_largest(
-    bytes_at: Callable[[int], int], start: int, start_bytes: int, limit: int, max_trials: int
+    bytes_at: Callable[[int], int],
+    start: int,
+    start_bytes: int,
+    limit: int,
+    max_trials: int,
+    deadline: float | None = None,  # time.monotonic(): no trial starts after it
 ) -> Search:
     """The largest n >= 1 with bytes_at(n) <= limit, for bytes_at growing with n, known at
     `start`. Each trial is a compile, so it is spent where the answer likely is: a step's
@@ -172,7 +192,7 @@ def search_largest(
         trials = len(tried) - 1
         if bad is not None and bad - good <= 1:
             return Search(good, True, trials)
-        if trials == max_trials:
+        if trials == max_trials or (deadline is not None and time.monotonic() >= deadline):
             return Search(good, False, trials)
         guess = crossing(*sorted(tried[-2:])) if trials else None
         if bad is None:  # all fit so far

@@ -46,6 +46,12 @@ _TOPOLOGY = flags.DEFINE_string(
 _SLICES = flags.DEFINE_integer("slices", 1, "Slices of that shape (multislice).")
 _SEARCH = flags.DEFINE_boolean("search", True, "Search for the largest batch that fits.")
 _MAX_COMPILES = flags.DEFINE_integer("max_compiles", 8, "Compiles the batch search may use.")
+_SEARCH_MINUTES = flags.DEFINE_float(
+    "search_minutes",
+    30.0,
+    "No compile of the batch search starts after this long (a production step takes "
+    "minutes to compile); the result then says exact: false.",
+)
 _DUMP_HLO = flags.DEFINE_string(
     "dump_hlo", None, "Write the compiled train step's HLO text here, to read its kernels."
 )
@@ -218,6 +224,11 @@ def _lower_for_gpus(config) -> None:
     print(json.dumps(result))
 
 
+def say(line: str) -> None:
+    """Progress, one line per compile, on stderr (stdout's last line is the JSON)."""
+    print(f"sora-compile: {line}", file=sys.stderr, flush=True)
+
+
 def _compile(argv) -> None:
     del argv
     from sora_jax.aot import analysis, topology
@@ -232,14 +243,25 @@ def _compile(argv) -> None:
         devices = topology.tpu_devices(_TOPOLOGY.value, _SLICES.value)
         if crash := topology.known_crash(chip, len(devices)):
             print(f"sora-compile: warning: {crash}", file=sys.stderr, flush=True)
+        say(f"compiling the train and eval steps for {_TOPOLOGY.value} ({len(devices)} devices)")
         run = analysis.compile_run(config, devices, dump_hlo=_DUMP_HLO.value)
     except (ConfigError, ValueError, RuntimeError) as e:
         print(f"sora-compile: {e}", file=sys.stderr)
         sys.exit(2)
     search = None
     if _SEARCH.value:
+        say(
+            f"searching for the largest batch that fits, in {_MAX_COMPILES.value} compiles or "
+            f"{_SEARCH_MINUTES.value:g} minutes at most (--nosearch skips it)"
+        )
         search = analysis.largest_fitting_batch(
-            config, devices, chip.hbm_bytes, run, _MAX_COMPILES.value
+            config,
+            devices,
+            chip.hbm_bytes,
+            run,
+            _MAX_COMPILES.value,
+            _SEARCH_MINUTES.value * 60,
+            say,
         )
     result = report_dict(_TOPOLOGY.value, _SLICES.value, chip, run, search)
     print_table(result)

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from sora_jax.train.metrics import fitted_title
+
 
 def _pyplot():
     import matplotlib
@@ -56,6 +58,14 @@ def timeline_png(rows: list[dict], path: str | pathlib.Path, title: str, top: in
 
 
 def explanation_png(explanation: dict, path: str | pathlib.Path, title: str) -> None:
+    """explanation_figure, saved."""
+    plt = _pyplot()
+    fig = explanation_figure(explanation, title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def explanation_figure(explanation: dict, title: str):
     """Top row: the sampled frames with the saliency over them (red: where hiding the
     picture lowered the top class most). Bottom: the log-mel spectrogram and the saliency
     over it, with the modality attribution."""
@@ -89,12 +99,12 @@ def explanation_png(explanation: dict, path: str | pathlib.Path, title: str) -> 
     weighed = (
         f"; fusion gates video {gates['video']:.2f}, audio {gates['audio']:.2f}" if gates else ""
     )
-    ax.set_title(
+    width = fig.get_figwidth()
+    attribution = (
         f"score of {a['class']}: both senses {a['both']:.3f}, video only {shown('video_only')}, "
-        f"audio only {shown('audio_only')}{weighed}",
-        fontsize=9,
+        f"audio only {shown('audio_only')}{weighed}"
     )
-    fig.suptitle(title, fontsize=10)
+    ax.set_title(fitted_title(attribution, width * 0.85, 9), fontsize=9)
+    fig.suptitle(fitted_title(title, width * 0.9, 10), fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig

@@ -17,6 +17,9 @@ import numpy as np
 from PIL import Image
 
 SAMPLE_RATE = 16_000
+# A file decoding to less than this fraction of its container's duration is truncated
+# (sora-prep --min-complete; sora-predict and the client warn).
+MIN_COMPLETE = 0.9
 # FFmpeg opens single pictures through these demuxers; they are not videos.
 _PICTURE_FORMATS = {
     "image2",
@@ -81,10 +84,27 @@ class DecodedVideo:
     has_audio: bool
     fps: float
     source_fps: float  # the stream's average rate, for the report (0 without a picture)
+    claimed_seconds: float = 0.0  # what the container says it holds (0: it does not say)
 
     @property
     def has_video(self) -> bool:
         return len(self.frames) > 0
+
+    @property
+    def seconds(self) -> float:
+        """How much decoded: the picture's length, or the sound's when it is longer."""
+        return max(len(self.frames) / self.fps, len(self.audio) / SAMPLE_RATE)
+
+    def truncated(self, min_complete: float = MIN_COMPLETE) -> str | None:
+        """Why the file looks cut short, or None: what decoded falls below `min_complete`
+        of the duration its container claims (a download cut off, a copy interrupted:
+        FFmpeg decodes the part that is there without an error)."""
+        if not self.claimed_seconds or self.seconds >= min_complete * self.claimed_seconds:
+            return None
+        return (
+            f"truncated: decoded {self.seconds:.1f} s of the {self.claimed_seconds:.1f} s "
+            "its container claims"
+        )
 
 
 def _resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
@@ -262,6 +282,9 @@ def decode_video(
         video = container.streams.video[0] if container.streams.video else None
         source_fps = float(video.average_rate or fps) if video is not None else 0.0
         has_audio_stream = bool(container.streams.audio)
+        claimed = container.duration / av.time_base if container.duration else 0.0
+        if max_seconds:
+            claimed = min(claimed, max_seconds)
         frames, chunks = [], []
         for kind, data in decode_incrementally(container, fps, short_side, max_seconds):
             (frames if kind == "frame" else chunks).append(data)
@@ -272,6 +295,7 @@ def decode_video(
         has_audio=has_audio_stream and bool(wave.size),
         fps=fps,
         source_fps=source_fps,
+        claimed_seconds=max(claimed, 0.0),
     )
 
 

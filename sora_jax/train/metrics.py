@@ -66,9 +66,18 @@ def classification_report(
     }
 
 
-def save_confusion_png(
-    matrix: np.ndarray, class_names: Sequence[str], path: "str | os.PathLike[str]", title: str
-) -> None:
+def fitted_title(text: str, width_inches: float, fontsize: float) -> str:
+    """`text` broken into lines that fit a figure `width_inches` wide at `fontsize`
+    (matplotlib clips a title wider than its figure at both edges, and a long one lost its
+    step's last digits)."""
+    import textwrap
+
+    chars = max(16, int(width_inches * 72 / (0.62 * fontsize)))  # a glyph's average width
+    return "\n".join(textwrap.wrap(text, chars)) or text
+
+
+def confusion_figure(matrix: np.ndarray, class_names: Sequence[str], title: str):
+    """The confusion matrix drawn, counts in the cells (up to 30 classes)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,7 +91,7 @@ def save_confusion_png(
     ax.set_yticks(range(len(class_names)), class_names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title)
+    ax.set_title(fitted_title(title, size * 0.8, 12), fontsize=12)
     if len(class_names) <= 30:
         for (i, j), v in np.ndenumerate(matrix):
             ax.text(
@@ -95,6 +104,15 @@ def save_confusion_png(
                 fontsize=8,
             )
     fig.tight_layout()
+    return fig
+
+
+def save_confusion_png(
+    matrix: np.ndarray, class_names: Sequence[str], path: "str | os.PathLike[str]", title: str
+) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = confusion_figure(matrix, class_names, title)
     png = io.BytesIO()  # then one write: `path` may be in a bucket
     fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
