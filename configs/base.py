@@ -33,6 +33,12 @@ def get_config() -> ml_collections.ConfigDict:
         # the training step for the interpreter and the cores (BENCHMARKS.md).
         workers=16,
         eval_batch_size=64,
+        # Train on several prepared datasets at once: dicts of dir, name and weight, e.g.
+        # ({"dir": "gs://B/data", "name": "labelled", "weight": 1.0},
+        #  {"dir": "gs://B/data", "name": "web_unlabeled", "weight": 3.0}). Clips are drawn
+        # in proportion to the weights; an unlabeled dataset's clips are left out of the
+        # supervised loss. Evaluation reads dir and name above. (): dir and name alone.
+        mixture=(),
     )
 
     c.model = dict(

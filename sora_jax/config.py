@@ -51,6 +51,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     check(d.eval_temporal_views >= 1, "data.eval_temporal_views", "must be >= 1")
     check(d.train_views in (1, 2), "data.train_views", "must be 1 or 2")
     check(d.eval_batch_size >= 1, "data.eval_batch_size", "must be >= 1")
+    for i, part in enumerate(d.get("mixture", ())):
+        check(
+            isinstance(part, dict) and set(part) == {"dir", "name", "weight"},
+            f"data.mixture[{i}]",
+            f"{part!r} is not a dict of dir, name and weight",
+        )
+        check(part["weight"] > 0, f"data.mixture[{i}].weight", "must be positive")
     check(d.workers >= 0, "data.workers", "must be >= 0 (0: decode in the training process)")
     check(d.audio_samples >= 0, "data.audio_samples", "must be >= 0 (0: the frames' span)")
     check(
@@ -215,6 +222,7 @@ SAVED_BEFORE_KEY = {
     "optimizer.pretrained_lr_scale": 1.0,
     "eval.knn_k": 20,
     "eval.knn_bank_size": 50_000,
+    "data.mixture": (),
 }
 
 

@@ -2,9 +2,11 @@
 
 import itertools
 import logging
+import pathlib
 
 import jax
 import numpy as np
+import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -165,3 +167,47 @@ def test_multi_label_on_single_label_data_is_said(demo_data, caplog):
     with caplog.at_level(logging.WARNING, logger="sora_jax"):
         pipeline.check_dataset(config)
     assert "multi_label=True, but dataset demo_small has one label per clip" in caplog.text
+
+
+def test_a_mixture_draws_from_each_dataset_by_weight_and_unlabeled_clips_have_no_label(
+    demo_data, tmp_path
+):
+    from data_prep import builder, layouts
+    from data_prep.worker import PrepSettings
+    from sora_jax.config import ConfigError
+    from sora_jax.train import objective
+
+    raw = pathlib.Path(demo_data[0]).parent / "raw"
+    unlabeled = layouts.discover(raw / "test", "unlabeled", seed=0, test_fraction=0.2)
+    builder.prepare(unlabeled, tmp_path, "web", PrepSettings(fps=8.0, short_side=40))
+    config = small_config(*demo_data)
+    config.data.mixture = (
+        {"dir": demo_data[0], "name": demo_data[1], "weight": 1.0},
+        {"dir": str(tmp_path), "name": "web", "weight": 3.0},
+    )
+    pipeline.check_dataset(config)
+    labels = np.concatenate(
+        [b["label"] for b in _take(iter(pipeline.train_dataset(config, 16)), 4)]
+    )
+    assert 0.6 <= np.mean(labels == -1) <= 0.9  # three clips of the web set to one labelled
+    assert set(labels[labels >= 0]) <= {0, 1, 2, 3}
+    # The supervised loss sees only the labelled clips: what the model says of the others
+    # changes nothing.
+    logits = np.random.default_rng(0).standard_normal((len(labels), 4)).astype(np.float32)
+    other = logits.copy()
+    other[labels == -1] += 5.0
+    loss = lambda x: float(objective.classification_loss(x, labels, multi_label=False))
+    assert loss(logits) == pytest.approx(loss(other))
+    kept = labels >= 0
+    assert loss(logits) == pytest.approx(loss_of(logits[kept], labels[kept]))
+    # A labelled dataset with other classes, or one that is not there, fails by its key.
+    config.data.mixture = ({"dir": str(tmp_path), "name": "nowhere", "weight": 1.0},)
+    with pytest.raises(ConfigError, match=r"config\.data\.mixture\[0\]: no prepared dataset"):
+        pipeline.check_dataset(config)
+
+
+def loss_of(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Mean softmax cross-entropy, written out."""
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_p = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    return float(-np.mean(log_p[np.arange(len(labels)), labels]))

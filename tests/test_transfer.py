@@ -381,3 +381,27 @@ def test_supervised_and_contrastive_losses_combine_as_a_weighted_sum(demo_data):
         loss, metrics["supervised_loss"] + 0.5 * metrics["contrastive_loss"], rtol=1e-6
     )
     assert {"accuracy", "match_accuracy", "temperature"} <= set(metrics)
+
+
+def test_one_run_learns_from_a_labelled_and_an_unlabeled_dataset_mixed(demo_data, tmp_path):
+    """As pretraining teams do: the contrastive loss on every clip, the supervised loss on
+    the labelled ones (data.mixture), evaluated on the labelled set."""
+    from data_prep import builder, layouts
+    from data_prep.worker import PrepSettings
+
+    raw = pathlib.Path(demo_data[0]).parent / "raw"
+    unlabeled = layouts.discover(raw / "train", "unlabeled", seed=0, test_fraction=0.2)
+    builder.prepare(unlabeled, tmp_path / "data", "web", PrepSettings(fps=8.0, short_side=40))
+    config = _pretrain_config(demo_data)
+    config.loss.supervised, config.model.num_classes = 1.0, 4
+    config.data.mixture = (
+        {"dir": demo_data[0], "name": demo_data[1], "weight": 1.0},
+        {"dir": str(tmp_path / "data"), "name": "web", "weight": 1.0},
+    )
+    config.total_steps, config.log_every = 4, 1
+    result = trainer.train(config, tmp_path / "run", ONE_DEVICE)
+    assert "top1" in result and "retrieval" in result
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 4
+    for row in rows:
+        assert np.isfinite([row["supervised_loss"], row["contrastive_loss"]]).all()

@@ -98,6 +98,7 @@ def check_dataset(config: ml_collections.ConfigDict) -> DatasetSummary:
                 f"config.data.{key}: no split {config.data[key]!r} in {name} "
                 f"(has {sorted(summary.splits)})"
             )
+    problems += _mixture_problems(config, summary)
     if problems:
         raise config_lib.ConfigError("\n".join(problems))
     labels, multi = summary.max_labels_per_clip, config.model.multi_label
@@ -112,6 +113,42 @@ def check_dataset(config: ml_collections.ConfigDict) -> DatasetSummary:
             else "only each clip's first label is learned; set multi_label=True for all",
         )
     return summary
+
+
+def _mixture_problems(config: ml_collections.ConfigDict, summary: DatasetSummary) -> list[str]:
+    """data.mixture's datasets against the run: each must exist with a train split, at the
+    run's fps and a short side its crops fit; a labelled one must have the run's dataset's
+    class names (a clip's label is an index into them)."""
+    if not config.data.get("mixture", ()):
+        return []
+    problems = []
+    for i, (data_dir, name, weight) in enumerate(mixture(config)):
+        key = f"config.data.mixture[{i}]"
+        try:
+            part = dataset_summary(data_dir, name)
+        except FileNotFoundError as e:
+            problems.append(f"{key}: {e}")
+            continue
+        if weight <= 0:
+            problems.append(f"{key}: weight {weight} must be positive")
+        if abs(part.fps - config.data.fps) > 1e-6:
+            problems.append(
+                f"{key}: {name} was prepared at {part.fps} fps, the run reads {config.data.fps}"
+            )
+        if part.short_side and config.data.crop_size > part.short_side:
+            problems.append(
+                f"{key}: {name} has a short side of {part.short_side} px, below "
+                f"config.data.crop_size {config.data.crop_size}"
+            )
+        if config.data.train_split not in part.splits:
+            problems.append(f"{key}: no split {config.data.train_split!r} in {name}")
+        if part.class_names and part.class_names != summary.class_names:
+            problems.append(
+                f"{key}: {name}'s classes {list(part.class_names)[:5]}... are not those of "
+                f"{config.data.name}, which the run evaluates on; prepare it with the same "
+                "classes, or as unlabeled (--layout unlabeled)"
+            )
+    return problems
 
 
 def clip_spec(config: ml_collections.ConfigDict) -> sampling.ClipSpec:
@@ -133,10 +170,23 @@ def _ensure_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def data_source(config: ml_collections.ConfigDict, split: str) -> Sequence[dict]:
-    """The tfds ArrayRecord data source of a prepared split (random access)."""
+def data_source(
+    config: ml_collections.ConfigDict, split: str, where: tuple[str, str] | None = None
+) -> Sequence[dict]:
+    """The tfds ArrayRecord data source of a prepared split (random access): of the run's
+    dataset, or of `where` (data dir, name)."""
     _ensure_flags_parsed()
-    return tfds.data_source(config.data.name, split=split, data_dir=config.data.dir)
+    data_dir, name = where or (config.data.dir, config.data.name)
+    return tfds.data_source(name, split=split, data_dir=data_dir)
+
+
+def mixture(config: ml_collections.ConfigDict) -> list[tuple[str, str, float]]:
+    """The datasets training reads, as (data dir, name, weight): data.mixture, or the
+    run's one dataset."""
+    parts = config.data.get("mixture", ())
+    if not parts:
+        return [(config.data.dir, config.data.name, 1.0)]
+    return [(p["dir"], p["name"], float(p["weight"])) for p in parts]
 
 
 class _TrainClip(grain.transforms.RandomMap):
@@ -173,19 +223,27 @@ def train_dataset(config: ml_collections.ConfigDict, local_batch_size: int) -> g
     gives p and the process count). So the assembled global batch, and the loss curve,
     are the same for any number of processes and any number of worker processes.
     """
-    source = data_source(config, config.data.train_split)
     shard = grain.sharding.ShardByJaxProcess(drop_remainder=True)
     global_batch = local_batch_size * shard.shard_count
     # A finite repeat lets the per-process slice below index the stream. It holds every
     # step's batch and those DevicePrefetch reads ahead of the last step, for a split of
     # any size (one smaller than a batch included), plus a spare epoch for rounding.
-    batches = config.total_steps + DEVICE_READ_AHEAD
-    epochs = math.ceil(batches * global_batch / len(source)) + 1
+    needed = (config.total_steps + DEVICE_READ_AHEAD) * global_batch  # clips
+    parts = mixture(config)
+    total = sum(weight for _, _, weight in parts)
+    streams = []
+    for i, (data_dir, name, weight) in enumerate(parts):
+        source = data_source(config, config.data.train_split, (data_dir, name))
+        epochs = math.ceil(needed * weight / total / len(source)) + 1
+        seed = config.seed + i  # the first dataset's order is a lone dataset's
+        streams.append(grain.MapDataset.source(source).shuffle(seed=seed).repeat(epochs))
+    # Several datasets: interleaved in proportion to their weights, each in its own
+    # shuffled order; clips of an unlabeled one have label -1 (no supervised loss).
+    stream = (
+        streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, [w for *_, w in parts])
+    )
     ds = (
-        grain.MapDataset.source(source)
-        .shuffle(seed=config.seed)
-        .repeat(epochs)
-        .random_map(
+        stream.random_map(
             _TrainClip(
                 clip_spec(config),
                 config.data.min_crop_scale,
@@ -193,8 +251,7 @@ def train_dataset(config: ml_collections.ConfigDict, local_batch_size: int) -> g
                 config.data.train_views,
             ),
             seed=config.seed,
-        )
-        .batch(local_batch_size, drop_remainder=True)
+        ).batch(local_batch_size, drop_remainder=True)
     )[shard.shard_index :: shard.shard_count]
     it = ds.to_iter_dataset()
     if config.data.workers > 0:

@@ -54,8 +54,10 @@ def _heard(example: dict, audio_len: int) -> bool:
 
 
 def _target(example: dict, spec: ClipSpec) -> np.ndarray:
-    if "label" not in example:  # an unlabelled clip, as in prediction
-        return np.int32(-1)
+    """The clip's class (or multi-hot classes); -1 (every entry -1) for an unlabelled clip
+    (prediction, or an unlabeled dataset mixed into training: the supervised loss skips it)."""
+    if "label" not in example:
+        return np.full(spec.num_classes, -1.0, np.float32) if spec.multi_label else np.int32(-1)
     if spec.multi_label:
         hot = np.zeros(spec.num_classes, np.float32)
         hot[np.asarray(example["labels"], np.int64)] = 1.0

@@ -20,11 +20,25 @@ from sora_jax.train.sharding import BATCH_AXES
 _MASKED = -1e9  # logit of a column that is no clip's sound (or picture)
 
 
+def labelled(labels: jax.Array, multi_label: bool) -> jax.Array:
+    """[B] bool: the clip has a label (an unlabeled dataset's clips, mixed into a run by
+    data.mixture, have -1)."""
+    return (labels[:, 0] if multi_label else labels) >= 0
+
+
+def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+    return jnp.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+
+
 def classification_loss(logits: jax.Array, labels: jax.Array, multi_label: bool) -> jax.Array:
-    """Mean softmax cross-entropy (integer labels) or sigmoid BCE (multi-hot labels)."""
+    """Mean softmax cross-entropy (integer labels) or sigmoid BCE (multi-hot labels) over
+    the labelled clips of the batch."""
+    mask = labelled(labels, multi_label)
     if multi_label:
-        return optax.sigmoid_binary_cross_entropy(logits, labels).sum(-1).mean()
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        per_clip = optax.sigmoid_binary_cross_entropy(logits, jnp.maximum(labels, 0)).sum(-1)
+    else:
+        per_clip = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
+    return _masked_mean(per_clip, mask)
 
 
 def _info_nce(queries, keys, valid, scale, rows, columns):
@@ -87,10 +101,11 @@ def objective(
     if weights.supervised > 0:
         logits, labels = out["logits"], batch["label"]
         supervised = classification_loss(logits, labels, config.model.multi_label)
+        mask = labelled(labels, config.model.multi_label)
         if config.model.multi_label:
-            correct = jnp.mean((logits > 0) == (labels > 0.5))
+            correct = _masked_mean(jnp.mean((logits > 0) == (labels > 0.5), axis=-1), mask)
         else:
-            correct = jnp.mean(jnp.argmax(logits, -1) == labels)
+            correct = _masked_mean(jnp.argmax(logits, -1) == labels, mask)
         loss += weights.supervised * supervised
         metrics |= {"supervised_loss": supervised, "accuracy": correct}
     if weights.contrastive > 0:
