@@ -111,3 +111,9 @@ def test_pretraining_on_ordinary_clips_runs_to_the_end_and_hands_over_its_space(
     result = json.loads(predicted.stdout.splitlines()[-1])
     assert result["has_audio"] is False and result["embeddings"]["audio_projection"] is None
     assert all(isinstance(x, float) for x in result["embeddings"]["video_projection"])
+    # The truncated file, which sora-prep skipped, is embedded with a warning.
+    predicted = run_in(
+        _command("sora-predict", "--export", str(export), str(corpus / "truncated.mkv"))
+    )
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    assert "truncated: decoded" in json.loads(predicted.stdout.splitlines()[-1])["warning"]

@@ -405,3 +405,17 @@ def test_one_run_learns_from_a_labelled_and_an_unlabeled_dataset_mixed(demo_data
     assert len(rows) == 4
     for row in rows:
         assert np.isfinite([row["supervised_loss"], row["contrastive_loss"]]).all()
+
+
+def test_recall_at_k_is_given_only_below_the_clip_count_and_few_clips_are_flagged():
+    rng = np.random.default_rng(0)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    video, audio = unit(rng.normal(size=(11, 8))), unit(rng.normal(size=(11, 8)))
+    report = retrieval_report(video, audio, np.ones(11, bool))
+    assert "v2a_r10" in report and "v2a_r5" in report  # 10 < 11
+    report = retrieval_report(video[:10], audio[:10], np.ones(10, bool))
+    assert "v2a_r10" not in report and "a2v_r10" not in report  # always 1 with 10 clips
+    assert "10 clips" in report["warning"]
+    # Planted pairs: each picture's own sound is its nearest, so recall@1 is 1.
+    report = retrieval_report(video, video, np.ones(11, bool))
+    assert report["v2a_r1"] == report["a2v_r1"] == 1.0
