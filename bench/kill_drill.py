@@ -7,6 +7,8 @@ of the same command, and the figures printed as JSON (last line):
 - no process outlives its trainer (grain's decoding workers die with it);
 - nothing stale is left in the work dir (orbax temporaries, partial metric files,
   checkpoints set aside as corrupt), and every checkpoint's digests still verify;
+- then the newest checkpoint loses its digests and has bytes flipped: the run, trained
+  on, resumes from the sealed one before it, sets it aside untouched and never seals it;
 - the work dir's lock never outlives a killed owner (each rerun starts).
 
   python bench/kill_drill.py [--kills 12] [--seed 0] [--data-dir data/prepared --name sora_demo]
@@ -103,10 +105,51 @@ def _alive(pid: int) -> bool:
 
 
 def _stale(workdir: pathlib.Path) -> list[str]:
+    """Leftovers: temporaries, partial files, checkpoints set aside as corrupt. (A kill
+    between orbax finishing a checkpoint and its digests leaves it unverified: set aside
+    under unverified_checkpoints/ on resume, which the result counts apart.)"""
     names = [str(p.relative_to(workdir)) for p in workdir.rglob("*")]
     return sorted(
-        n for n in names if "tmp" in n or n.endswith(".partial") or "corrupt_checkpoints" in n
+        n
+        for n in names
+        if ("tmp" in n or n.endswith(".partial") or "corrupt_checkpoints" in n)
+        and not n.startswith("unverified_checkpoints")
     )
+
+
+def _flip_bytes(path: pathlib.Path) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) // 3, len(data) // 3 + 64):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _digestless_corruption(workdir, args, env, expected) -> dict:
+    """The newest checkpoint's digests deleted and its bytes flipped, then the run trained
+    10 steps further: it must resume from the sealed checkpoint before it, set the
+    unverified one aside untouched (never sealing it), and give the same losses."""
+    from sora_jax.train import checkpoint
+
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    last = workdir / "checkpoints" / str(steps[-1])
+    (last / checkpoint.DIGESTS).unlink()
+    largest = max((p for p in last.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    _flip_bytes(largest)
+    flipped = largest.read_bytes()
+    longer = argparse.Namespace(**{**vars(args), "steps": args.steps + 10})
+    done = subprocess.run(
+        _command(workdir, longer), cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    aside = workdir / "unverified_checkpoints" / str(steps[-1])
+    got, _ = _losses(workdir)
+    return {
+        "corrupted_step": steps[-1],
+        "rerun_ok": done.returncode == 0,
+        "resumed_from_before_it": f"resumed from step {steps[-2]}" in done.stderr,
+        "set_aside_untouched": (aside / largest.relative_to(last)).read_bytes() == flipped,
+        "never_sealed": not (aside / checkpoint.DIGESTS).exists(),
+        "same_losses": all(abs(got[s] - expected[s]) <= 1e-6 * abs(expected[s]) for s in expected),
+    }
 
 
 def _run_and_kill(
@@ -202,12 +245,17 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoints": sorted(problems),
         "seconds": round(time.time() - start, 1),
     }
+    result["unverified_set_aside"] = sorted(
+        p.name for p in (workdir / "unverified_checkpoints").glob("*")
+    )
+    result["digestless_corruption"] = _digestless_corruption(workdir, args, env, expected)
     result["ok"] = bool(
         result["same_steps_logged_once"]
         and result["same_losses"]
         and not result["orphan_processes"]
         and not result["stale_files"]
         and result["checkpoints_intact"]
+        and all(v for k, v in result["digestless_corruption"].items() if k != "corrupted_step")
     )
     for kill in kills:
         print(f"killed at {kill['moment']} (logged step {kill['logged_step']})")

@@ -45,8 +45,9 @@ def checkpoint_costs(config, where: str, repeats: int) -> dict:
     for step in range(1, repeats + 1):
         manager = checkpoint.make_manager(where, config)
         start = time.perf_counter()
-        checkpoint.save(manager, step, state)
-        checkpoint.seal(manager)  # waits for the write, then records the digests
+        writer = checkpoint.Writer(manager)
+        writer.save(step, state)
+        writer.seal()  # waits for the write, then records the digests
         saves.append(time.perf_counter() - start)
         manager.close()
         reader = checkpoint.make_manager(where, config)

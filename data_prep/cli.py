@@ -162,6 +162,14 @@ def main(argv: list[str] | None = None) -> int:
         source = storage.download(source)
     source = pathlib.Path(source)
     if not storage.is_remote(out):
+        inside = pathlib.Path(out).resolve()
+        if source.is_dir() and source.resolve() in (inside, *inside.parents):
+            print(
+                f"sora-prep: --out {out} is inside SOURCE {source}: a second run would read its "
+                "own output as clips; choose a folder outside it",
+                file=sys.stderr,
+            )
+            return 2
         out.mkdir(parents=True, exist_ok=True)
     elif args.beam and "--runner" in args.beam and "DirectRunner" not in args.beam:
         print(

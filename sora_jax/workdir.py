@@ -8,6 +8,8 @@ bucket path is handled in one place and a new file has one name.
     config.json             the run's config (config.py)
     checkpoints/STEP/       orbax checkpoints, each with sora_sha256.json (checkpoint.py)
     corrupt_checkpoints/    checkpoints that failed their digests, set aside, never deleted
+    unverified_checkpoints/ checkpoints without digests (their writer was killed before
+                            sealing them), set aside on resume, never deleted
     metrics.jsonl           every step's loss and metrics
     throughput.jsonl        clips/s and input wait per log window
     tensorboard/            event files (and profiler traces)
@@ -49,6 +51,10 @@ class Workdir:
     @property
     def corrupt_checkpoints(self) -> epath.Path:
         return self.root / "corrupt_checkpoints"
+
+    @property
+    def unverified_checkpoints(self) -> epath.Path:
+        return self.root / "unverified_checkpoints"
 
     @property
     def metrics(self) -> epath.Path:

@@ -349,3 +349,20 @@ def test_export_never_deletes_what_it_did_not_write(exported, tmp_path, capsys):
     artifact = jax.export.deserialize((output / "model.jax").read_bytes())
     assert set(artifact.platforms) == set(card["platforms"])
     assert not [p for p in output.parent.iterdir() if p.name.startswith(".export.")]
+    assert not [p for p in output.parent.iterdir() if ".previous_export." in p.name]
+    # A file a user added inside a previous export's subfolders: refused, kept.
+    (output / "sora_media" / "NOTES.txt").write_text("mine")
+    with pytest.raises(export_lib.OutputError, match=r"sora_media/NOTES\.txt"):
+        export_lib.export(workdir, output)
+    assert (output / "sora_media" / "NOTES.txt").read_text() == "mine"
+    (output / "sora_media" / "NOTES.txt").unlink()
+    # Inside the run's checkpoints: refused (it once broke eval, export and resume).
+    with pytest.raises(export_lib.OutputError, match="inside the run's checkpoints/"):
+        export_lib.export(workdir, workdir / "checkpoints" / "999")
+    assert not (workdir / "checkpoints" / "999").exists()
+    # A link to a previous export: the export it names is replaced; the link stays a link.
+    link = tmp_path / "current"
+    link.symlink_to(output)
+    export_lib.export(workdir, link)
+    assert link.is_symlink() and (link / "model_card.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if "current" in p.name) == ["current"]

@@ -467,3 +467,11 @@ def test_bad_arguments_fail_before_any_file_is_read(tmp_path, capsys, flag, valu
         cli.main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"), flag, value])
     assert e.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_output_inside_the_source_is_refused(tmp_path, capsys):
+    """Run twice, it once read its own output as a class of 0 clips."""
+    source = _tree(tmp_path / "videos", {"train/a/0.mp4": dict(seconds=1.0)})
+    assert cli.main([str(source), "--out", str(source / "prepared"), "--name", "x"]) == 2
+    assert "is inside SOURCE" in capsys.readouterr().err
+    assert not (source / "prepared").exists()

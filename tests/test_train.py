@@ -297,11 +297,19 @@ def test_checkpoints_keep_the_last_k_plus_the_best(tmp_path):
     config.checkpoint.keep = 2
     manager = checkpoint.make_manager(tmp_path, config)
     state = {"w": np.arange(4.0)}
+    writer = checkpoint.Writer(manager)
     for step, top1 in zip(range(1, 6), (0.3, 0.9, 0.5, 0.4, 0.2), strict=True):
-        checkpoint.save(manager, step, state, metrics={"top1": top1, "map": top1})
+        writer.save(step, state, metrics={"top1": top1, "map": top1})
     manager.wait_until_finished()
     assert manager.all_steps() == [2, 4, 5]
     manager.close()
+    # ... and after a restart too: each checkpoint's scores were written with it.
+    reopened = checkpoint.make_manager(tmp_path, config)
+    writer = checkpoint.Writer(reopened)
+    writer.save(6, state, metrics={"top1": 0.1, "map": 0.1})
+    reopened.wait_until_finished()
+    assert reopened.all_steps() == [2, 5, 6]
+    reopened.close()
 
 
 def test_each_step_compiles_once_per_run_and_steps_can_be_profiled(short_run):

@@ -72,6 +72,47 @@ def test_a_crash_in_the_final_evaluation_loses_nothing_and_corrupt_checkpoints_a
     assert checkpoint.intact_step(manager) == 4
 
 
+def test_a_checkpoint_without_digests_is_never_used_unverified_nor_sealed_later(
+    demo_data, tmp_path, caplog
+):
+    """Digests deleted and bytes flipped: it once evaluated at top-1 0.25 with exit 0, was
+    exported with NaN scores, and a resume re-sealed the corrupted files for good."""
+    config, workdir = _config(demo_data), tmp_path / "run"
+    trainer.train(config, workdir, devices=ONE_DEVICE)
+    step_dir = workdir / "checkpoints/4"
+    (step_dir / checkpoint.DIGESTS).unlink()
+    largest = max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    _flip_bytes(largest)
+    flipped = largest.read_bytes()
+    manager = checkpoint.make_manager(workdir, config, read_only=True)
+    assert "has no digests" in checkpoint.problem_with(manager, 4)
+    with pytest.raises(checkpoint.CorruptCheckpointError, match="checkpoint 4 is unverified"):
+        setup.load_for_inference(config, workdir, 4, devices=ONE_DEVICE)  # asked for: refused
+    with caplog.at_level(logging.WARNING, logger="sora_jax"):
+        restored = setup.load_for_inference(config, workdir, devices=ONE_DEVICE)
+    assert restored.step == 2 and "checkpoint 4 is unverified" in caplog.text
+    # A resume sets it aside (nothing deleted), trains 3..4 again and seals its own step 4.
+    trainer.train(config, workdir, devices=ONE_DEVICE)
+    aside = workdir / "unverified_checkpoints/4"
+    assert (aside / largest.relative_to(step_dir)).read_bytes() == flipped
+    assert not (aside / checkpoint.DIGESTS).exists()  # never sealed after the fact
+    manager.reload()
+    assert checkpoint.problem_with(manager, 4) is None
+    # A work dir whose every checkpoint is unverified (a version before digests) is refused,
+    # saying how to adopt one; sealed by hand, it is used.
+    for step in (2, 4):
+        (workdir / f"checkpoints/{step}" / checkpoint.DIGESTS).unlink()
+    with pytest.raises(checkpoint.CorruptCheckpointError, match="--seal WORKDIR STEP"):
+        checkpoint.intact_step(manager)
+    done = subprocess.run(
+        [sys.executable, "-m", "sora_jax.train.checkpoint", "--seal", str(workdir), "4"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert checkpoint.intact_step(manager) == 4
+
+
 def test_a_work_dir_has_one_trainer_at_a_time_and_a_killed_one_does_not_keep_it(
     demo_data, tmp_path
 ):
@@ -141,9 +182,10 @@ def test_best_is_the_intact_checkpoint_with_the_highest_score_evaluated(demo_dat
     config.checkpoint.keep = 5
     manager = checkpoint.make_manager(tmp_path, config)
     state = {"w": np.arange(4.0)}
+    writer = checkpoint.Writer(manager)
     for step, scores in ((1, {"top1": 0.5}), (2, {"top1": 0.9}), (3, None)):
-        checkpoint.save(manager, step, state, metrics=scores)
-    checkpoint.seal(manager)
+        writer.save(step, state, metrics=scores)
+    writer.seal()
     best = lambda evaluated=None: checkpoint.chosen_step(manager, "best", "top1", evaluated)
     assert best() == 2
     assert best({3: {"top1": 0.95}}) == 3  # the final evaluation, made after its save
@@ -153,6 +195,14 @@ def test_best_is_the_intact_checkpoint_with_the_highest_score_evaluated(demo_dat
     assert best() == 1  # the best one is corrupt: the next best intact one
     with pytest.raises(FileNotFoundError, match="was evaluated"):
         checkpoint.chosen_step(manager, "best", "retrieval_r1")
+    # A digests file a killed seal left half-written is not taken for one of the files.
+    writer.save(4, state)
+    writer.manager.wait_until_finished()
+    stale = tmp_path / "checkpoints" / "4" / f".{checkpoint.DIGESTS}.killed"
+    stale.write_text("{")
+    writer.seal()
+    stale.unlink()
+    assert checkpoint.problem_with(manager, 4) is None
     assert workdir_choice("best") == "best" and workdir_choice("300") == 300
     with pytest.raises(ValueError, match="not a step, best or latest"):
         workdir_choice("newest")

@@ -478,6 +478,8 @@ def export(
 ) -> dict:
     """Export a work dir's checkpoint to `output`; either may be local or in a bucket."""
     workdir, output = Workdir(workdir), storage.local(output)
+    if not storage.is_remote(output):  # a link to a previous export: replace what it names
+        output = epath.Path(os.path.realpath(output))
     check_output(output, workdir)
     config = config_lib.load(workdir)
     if data_dir:
@@ -512,8 +514,14 @@ def export(
                 artifacts["model.jax"], params, config, platforms, staging / "saved_model"
             )
         write_client(staging)
+        # Every file the export holds, so that a later export into the same folder can tell
+        # them from anything a user added (which it must never delete).
+        card["files"] = sorted(
+            {*storage.files_under(epath.Path(staging)), "model_card.json", "model_card.md"}
+        )
         (staging / "model_card.json").write_text(json.dumps(card, indent=1))
         (staging / "model_card.md").write_text(card_markdown(card, output))
+        check_output(output, workdir)  # again: nothing arrived in OUTPUT meanwhile
         if storage.is_remote(output):
             _upload_into_place(staging, output)
         else:
@@ -550,6 +558,13 @@ def check_output(output: epath.Path, workdir: Workdir) -> None:
             f"--output {output} would replace the work dir {root}; choose a new "
             f"directory, e.g. {root / 'export'}"
         )
+    kept = Workdir(root)
+    for inner in (kept.checkpoints, kept.corrupt_checkpoints, kept.unverified_checkpoints):
+        if os.fspath(output) == os.fspath(inner) or inner in output.parents:
+            raise OutputError(
+                f"--output {output} is inside the run's {inner.name}/, which only the trainer "
+                f"writes; choose a new directory, e.g. {root / 'export'}"
+            )
     if output.exists() and not output.is_dir():
         raise OutputError(f"--output {output} is a file, not a directory")
     if output.is_dir():
@@ -560,6 +575,17 @@ def check_output(output: epath.Path, workdir: Workdir) -> None:
                 f"--output {output} holds files that are not a sora-export ({strays}); "
                 "choose an empty or new directory, or a previous export to replace"
             )
+        if held:
+            try:
+                written = json.loads((output / "model_card.json").read_text()).get("files")
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise OutputError(f"--output {output}: its model_card.json is damaged ({e})") from e
+            strays = sorted(set(storage.files_under(output)) - set(written or []))
+            if written is not None and strays:
+                raise OutputError(
+                    f"--output {output} is a previous export with files it did not write "
+                    f"({', '.join(strays[:5])}): move them out first, or choose a new directory"
+                )
 
 
 def _swap_into_place(staging: pathlib.Path, output: pathlib.Path) -> None:

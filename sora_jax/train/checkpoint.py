@@ -64,20 +64,43 @@ def make_manager(
     return ocp.CheckpointManager(Workdir(workdir).checkpoints, options=options)
 
 
-def save(
-    manager: ocp.CheckpointManager,
-    step: int,
-    state: Any,  # a pytree: the TrainState
-    iterator: grain.DatasetIterator | None = None,
-    metrics: dict | None = None,
-) -> None:
-    """Start writing a checkpoint (asynchronously); the ones before it are sealed first
-    (orbax would wait for them to finish here anyway)."""
-    seal(manager)
-    items = {"state": ocp.args.StandardSave(state)}
-    if iterator is not None:
-        items["data"] = grain.checkpoint.CheckpointSave(iterator)
-    manager.save(step, args=ocp.args.Composite(**items), metrics=metrics or {}, force=True)
+class Writer:
+    """Saves a run's checkpoints (asynchronously) and seals the ones it saved: a
+    checkpoint's digests are written only by the process that wrote it, once orbax has
+    finished it. A checkpoint found without digests (its writer was killed before sealing
+    it, or an older version wrote it) is never sealed afterwards: digests of bytes nobody
+    saw written would vouch for whatever the disk now holds."""
+
+    def __init__(self, manager: ocp.CheckpointManager):
+        self.manager = manager
+        self.written: set[int] = set()
+
+    def save(
+        self,
+        step: int,
+        state: Any,  # a pytree: the TrainState
+        iterator: grain.DatasetIterator | None = None,
+        metrics: dict | None = None,
+    ) -> None:
+        """Start writing checkpoint `step`; the ones before it are sealed first (orbax
+        would wait for them to finish here anyway)."""
+        self.seal()
+        items = {"state": ocp.args.StandardSave(state)}
+        if iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(iterator)
+        self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics or {}, force=True)
+        self.written.add(step)
+
+    def seal(self) -> None:
+        """Wait for the checkpoint being written, then record the digests of every one this
+        writer saved that is still there (process 0 writes them, once all have finished)."""
+        self.manager.wait_until_finished()
+        if jax.process_index() != 0:
+            return
+        for step in sorted(self.written & set(self.manager.all_steps())):
+            record = _step_dir(self.manager, step) / DIGESTS
+            if not record.exists():
+                storage.write_atomic(record, json.dumps(_digests(record.parent), indent=0))
 
 
 def _step_dir(manager: ocp.CheckpointManager, step: int) -> epath.Path:
@@ -87,30 +110,25 @@ def _step_dir(manager: ocp.CheckpointManager, step: int) -> epath.Path:
 def _digests(folder: epath.Path) -> dict[str, str]:
     digests = {}
     for name in storage.files_under(folder):
-        if name != DIGESTS:
+        if not name.startswith((DIGESTS, f".{DIGESTS}")):  # the record, or a killed write of it
             with (folder / name).open("rb") as f:
                 digests[name] = hashlib.file_digest(f, "sha256").hexdigest()
     return digests
 
 
-def seal(manager: ocp.CheckpointManager) -> None:
-    """Wait for the checkpoint being written, then record the digests of every finished
-    checkpoint that has none (process 0 writes them, once all processes have finished)."""
-    manager.wait_until_finished()
-    if jax.process_index() != 0:
-        return
-    for step in manager.all_steps():
-        record = _step_dir(manager, step) / DIGESTS
-        if not record.exists():
-            storage.write_atomic(record, json.dumps(_digests(record.parent), indent=0))
+UNSEALED = "has no digests"  # problem_with's reason for a checkpoint nobody sealed
 
 
 def problem_with(manager: ocp.CheckpointManager, step: int) -> str | None:
-    """Why checkpoint `step` is not intact, or None when it is (or has no digests)."""
+    """Why checkpoint `step` cannot be used, or None when it is intact: a file changed or
+    missing since its digests were written, or no digests at all (it cannot be checked)."""
     folder = _step_dir(manager, step)
     record = folder / DIGESTS
     if not record.exists():
-        return None
+        return (
+            f"{UNSEALED}: its writer did not seal it (killed before it could, or a version "
+            "before digests wrote it), so its bytes cannot be checked"
+        )
     try:
         recorded = json.loads(record.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -126,23 +144,34 @@ def problem_with(manager: ocp.CheckpointManager, step: int) -> str | None:
 
 def intact_step(manager: ocp.CheckpointManager, step: int | None = None) -> int | None:
     """`step` if it is intact (CorruptCheckpointError if not); without `step`, the newest
-    intact checkpoint, warning about each newer one passed over; None if there is none."""
+    intact checkpoint, warning about each newer one passed over; None if there is none, or
+    only one without digests (its run was killed before sealing its first checkpoint).
+    CorruptCheckpointError when checkpoints exist and none is intact."""
     if step is not None:
         problem = problem_with(manager, step)
         if problem:
-            raise CorruptCheckpointError(f"checkpoint {step} is corrupt: {problem}")
+            raise CorruptCheckpointError(f"checkpoint {step} {_verdict(problem)}: {problem}")
         return step
     steps = sorted(manager.all_steps(), reverse=True)
     for step in steps:
         problem = problem_with(manager, step)
         if problem is None:
             return step
-        log.warning("checkpoint %d is corrupt (%s): passing over it", step, problem)
+        log.warning("checkpoint %d %s (%s): passing over it", step, _verdict(problem), problem)
+    if len(steps) == 1 and problem.startswith(UNSEALED):
+        return None  # a run killed while sealing its first checkpoint: it starts again
     if steps:
         raise CorruptCheckpointError(
-            f"every checkpoint in {manager.directory} is corrupt (steps {sorted(steps)})"
+            f"no checkpoint in {manager.directory} is intact (steps {sorted(steps)}: corrupt or "
+            "unverified). One without digests, written by a version before them, can be "
+            "adopted if you trust its bytes: python -m sora_jax.train.checkpoint --seal "
+            "WORKDIR STEP"
         )
     return None
+
+
+def _verdict(problem: str) -> str:
+    return "is unverified" if problem.startswith(UNSEALED) else "is corrupt"
 
 
 def chosen_step(
@@ -180,22 +209,26 @@ def chosen_step(
 def set_aside_newer_than(
     manager: ocp.CheckpointManager, step: int | None, workdir: "str | os.PathLike[str]"
 ) -> None:
-    """Move the (corrupt) checkpoints after `step` to WORKDIR/corrupt_checkpoints, so the
-    resumed run can write those steps again and nothing is deleted (a step set aside
-    before keeps its place: the next one goes beside it as STEP.2, STEP.3, ...)."""
+    """Move the checkpoints after `step` (corrupt, or unverified: without digests) to
+    WORKDIR/corrupt_checkpoints or WORKDIR/unverified_checkpoints, so the resumed run can
+    write those steps again and nothing is deleted (a step set aside before keeps its
+    place: the next one goes beside it as STEP.2, STEP.3, ...)."""
     newer = [s for s in manager.all_steps() if step is None or s > step]
     if newer and jax.process_count() > 1:  # every process has checked them before any move
         multihost_utils.sync_global_devices("corrupt checkpoints found")
     if newer and jax.process_index() == 0:
-        aside = Workdir(workdir).corrupt_checkpoints
-        aside.mkdir(parents=True, exist_ok=True)
         for s in newer:
+            unsealed = not (_step_dir(manager, s) / DIGESTS).exists()
+            wd = Workdir(workdir)
+            aside = wd.unverified_checkpoints if unsealed else wd.corrupt_checkpoints
+            aside.mkdir(parents=True, exist_ok=True)
             target, copy = aside / str(s), 1
             while target.exists():
                 copy += 1
                 target = aside / f"{s}.{copy}"
             storage.move_tree(_step_dir(manager, s), target)
-            log.warning("moved corrupt checkpoint %d to %s", s, target)
+            kind = "unverified" if unsealed else "corrupt"
+            log.warning("moved %s checkpoint %d to %s", kind, s, target)
     if newer:
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("corrupt checkpoints set aside")
@@ -265,3 +298,28 @@ def _restore_subtree(
         item={name: target}, restore_args={name: restore_args}, partial_restore=True
     )
     return manager.restore(step, args=ocp.args.Composite(state=item))["state"][name], step
+
+
+def _seal_by_hand(argv: list[str] | None = None) -> int:
+    """python -m sora_jax.train.checkpoint --seal WORKDIR STEP: write the digests of a
+    checkpoint that has none (from a version before digests), vouching for its bytes."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m sora_jax.train.checkpoint")
+    parser.add_argument("--seal", nargs=2, metavar=("WORKDIR", "STEP"), required=True)
+    workdir, step = parser.parse_args(argv).seal
+    folder = Workdir(workdir).checkpoints / step
+    record = folder / DIGESTS
+    if not folder.is_dir():
+        parser.error(f"no checkpoint {folder}")
+    if record.exists():
+        parser.error(f"{folder} is sealed already")
+    storage.write_atomic(record, json.dumps(_digests(folder), indent=0))
+    print(f"sealed {folder}: from now on it is checked against these digests")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_seal_by_hand())

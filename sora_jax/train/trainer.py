@@ -386,6 +386,7 @@ def _train(
     train_step = _compile_train_step(run, config)  # fails here if it cannot fit
     eval_step = evaluate.compile_eval_step(run, config)  # or here
     manager = checkpoint.make_manager(workdir, config)
+    writer = checkpoint.Writer(manager)
     if main_process:
         if not workdir.remote:  # a bucket has no folders to make
             workdir.root.mkdir(parents=True, exist_ok=True)
@@ -421,7 +422,7 @@ def _train(
             evaluate_now = last or (config.eval_every and step % config.eval_every == 0)
             if last:  # the trained state is safe before the final evaluation can fail
                 _check_finite(state, manager)
-                checkpoint.save(manager, step, state, batches)
+                writer.save(step, state, batches)
             if evaluate_now:
                 if evaluator is None:
                     evaluator = evaluate.Evaluator(
@@ -437,12 +438,12 @@ def _train(
                 scores = None
                 if evaluate_now:
                     scores = {k: result[k] for k in config_lib.METRICS if k in result}
-                checkpoint.save(manager, step, state, batches, scores)
+                writer.save(step, state, batches, scores)
             if stop:
                 log.warning("preempted: saved a checkpoint at step %d; rerun to resume", step)
                 break
     finally:
-        checkpoint.seal(manager)  # even on the way out of a crash: nothing saved goes unsealed
+        writer.seal()  # even on the way out of a crash: nothing saved goes unsealed
         profile.stop()
         preemption.restore()
         logger.close()
