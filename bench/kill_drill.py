@@ -7,8 +7,8 @@ of the same command, and the figures printed as JSON (last line):
 - no process outlives its trainer (grain's decoding workers die with it);
 - nothing stale is left in the work dir (orbax temporaries, partial metric files,
   checkpoints set aside as corrupt), and every checkpoint's digests still verify;
-- then the newest checkpoint loses its digests and has bytes flipped: the run, trained
-  on, resumes from the sealed one before it, sets it aside untouched and never seals it;
+- then the newest checkpoint loses its digests and has bytes flipped: the same command
+  resumes from the sealed one before it, sets it aside untouched and never seals it;
 - the work dir's lock never outlives a killed owner (each rerun starts).
 
   python bench/kill_drill.py [--kills 12] [--seed 0] [--data-dir data/prepared --name sora_demo]
@@ -125,9 +125,9 @@ def _flip_bytes(path: pathlib.Path) -> None:
 
 
 def _digestless_corruption(workdir, args, env, expected) -> dict:
-    """The newest checkpoint's digests deleted and its bytes flipped, then the run trained
-    10 steps further: it must resume from the sealed checkpoint before it, set the
-    unverified one aside untouched (never sealing it), and give the same losses."""
+    """The newest checkpoint's digests deleted and its bytes flipped, then the same command
+    again: it must resume from the sealed checkpoint before it, set the unverified one
+    aside untouched (never sealing it), and give the same losses."""
     from sora_jax.train import checkpoint
 
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
@@ -136,9 +136,11 @@ def _digestless_corruption(workdir, args, env, expected) -> dict:
     largest = max((p for p in last.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
     _flip_bytes(largest)
     flipped = largest.read_bytes()
-    longer = argparse.Namespace(**{**vars(args), "steps": args.steps + 10})
+    # The same command again: the finished run's last checkpoint passed over, it trains the
+    # steps after the sealed one before it again (with the same schedule: a longer
+    # total_steps would stretch the learning rate's, and change those steps' losses).
     done = subprocess.run(
-        _command(workdir, longer), cwd=ROOT, env=env, capture_output=True, text=True
+        _command(workdir, args), cwd=ROOT, env=env, capture_output=True, text=True
     )
     aside = workdir / "unverified_checkpoints" / str(steps[-1])
     got, _ = _losses(workdir)

@@ -6,6 +6,7 @@ bucket path is handled in one place and a new file has one name.
 
   WORKDIR/
     config.json             the run's config (config.py)
+    dataset.json            what identifies the data it trained on (classes, splits, prep)
     checkpoints/STEP/       orbax checkpoints, each with sora_sha256.json (checkpoint.py)
     corrupt_checkpoints/    checkpoints that failed their digests, set aside, never deleted
     unverified_checkpoints/ checkpoints without digests (their writer was killed before
@@ -43,6 +44,10 @@ class Workdir:
     @property
     def config(self) -> epath.Path:
         return self.root / "config.json"
+
+    @property
+    def dataset(self) -> epath.Path:
+        return self.root / "dataset.json"
 
     @property
     def checkpoints(self) -> epath.Path:

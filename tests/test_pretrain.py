@@ -39,8 +39,8 @@ def test_pretraining_without_labels_gives_an_encoder_a_linear_probe_carries_far(
     pretrained = trainer.train(config, tmp_path / "pretrain", ONE_DEVICE)
     r = pretrained["retrieval"]
     # Chance is 1/47 (0.02): a clip's picture finds its own sound among all held-out clips',
-    # classmates included (they differ in hue with pitch, size with loudness). Measured:
-    # video->audio 0.47, audio->video 0.45 (recall@5 0.83, 0.87).
+    # classmates included (they differ in hue with pitch, size with loudness). Over seeds
+    # 0-2 (bench/seeds.py): video->audio 0.32-0.49, audio->video 0.32-0.51.
     assert r["num_examples"] == 47 and r["left_out"] == 0
     assert min(r["v2a_r1"], r["a2v_r1"]) >= 10 * r["chance_r1"], r
 
@@ -56,9 +56,10 @@ def test_pretraining_without_labels_gives_an_encoder_a_linear_probe_carries_far(
     supervised_config = small.get_config()
     supervised_config.eval_every = 0
     supervised = top1(supervised_config, "supervised")
-    # Measured: probe 0.95, control 0.65 (200 steps each), supervised 1.00 (400 steps).
-    assert probed["top1"] >= 0.9 * supervised["top1"], (probed["top1"], supervised["top1"])
-    assert control["top1"] <= probed["top1"] - 0.15, (control["top1"], probed["top1"])
+    # Over seeds 0-2 (bench/seeds.py): probe 0.84-0.91, control 0.64-0.75 (200 steps each),
+    # the probe 0.14-0.26 above its control; supervised 1.00 (400 steps). Seed 0 here.
+    assert probed["top1"] >= 0.8 * supervised["top1"], (probed["top1"], supervised["top1"])
+    assert control["top1"] <= probed["top1"] - 0.1, (control["top1"], probed["top1"])
     # configs/small.py, users' starting point for a small labelled set, learns it from each
     # sense alone too (chance 0.1).
     assert supervised["top1"] >= 0.95, supervised["top1"]

@@ -2,8 +2,10 @@
 corrupt checkpoints are detected and passed over, one trainer owns the dir, and a resume
 keeps its run's config."""
 
+import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +15,7 @@ import numpy as np
 import pytest
 
 from sora_jax import config as config_lib
+from sora_jax.data import pipeline
 from sora_jax.train import checkpoint, evaluate, ownership, setup, trainer
 from sora_jax.workdir import checkpoint_choice as workdir_choice
 from tests.conftest import ONE_DEVICE, small_config
@@ -206,3 +209,32 @@ def test_best_is_the_intact_checkpoint_with_the_highest_score_evaluated(demo_dat
     assert workdir_choice("best") == "best" and workdir_choice("300") == 300
     with pytest.raises(ValueError, match="not a step, best or latest"):
         workdir_choice("newest")
+
+
+def test_a_run_checks_the_data_it_reads_is_the_data_it_trained_on(demo_data, tmp_path):
+    """Renamed classes in a copy of the prepared data once gave 'car 0.994' for a red_high
+    clip with exit 0; edited shard lengths, an evaluation of half the split."""
+    config, workdir = _config(demo_data), tmp_path / "run"
+    trainer.train(config, workdir, devices=ONE_DEVICE)
+    assert json.loads((workdir / "dataset.json").read_text())["splits"] == {"train": 48, "test": 20}
+    copy = tmp_path / "copy"
+    shutil.copytree(demo_data[0], copy)
+    version = copy / demo_data[1] / "1.0.0"
+    names = (version / "label.labels.txt").read_text().split("\n")
+    (version / "label.labels.txt").write_text("\n".join(["car", *names[1:]]))
+    config.data.dir = str(copy)
+    with pytest.raises(config_lib.ConfigError, match=r"class_names: .* when the run trained"):
+        setup.load_for_inference(config, workdir, devices=ONE_DEVICE)  # eval, export, embed
+    config.total_steps = 6
+    with pytest.raises(config_lib.ConfigError, match="not the one the run"):
+        trainer.train(config, workdir, devices=ONE_DEVICE)  # resume
+    # Edited shard lengths in the metadata: refused before anything reads it.
+    (version / "label.labels.txt").write_text("\n".join(names))
+    info = json.loads((version / "dataset_info.json").read_text())
+    for split in info["splits"]:
+        split["shardLengths"] = [str(int(n) // 2) for n in split["shardLengths"]]
+    (version / "dataset_info.json").write_text(json.dumps(info))
+    with pytest.raises(
+        config_lib.ConfigError, match="its metadata lists 10 clips, its 1 shards hold 20"
+    ):
+        pipeline.check_dataset(config)

@@ -38,6 +38,19 @@ class DatasetSummary:
     short_side: int
     jpeg_quality: int
     max_labels_per_clip: int | None = None  # None: not recorded (older or DMVR datasets)
+    fingerprint: str = ""  # sora-prep's digest of its inputs and settings ("" for others)
+    location: str = ""  # the version folder holding the shards
+
+    def facts(self) -> dict:
+        """What identifies the data a run learned from (kept in WORKDIR/dataset.json)."""
+        return {
+            "class_names": list(self.class_names),
+            "splits": dict(self.splits),
+            "fps": self.fps,
+            "short_side": self.short_side,
+            "jpeg_quality": self.jpeg_quality,
+            "fingerprint": self.fingerprint,
+        }
 
 
 def dataset_summary(data_dir: str, name: str) -> DatasetSummary:
@@ -61,7 +74,55 @@ def dataset_summary(data_dir: str, name: str) -> DatasetSummary:
         short_side=int(prep.get("short_side", 0)),
         jpeg_quality=int(prep.get("jpeg_quality", 90)),
         max_labels_per_clip=builder.info.metadata.get("max_labels_per_clip"),
+        fingerprint=str(builder.info.metadata.get("fingerprint", "")),
+        location=os.fspath(builder.data_dir),
     )
+
+
+def shard_problems(summary: DatasetSummary, name: str, splits: Sequence[str]) -> list[str]:
+    """Each split's clip count in the dataset's metadata against the records its shards
+    hold (an ArrayRecord file's footer says how many): an edited metadata file or a
+    replaced shard would otherwise be read silently, part of the split or past its end."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from array_record.python import array_record_module
+
+    def records(path) -> int:
+        reader = array_record_module.ArrayRecordReader(os.fspath(path))
+        try:
+            return reader.num_records()
+        finally:
+            reader.close()
+
+    problems = []
+    for split in splits:
+        if split not in summary.splits:
+            continue
+        shards = sorted(storage.path(summary.location).glob(f"{name}-{split}.array_record-*"))
+        try:
+            with ThreadPoolExecutor(16) as pool:
+                held = sum(pool.map(records, shards))
+        except (OSError, RuntimeError, ValueError) as e:
+            problems.append(f"dataset {name}, split {split}: a shard cannot be read ({e})")
+            continue
+        if held != summary.splits[split]:
+            problems.append(
+                f"dataset {name}, split {split}: its metadata lists {summary.splits[split]} "
+                f"clips, its {len(shards)} shards hold {held} (metadata edited, or shards "
+                f"replaced or missing under {summary.location}): prepare it again"
+            )
+    return problems
+
+
+def dataset_changes(recorded: dict, summary: DatasetSummary) -> list[str]:
+    """How the dataset a run reads now differs from the one it was trained on
+    (WORKDIR/dataset.json), each difference named; [] when it is the same data."""
+    now = summary.facts()
+    return [
+        f"{key}: {recorded[key]!r} when the run trained, {now[key]!r} now"
+        for key in sorted(recorded)
+        if key in now and now[key] != recorded[key]
+    ]
 
 
 def check_dataset(config: ml_collections.ConfigDict) -> DatasetSummary:
@@ -99,6 +160,8 @@ def check_dataset(config: ml_collections.ConfigDict) -> DatasetSummary:
                 f"(has {sorted(summary.splits)})"
             )
     problems += _mixture_problems(config, summary)
+    if not problems:
+        problems += shard_problems(summary, name, (config.data.train_split, config.data.eval_split))
     if problems:
         raise config_lib.ConfigError("\n".join(problems))
     labels, multi = summary.max_labels_per_clip, config.model.multi_label

@@ -17,7 +17,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
 from sora_jax import config as config_lib
-from sora_jax import models
+from sora_jax import models, storage
 from sora_jax.data import pipeline
 from sora_jax.inputs import InputSpec
 from sora_jax.train import checkpoint, sharding
@@ -116,6 +116,31 @@ def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
     return Setup(mesh, model, tx, rng, spec, abstract, state_sharding)
 
 
+def check_same_dataset(
+    workdir: "str | os.PathLike[str]", summary: pipeline.DatasetSummary, config
+) -> None:
+    """The data a work dir's run reads now is the data it trained on (WORKDIR/dataset.json,
+    written when it started; a run from before it was kept is not checked): another
+    dataset behind the same data.dir (renamed classes, other clips) once gave confident,
+    wrong answers with exit 0."""
+    recorded = Workdir(workdir).dataset
+    if not recorded.exists():
+        return
+    changes = pipeline.dataset_changes(json.loads(recorded.read_text()), summary)
+    if changes:
+        raise config_lib.ConfigError(
+            f"dataset {config.data.name} under {config.data.dir} is not the one the run in "
+            f"{workdir} trained on:\n  "
+            + "\n  ".join(changes)
+            + "\npoint data.dir (--data-dir) at the run's data"
+        )
+
+
+def record_dataset(workdir: "str | os.PathLike[str]", summary: pipeline.DatasetSummary) -> None:
+    """Keep what identifies a fresh run's data beside its config (process 0)."""
+    storage.write_atomic(Workdir(workdir).dataset, json.dumps(summary.facts(), indent=1))
+
+
 @dataclasses.dataclass(frozen=True)
 class Restored:
     """Parameters loaded from a work dir for inference, and what they run with."""
@@ -136,6 +161,7 @@ def load_for_inference(
     "latest": checkpoint.chosen_step), sharded over the mesh; only the parameters are read
     (checkpoint.restore_params)."""
     summary = pipeline.check_dataset(config)
+    check_same_dataset(workdir, summary, config)
     run = build(config, devices)
     manager = checkpoint.make_manager(workdir, config, read_only=True)
     last_eval = Workdir(workdir).eval_result(config.data.eval_split)

@@ -366,6 +366,8 @@ def train(
         if not allow_config_change:
             ownership.check_config_unchanged(config, workdir)
         saved = _saved_step(config, workdir)
+        if saved is not None:
+            setup_lib.check_same_dataset(workdir, summary, config)
         _check_not_past_the_end(config, workdir, saved)
         return _train(config, workdir, devices, summary, lock, resumes=saved is not None)
     finally:
@@ -391,6 +393,8 @@ def _train(
         if not workdir.remote:  # a bucket has no folders to make
             workdir.root.mkdir(parents=True, exist_ok=True)
         config_lib.save(config, workdir)
+        if not resumes:
+            setup_lib.record_dataset(workdir, summary)
     local_batch = config.batch_size // jax.process_count()
     batches = pipeline.DevicePrefetch(
         iter(pipeline.train_dataset(config, local_batch)), run.batch_sharding
