@@ -255,6 +255,37 @@ def build_if_changed(
     if storage.is_remote(out):
         return _build_to_bucket(out, name, digest, **builder_kwargs), True
     data_dir = pathlib.Path(out)
+    with _one_builder(data_dir, name):
+        return _build_here(data_dir, name, digest, **builder_kwargs), True
+
+
+@contextlib.contextmanager
+def _one_builder(data_dir: pathlib.Path, name: str):
+    """One sora-prep at a time builds a dataset (DATA_DIR/NAME): two with different inputs
+    would each swap in its own version, and the later silently replace the earlier. An
+    exclusive flock(2) on DATA_DIR/.NAME.lock, which the kernel drops however its holder
+    exits."""
+    import fcntl
+    import socket
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with open(data_dir / f".{name}.lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise ValueError(
+                f"{data_dir / name} is being prepared by another sora-prep ({holder}): wait "
+                "for it, or give this one another --name"
+            ) from None
+        lock.truncate(0)
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        lock.flush()
+        yield
+
+
+def _build_here(data_dir: pathlib.Path, name: str, digest: str, **builder_kwargs) -> list[dict]:
     version_dir = data_dir / name / VERSION
     _remove_leftovers(data_dir, name)
     # Inputs or settings changed: build anew beside the old version, which stays readable
@@ -270,7 +301,7 @@ def build_if_changed(
     (staging / name / VERSION).rename(version_dir)
     shutil.rmtree(old, ignore_errors=True)
     shutil.rmtree(staging, ignore_errors=True)
-    return builder.report, True
+    return builder.report
 
 
 def _build_to_bucket(out, name: str, digest: str, **builder_kwargs) -> list[dict]:

@@ -162,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         source = storage.download(source)
     source = pathlib.Path(source)
     if not storage.is_remote(out):
+        if out.exists() and not out.is_dir():
+            print(f"sora-prep: --out {out} is a file, not a folder", file=sys.stderr)
+            return 2
         inside = pathlib.Path(out).resolve()
         if source.is_dir() and source.resolve() in (inside, *inside.parents):
             print(

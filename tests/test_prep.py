@@ -177,7 +177,7 @@ def test_rerunning_is_idempotent_and_a_stopped_rebuild_keeps_the_old_dataset(tmp
     assert len(json.loads((out / "ab_report.json").read_text())) == 7
     splits = tfds.builder("ab", data_dir=str(out)).info.splits
     assert sum(s.num_examples for s in splits.values()) == 7
-    assert sorted(p.name for p in out.iterdir()) == ["ab", "ab_report.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".ab.lock", "ab", "ab_report.json"]
     assert sorted(p.name for p in (out / "ab").iterdir()) == ["1.0.0"]
 
 
@@ -300,7 +300,8 @@ def test_sora_prep_command_line_contract(tmp_path):
     report = json.loads((tmp_path / "data" / "tiny_report.json").read_text())
     assert len(report) == 13  # 4 classes x (2 train + 1 test) + 1
     # The dataset and its report, nothing else (tfds would leave an empty downloads/).
-    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["tiny", "tiny_report.json"]
+    held = sorted(p.name for p in (tmp_path / "data").iterdir())
+    assert held == [".tiny.lock", "tiny", "tiny_report.json"]  # the lock: one sora-prep at a time
     bad = subprocess.run(
         [
             sys.executable,
@@ -475,3 +476,22 @@ def test_an_output_inside_the_source_is_refused(tmp_path, capsys):
     assert cli.main([str(source), "--out", str(source / "prepared"), "--name", "x"]) == 2
     assert "is inside SOURCE" in capsys.readouterr().err
     assert not (source / "prepared").exists()
+
+
+def test_one_sora_prep_at_a_time_builds_a_dataset(tmp_path, capsys):
+    """Two on one --out/--name with different inputs: the later once silently replaced the
+    earlier's dataset."""
+    import fcntl
+
+    source = _tree(tmp_path / "videos", {"train/a/0.mp4": dict(seconds=1.0)})
+    out = tmp_path / "data"
+    out.mkdir()
+    with open(out / ".x.lock", "a+") as held:  # as a running sora-prep holds it
+        held.write("pid 123 on elsewhere")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert cli.main([str(source), "--out", str(out), "--name", "x"]) == 2
+        assert (
+            "being prepared by another sora-prep (pid 123 on elsewhere)" in capsys.readouterr().err
+        )
+    assert cli.main([str(source), "--out", str(out), "--name", "x"]) == 0  # free again

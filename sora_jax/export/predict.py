@@ -156,11 +156,17 @@ def main(argv: list[str] | None = None) -> int:
             args, predictor, [args.stream] if args.stream else args.files, explain_dir
         )
         return 3 if failed else 0
+    stems = [pathlib.Path(path).stem for path in args.files]
+    clashes = sorted({s for s in stems if stems.count(s) > 1})
+    for flag, value, written in (
+        ("--embeddings", args.embeddings, ".npy"),
+        ("--explain", args.explain, ".png"),
+    ):
+        if value and clashes:  # one file's output would overwrite another's
+            parser.error(
+                f"{flag}: several files are named {', '.join(clashes)} (DIR/<name>{written})"
+            )
     if args.embeddings:
-        stems = [pathlib.Path(path).stem for path in args.files]
-        clashes = sorted({s for s in stems if stems.count(s) > 1})
-        if clashes:  # <DIR>/<stem>.npy would be overwritten
-            parser.error(f"--embeddings: several files are named {', '.join(clashes)}")
         pathlib.Path(args.embeddings).mkdir(parents=True, exist_ok=True)
     failed = 0
     for path in args.files:

@@ -21,6 +21,7 @@ import difflib
 import importlib.util
 import json
 import logging
+import os
 import sys
 
 from absl import app, flags
@@ -86,14 +87,18 @@ def _train(argv) -> None:
         print(f"final eval {evaluate.headline(result)}")
 
 
+def _config_arg(argv: list[str]) -> str:
+    """--config's value (FILE or FILE:PRESET), or ""."""
+    given = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    if "--config" in argv and argv.index("--config") + 1 < len(argv):
+        given.append(argv[argv.index("--config") + 1])
+    return given[0] if given else ""
+
+
 def _unknown_key(argv: list[str]) -> str:
     """For an override naming no key of the config: which key, where, and the nearest
     keys there. (ml_collections raises a bare KeyError, and absl shows its traceback.)"""
-    config_arg = next(
-        (a.split("=", 1)[1] for a in argv if a.startswith("--config=")),
-        argv[argv.index("--config") + 1] if "--config" in argv else "",
-    )
-    path, _, preset = config_arg.partition(":")
+    path, _, preset = _config_arg(argv).partition(":")
     spec = importlib.util.spec_from_file_location("_sora_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -115,6 +120,11 @@ def _unknown_key(argv: list[str]) -> str:
 
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with a user's mistakes as one line and exit code 2."""
+    config_file = _config_arg(argv[1:]).partition(":")[0]
+    if config_file and not os.path.isfile(config_file):
+        # (ml_collections defers this error until the config is first read, as a traceback)
+        print(f"sora-train: --config {config_file}: no such file", file=sys.stderr)
+        sys.exit(2)
     try:
         return flags.FLAGS(argv)
     except (KeyError, AttributeError) as e:
@@ -165,6 +175,7 @@ def eval_main(argv: list[str] | None = None) -> int:
             config.data.dir = args.data_dir
         setup.maybe_initialize_distributed(config)
         split = args.split or config.data.eval_split
+        config.data.eval_split = split  # checked with the dataset: a split it has
         restored = setup.load_for_inference(config, workdir, args.checkpoint)
         evaluator = evaluate.Evaluator(restored.setup, config, split, restored.dataset.class_names)
     except (

@@ -27,7 +27,8 @@ log = logging.getLogger("sora_jax")
 
 # Keys a resumed run may change: they say how long to train and how often to log, evaluate,
 # checkpoint or profile, where the same data lies, and how it is read; none changes what is
-# learned up to the checkpoint. (A longer total_steps also stretches the LR schedule:
+# learned up to the checkpoint. (Not data.workers: the data reader's saved position is one
+# per worker, and grain cannot carry it to another count.) (A longer total_steps also stretches the LR schedule:
 # the documented way to train on.)
 MAY_CHANGE_ON_RESUME = (
     "total_steps",
@@ -38,7 +39,6 @@ MAY_CHANGE_ON_RESUME = (
     "checkpoint.every_steps",
     "checkpoint.keep",
     "data.dir",
-    "data.workers",
     "data.eval_batch_size",
     "distributed",
 )
