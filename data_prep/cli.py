@@ -41,7 +41,10 @@ def _parser() -> argparse.ArgumentParser:
         "--short-side", type=int, default=128, help="resize the short side to this (0: keep)"
     )
     p.add_argument(
-        "--max-seconds", type=float, default=0.0, help="keep at most this much of each video"
+        "--max-seconds",
+        type=float,
+        default=600.0,
+        help="keep at most this much of each input, noted in the report (0: all)",
     )
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes")
     p.add_argument(

@@ -15,7 +15,9 @@ from sora_jax.media.decode import MIN_COMPLETE, DecodeError, decode_video, store
 class PrepSettings:
     fps: float
     short_side: int
-    max_seconds: float = 0.0
+    # Keep at most this much of each input (0: all): one example holds a whole clip, and a
+    # file may claim hours.
+    max_seconds: float = 600.0
     jpeg_quality: int = 90
     min_frames: int = 8  # shorter clips are kept, and flagged in the report
     # Skipped, as truncated: a file decoding to less than this fraction of its container's
@@ -50,7 +52,7 @@ def prepare_entry(entry: Entry, settings: PrepSettings) -> tuple[dict[str, Any],
     if truncated:
         row.update(reason=truncated, num_frames=len(video.frames))
         return row, None
-    notes = []
+    notes = list(video.notes)
     if not video.has_audio:
         notes.append("no audio stream (kept, has_audio=False)")
     if not video.has_video:

@@ -170,3 +170,29 @@ def test_only_the_local_file_itself_is_read(tmp_path):
     # A plain file whose name reads like an FFmpeg protocol is still just that file.
     odd = shutil.copy(elsewhere, tmp_path / "concat:a.mp4|b.mp4")
     assert decode_video(odd, fps=4.0, short_side=16).frames.shape[0] == 8
+
+
+def test_a_jump_in_the_timestamps_is_closed_up_not_filled(tmp_path):
+    """A 1.4 KB file whose third frame is stamped an hour later once decoded into an hour
+    of copies of one frame (5 GB for a day at full size): memory must not grow with what a
+    file only claims."""
+    from data_prep.synthetic import write_video
+    from tests.media import gradient_frames
+
+    path = tmp_path / "gap.mkv"
+    times = np.array([0.0, 0.1, 3600.0, 3600.1])
+    write_video(path, gradient_frames(4, 48, 64), 10.0, None, frame_times=times)
+    assert path.stat().st_size < 4096
+    video = decode_video(path, 8.0, 0)
+    assert len(video.frames) <= 4  # not 28,800
+    assert video.notes == ("a 3599.9 s gap in the timestamps at 0.1 s closed up",)
+    assert video.truncated() is None  # the claimed hour was the gap, not a cut-off file
+    # A pause shorter than the limit is held, as a variable-rate recording means it.
+    write_video(path, gradient_frames(3, 48, 64), 10.0, None, frame_times=np.array([0.0, 0.1, 5.0]))
+    assert len(decode_video(path, 8.0, 0).frames) == 41
+
+
+def test_a_long_input_is_cut_to_max_seconds_and_says_so(tmp_path):
+    path = write_clip(tmp_path / "long.mp4", seconds=5.0)
+    video = decode_video(path, 8.0, 0, max_seconds=2.0)
+    assert len(video.frames) == 16 and video.notes == ("cut to its first 2 s of 5 s",)

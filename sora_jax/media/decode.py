@@ -20,6 +20,9 @@ SAMPLE_RATE = 16_000
 # A file decoding to less than this fraction of its container's duration is truncated
 # (sora-prep --min-complete; sora-predict and the client warn).
 MIN_COMPLETE = 0.9
+# Seconds without a new picture that are filled with the last frame (a variable-rate
+# screen recording holds a still picture that long); a longer jump is closed up.
+MAX_GAP_S = 30.0
 # FFmpeg opens single pictures through these demuxers; they are not videos.
 _PICTURE_FORMATS = {
     "image2",
@@ -85,6 +88,7 @@ class DecodedVideo:
     fps: float
     source_fps: float  # the stream's average rate, for the report (0 without a picture)
     claimed_seconds: float = 0.0  # what the container says it holds (0: it does not say)
+    notes: tuple[str, ...] = ()  # what decoding changed (gaps closed up)
 
     @property
     def has_video(self) -> bool:
@@ -99,7 +103,12 @@ class DecodedVideo:
         """Why the file looks cut short, or None: what decoded falls below `min_complete`
         of the duration its container claims (a download cut off, a copy interrupted:
         FFmpeg decodes the part that is there without an error)."""
-        if not self.claimed_seconds or self.seconds >= min_complete * self.claimed_seconds:
+        closed = any("gap" in note for note in self.notes)  # then the claim counts the gaps
+        if (
+            closed
+            or not self.claimed_seconds
+            or self.seconds >= min_complete * self.claimed_seconds
+        ):
             return None
         return (
             f"truncated: decoded {self.seconds:.1f} s of the {self.claimed_seconds:.1f} s "
@@ -171,13 +180,22 @@ def _open(source, options: dict) -> "av.container.InputContainer":
 
 
 def decode_incrementally(
-    container: "av.container.InputContainer", fps: float, short_side: int, max_seconds: float = 0.0
+    container: "av.container.InputContainer",
+    fps: float,
+    short_side: int,
+    max_seconds: float = 0.0,
+    max_gap_s: float = MAX_GAP_S,
+    notes: list[str] | None = None,
 ) -> Iterator[tuple[str, np.ndarray]]:
     """What the container holds, in decoding order, as it decodes: ("frame", [H, W, 3]
     uint8) at `fps` (by timestamps, so variable frame rates work; short side resized to
     `short_side`, 0 keeps the size; as a player shows it, display rotation applied) and
     ("audio", [s] int16) pieces of 16 kHz mono sound. Only a few source frames are held
     at a time, so a file of any length (or a live stream) decodes in bounded memory.
+
+    A jump in the picture's timestamps longer than `max_gap_s` (a stream stamped a day
+    later, a recording paused) is closed up, not filled with copies of the last frame:
+    memory never grows with a duration the file only claims. Each is said in `notes`.
 
     Raises DecodeError when nothing usable decodes; a file damaged part way gives what
     decoded before the damage."""
@@ -242,6 +260,14 @@ def decode_incrementally(
                 continue
             start = frame.time if start is None else start
             t = frame.time - start
+            gap = t - emitted * step
+            if previous is not None and gap > max_gap_s:  # close it up: the frame comes next
+                start += gap - step
+                t = frame.time - start
+                if notes is not None:
+                    notes.append(
+                        f"a {gap:.1f} s gap in the timestamps at {emitted * step:.1f} s closed up"
+                    )
             if max_seconds and t >= max_seconds:
                 continue
             # Emit the latest frame shown at each output time before this one arrives.
@@ -283,12 +309,17 @@ def decode_video(
         source_fps = float(video.average_rate or fps) if video is not None else 0.0
         has_audio_stream = bool(container.streams.audio)
         claimed = container.duration / av.time_base if container.duration else 0.0
-        if max_seconds:
-            claimed = min(claimed, max_seconds)
+        notes = []
+        claimed_whole, claimed = claimed, min(claimed, max_seconds) if max_seconds else claimed
         frames, chunks = [], []
-        for kind, data in decode_incrementally(container, fps, short_side, max_seconds):
+        for kind, data in decode_incrementally(
+            container, fps, short_side, max_seconds, notes=notes
+        ):
             (frames if kind == "frame" else chunks).append(data)
     wave = np.concatenate(chunks) if chunks else np.zeros(0, np.int16)
+    decoded = max(len(frames) / fps, len(wave) / SAMPLE_RATE)
+    if max_seconds and claimed_whole > max_seconds + 1 and decoded >= max_seconds - 1 / fps:
+        notes.append(f"cut to its first {max_seconds:g} s of {claimed_whole:.0f} s")
     return DecodedVideo(
         frames=np.stack(frames) if frames else np.zeros((0, 0, 0, 3), np.uint8),
         audio=wave,
@@ -296,6 +327,7 @@ def decode_video(
         fps=fps,
         source_fps=source_fps,
         claimed_seconds=max(claimed, 0.0),
+        notes=tuple(notes[:3]) + ((f"and {len(notes) - 3} more gaps",) if len(notes) > 3 else ()),
     )
 
 

@@ -27,9 +27,9 @@ log = logging.getLogger("sora_jax")
 
 # Keys a resumed run may change: they say how long to train and how often to log, evaluate,
 # checkpoint or profile, where the same data lies, and how it is read; none changes what is
-# learned up to the checkpoint. (Not data.workers: the data reader's saved position is one
-# per worker, and grain cannot carry it to another count.) (A longer total_steps also stretches the LR schedule:
-# the documented way to train on.)
+# learned up to the checkpoint. (A longer total_steps also stretches the LR schedule: the
+# documented way to train on. Not data.workers: the data reader's saved position is one per
+# worker, and grain cannot carry it to another count.)
 MAY_CHANGE_ON_RESUME = (
     "total_steps",
     "log_every",
