@@ -267,3 +267,10 @@ def test_time_the_caller_spends_between_windows_is_not_counted_as_decoding(
     assert timing["caller_s"] >= 0.2 * windows
     assert timing["seconds"] <= wall - 0.2 * windows + 0.01
     assert timing["decode_s"] < 0.2 * windows / 2
+
+
+def test_a_stream_that_is_a_folder_is_refused_in_one_line(tmp_path):
+    done = _run(["--export", str(tmp_path), "--stream", str(tmp_path)])
+    assert done.returncode == 2
+    assert f"--stream {tmp_path}: no such file".encode() in done.stderr
+    assert b"Traceback" not in done.stderr

@@ -239,3 +239,12 @@ def test_a_run_checks_the_data_it_reads_is_the_data_it_trained_on(demo_data, tmp
         config_lib.ConfigError, match="its metadata lists 10 clips, its 1 shards hold 20"
     ):
         pipeline.check_dataset(config)
+
+
+def test_a_lock_that_cannot_be_taken_is_one_line(demo_data, tmp_path):
+    workdir = tmp_path / "run"
+    (workdir / ".lock").mkdir(parents=True)  # a folder where the lock file goes
+    with pytest.raises(
+        ownership.WorkdirBusyError, match=r"cannot take the work dir's lock .*\.lock"
+    ):
+        ownership.Lock(workdir)

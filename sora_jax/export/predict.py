@@ -28,6 +28,7 @@ the frames and the spectrogram (DIR/<name>.png, the numbers in DIR/<name>.json).
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 
@@ -129,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--explain", default=None, help="write explanations to DIR")
     parser.add_argument("--explain-grid", type=int, default=16, help="occlusion grid per side")
     args = parser.parse_args(argv)
+    if args.stream not in (None, "-") and (
+        os.path.isdir(args.stream) or not os.path.exists(args.stream)
+    ):
+        parser.error(f"--stream {args.stream}: no such file (a folder is none; '-' reads stdin)")
     if args.stream is not None and args.files:
         parser.error("--stream reads one live input: give no files with it")
     if args.stream is None and not args.files:

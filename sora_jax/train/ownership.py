@@ -84,8 +84,13 @@ class Lock:
 
     def _flock(self) -> str:
         self._created = not self.path.parent.exists()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(os.fspath(self.path), "a+")  # noqa: SIM115 (held until release)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(os.fspath(self.path), "a+")  # noqa: SIM115 (held until release)
+        except OSError as e:  # a folder in its place, a read-only or immutable file, ...
+            raise WorkdirBusyError(
+                f"cannot take the work dir's lock {self.path}: {e.strerror}"
+            ) from e
         try:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
