@@ -332,19 +332,9 @@ def _remove_leftovers(data_dir: pathlib.Path, name: str) -> None:
         *(data_dir / name).glob(".replaced.*"),
     ]:
         pid = path.name.rsplit(".", 1)[-1]
-        if pid.isdigit() and _alive(int(pid)):
+        if pid.isdigit() and process.alive(int(pid)):
             continue  # another sora-prep building it now
         shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def prepare(

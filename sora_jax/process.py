@@ -83,6 +83,17 @@ def configure() -> dict[str, bool]:
     return {"xla_flag": xla_flag, "host_malloc": host_memory.keep_freed_memory()}
 
 
+def alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (one we may not signal counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def exit_with_parent(parent: int, *_: object) -> None:
     """Run first thing in a worker process (grain's `worker_init_fn`, a Pool's
     `initializer`): the worker exits once `parent`, the process that started it, is gone.

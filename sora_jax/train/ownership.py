@@ -21,6 +21,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from sora_jax import config as config_lib
+from sora_jax import process
 from sora_jax.workdir import Workdir
 
 log = logging.getLogger("sora_jax")
@@ -177,7 +178,9 @@ class _BucketLease:
             try:
                 holder = json.loads(held)
                 expired = holder["expires"] < time.time()
-                dead_here = holder["host"] == socket.gethostname() and not _alive(holder["pid"])
+                dead_here = holder["host"] == socket.gethostname() and not process.alive(
+                    holder["pid"]
+                )
                 who = f"pid {holder['pid']} on {holder['host']}"
             except (json.JSONDecodeError, KeyError, TypeError):
                 expired, dead_here, who = True, False, "an unreadable lease"
@@ -219,16 +222,6 @@ class _BucketLease:
         if self._generation is not None and not self.lost:
             with contextlib.suppress(exceptions.PreconditionFailed, exceptions.NotFound):
                 self._blob.delete(if_generation_match=self._generation)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
