@@ -17,6 +17,7 @@ from etils import epath
 from data_prep import cli as prep_cli
 from data_prep.synthetic import make_demo_dataset
 from sora_jax import storage
+from sora_jax.config import ConfigError
 from sora_jax.data import pipeline
 from sora_jax.export import embed, predict
 from sora_jax.export import export as export_lib
@@ -96,6 +97,11 @@ def test_a_bucket_work_dir_trains_resumes_falls_back_and_exports_in_the_bucket(
     assert any(n.startswith("tensorboard/events.out.tfevents.") for n in held)
     assert ".lock" not in held  # the lease is given back
 
+    # A resume with another config is refused, as on a local disk.
+    changed = _config(data_dir, name)
+    changed.optimizer.learning_rate = 0.1
+    with pytest.raises(ConfigError, match=r"config\.optimizer\.learning_rate: 0\.003 in the run"):
+        trainer.train(changed, run, devices=ONE_DEVICE)
     # Resume: the same command with a longer run trains on from step 4 in the bucket.
     config.total_steps = 6
     trainer.train(config, run, devices=ONE_DEVICE)

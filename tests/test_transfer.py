@@ -377,9 +377,20 @@ def test_supervised_and_contrastive_losses_combine_as_a_weighted_sum(demo_data):
     present = np.ones(6, bool)
     batch = {"label": rng.integers(0, 7, 6), "has_video": present, "has_audio": present}
     loss, metrics = objective.objective(out, batch, config)
-    np.testing.assert_allclose(
-        loss, metrics["supervised_loss"] + 0.5 * metrics["contrastive_loss"], rtol=1e-6
+
+    # Each part computed here, independently: cross-entropy and symmetric InfoNCE by hand.
+    def log_softmax(x):
+        shifted = x - x.max(1, keepdims=True)
+        return shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+
+    supervised = -np.mean(log_softmax(out["logits"])[np.arange(6), batch["label"]])
+    logits = 5.0 * out["video_projection"] @ out["audio_projection"].T
+    contrastive = (
+        -(np.mean(np.diag(log_softmax(logits))) + np.mean(np.diag(log_softmax(logits.T)))) / 2
     )
+    np.testing.assert_allclose(metrics["supervised_loss"], supervised, rtol=1e-5)
+    np.testing.assert_allclose(metrics["contrastive_loss"], contrastive, rtol=1e-5)
+    np.testing.assert_allclose(loss, supervised + 0.5 * contrastive, rtol=1e-5)
     assert {"accuracy", "match_accuracy", "temperature"} <= set(metrics)
 
 
