@@ -82,6 +82,18 @@ def write_atomic(p: epath.Path, data: bytes | str) -> None:
         raise
 
 
+def free_bytes(p: epath.Path) -> int | None:
+    """Bytes free for this user on the disk that holds `p` (or its nearest existing
+    parent); None for a bucket, which has no such limit to check."""
+    if is_remote(p):
+        return None
+    existing = os.path.abspath(os.fspath(p))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    stats = os.statvfs(existing)
+    return stats.f_bavail * stats.f_frsize
+
+
 def files_under(folder: epath.Path) -> list[str]:
     """Every file below `folder`, as sorted '/'-separated paths relative to it. (epath's
     rglob refuses gs://, to spare a bucket one listing per folder: a bucket lists every

@@ -5,6 +5,7 @@ keeps its run's config."""
 import json
 import logging
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -248,3 +249,39 @@ def test_a_lock_that_cannot_be_taken_is_one_line(demo_data, tmp_path):
         ownership.WorkdirBusyError, match=r"cannot take the work dir's lock .*\.lock"
     ):
         ownership.Lock(workdir)
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_loses_nothing(demo_data, tmp_path):
+    """Once about 350 lines of tracebacks from orbax's background threads."""
+    disk = tmp_path / "small"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)])
+    if mounted.returncode != 0:
+        pytest.skip("needs to mount a small tmpfs (root): a full disk cannot be made otherwise")
+    try:
+        config = _config(demo_data)
+        flags = [
+            f"--config.data.dir={config.data.dir}",
+            f"--config.data.name={config.data.name}",
+            *("--config.total_steps=40", "--config.checkpoint.every_steps=2"),
+            "--config.checkpoint.keep=20",
+        ]
+        done = subprocess.run(
+            [
+                *(sys.executable, "-m", "sora_jax.train.cli"),
+                *("--config", "configs/demo.py:runlocal", "--workdir", str(disk / "run")),
+                *flags,
+            ],
+            cwd=pathlib.Path(__file__).resolve().parents[1],
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 2, done.stderr[-3000:]
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith("sora-train: ") and "MB free, checkpoint" in last, last
+        assert "Traceback" not in done.stderr
+        manager = checkpoint.make_manager(disk / "run", config, read_only=True)
+        assert manager.all_steps()  # what was written before stays, intact
+        assert all(checkpoint.problem_with(manager, s) is None for s in manager.all_steps())
+    finally:
+        subprocess.run(["umount", str(disk)])

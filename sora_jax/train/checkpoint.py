@@ -40,6 +40,13 @@ class CorruptCheckpointError(RuntimeError):
     """No intact checkpoint to restore (the one asked for, or all of them, are corrupt)."""
 
 
+class OutOfSpaceError(RuntimeError):
+    """The work dir's disk cannot hold the next checkpoint: stopped before writing it."""
+
+
+_SPARE_BYTES = 1 << 20  # beside a checkpoint's arrays: metadata, the data state, digests
+
+
 def make_manager(
     workdir: "str | os.PathLike[str]", config: ml_collections.ConfigDict, read_only: bool = False
 ) -> ocp.CheckpointManager:
@@ -83,13 +90,35 @@ class Writer:
         metrics: dict | None = None,
     ) -> None:
         """Start writing checkpoint `step`; the ones before it are sealed first (orbax
-        would wait for them to finish here anyway)."""
+        would wait for them to finish here anyway). OutOfSpaceError, before anything is
+        written, when the disk cannot hold it: a write that fails half way fills orbax's
+        background threads with tracebacks, and the disk with a checkpoint that is none."""
         self.seal()
+        self._check_space(step, state)
         items = {"state": ocp.args.StandardSave(state)}
         if iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(iterator)
         self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics or {}, force=True)
         self.written.add(step)
+
+    def _check_space(self, step: int, state: Any) -> None:
+        free = storage.free_bytes(epath.Path(self.manager.directory))
+        arrays = sum(
+            x.size * x.dtype.itemsize for x in jax.tree.leaves(state) if hasattr(x, "size")
+        )
+        needed = int(1.1 * arrays / jax.process_count()) + _SPARE_BYTES  # its own shards
+        short = free is not None and free < needed
+        if jax.process_count() > 1:  # a checkpoint is collective: all stop, or none
+            short = bool(np.asarray(multihost_utils.process_allgather(np.int32(short))).any())
+        if short:
+            last = max(self.manager.all_steps(), default=None)
+            kept = f"the last checkpoint, step {last}, is intact" if last else "none written yet"
+            free_mb = "?" if free is None else f"{free / 2**20:.0f}"
+            raise OutOfSpaceError(
+                f"{self.manager.directory} has {free_mb} MB free, checkpoint {step} needs about "
+                f"{needed / 2**20:.0f} MB: stopped without writing it ({kept}); free some space "
+                "and rerun the same command"
+            )
 
     def seal(self) -> None:
         """Wait for the checkpoint being written, then record the digests of every one this

@@ -80,6 +80,7 @@ def _train(argv) -> None:
         trainer.NonFiniteError,
         ownership.WorkdirBusyError,
         checkpoint.CorruptCheckpointError,
+        checkpoint.OutOfSpaceError,
     ) as e:
         print(f"sora-train: {e}", file=sys.stderr)
         sys.exit(2)
