@@ -9,6 +9,7 @@ has its own directory (made fresh and removed at exit), so no two workers write 
 """
 
 import atexit
+import contextlib
 import fcntl
 import json
 import os
@@ -232,3 +233,18 @@ def sight_or_sound(tmp_path_factory):
 
     root = built_once(tmp_path_factory, "sight_or_sound", build)
     return root / "export", root / "raw"
+
+
+@contextlib.contextmanager
+def small_disk(tmp_path: pathlib.Path, size: str):
+    """A real filesystem of `size` ("3m") that fills up: a tmpfs mounted for the test
+    (skipped where this user cannot mount one: a full disk cannot be made otherwise)."""
+    disk = tmp_path / "small_disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)])
+    if mounted.returncode != 0:
+        pytest.skip("needs to mount a small tmpfs (root)")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)])

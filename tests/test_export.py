@@ -23,7 +23,7 @@ from sora_jax.export.predict import Predictor
 from sora_jax.inputs import InputSpec
 from sora_jax.train import setup
 from sora_jax.train.evaluate import Evaluator
-from tests.conftest import built_once, compiled, run_compiled
+from tests.conftest import built_once, compiled, run_compiled, small_disk
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -366,3 +366,14 @@ def test_export_never_deletes_what_it_did_not_write(exported, tmp_path, capsys):
     export_lib.export(workdir, link)
     assert link.is_symlink() and (link / "model_card.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir() if "current" in p.name) == ["current"]
+
+
+def test_an_export_to_a_full_disk_is_one_line_and_replaces_nothing(exported, tmp_path, capsys):
+    workdir, _, _ = exported
+    with small_disk(tmp_path, "300k") as disk:
+        (disk / "export").mkdir()
+        code = export_lib.main(["--workdir", str(workdir), "--output", str(disk / "export")])
+        assert code == 2
+        assert "sora-export: no space left for" in capsys.readouterr().err
+        assert list((disk / "export").iterdir()) == []  # nothing replaced, nothing left
+        assert [p.name for p in disk.iterdir()] == ["export"]

@@ -19,7 +19,7 @@ from sora_jax import config as config_lib
 from sora_jax.data import pipeline
 from sora_jax.train import checkpoint, evaluate, ownership, setup, trainer
 from sora_jax.workdir import checkpoint_choice as workdir_choice
-from tests.conftest import ONE_DEVICE, small_config
+from tests.conftest import ONE_DEVICE, small_config, small_disk
 
 
 def _config(demo_data):
@@ -253,12 +253,7 @@ def test_a_lock_that_cannot_be_taken_is_one_line(demo_data, tmp_path):
 
 def test_a_full_disk_stops_the_run_in_one_line_and_loses_nothing(demo_data, tmp_path):
     """Once about 350 lines of tracebacks from orbax's background threads."""
-    disk = tmp_path / "small"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)])
-    if mounted.returncode != 0:
-        pytest.skip("needs to mount a small tmpfs (root): a full disk cannot be made otherwise")
-    try:
+    with small_disk(tmp_path, "3m") as disk:
         config = _config(demo_data)
         flags = [
             f"--config.data.dir={config.data.dir}",
@@ -283,5 +278,3 @@ def test_a_full_disk_stops_the_run_in_one_line_and_loses_nothing(demo_data, tmp_
         manager = checkpoint.make_manager(disk / "run", config, read_only=True)
         assert manager.all_steps()  # what was written before stays, intact
         assert all(checkpoint.problem_with(manager, s) is None for s in manager.all_steps())
-    finally:
-        subprocess.run(["umount", str(disk)])

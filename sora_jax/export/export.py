@@ -20,6 +20,7 @@ CPU and for the platforms in config.export.platforms.
 
 import argparse
 import datetime
+import errno
 import hashlib
 import importlib.metadata
 import inspect
@@ -499,6 +500,14 @@ def export(
     scratch = None if storage.is_remote(output) else pathlib.Path(output).parent
     if scratch is not None:
         scratch.mkdir(parents=True, exist_ok=True)
+        # The parameters twice (params/, the SavedModel's variables) and the artifacts:
+        # refused before writing, rather than failing half way in orbax's threads.
+        needed = 3 * sum(np.asarray(x).nbytes for x in jax.tree.leaves(params)) + (10 << 20)
+        free = storage.free_bytes(epath.Path(scratch))
+        if free is not None and free < needed:
+            raise OSError(
+                errno.ENOSPC, f"{scratch} has {free >> 20} MB free, an export needs ~{needed >> 20}"
+            )
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{output.name}.incomplete-", dir=scratch))
     try:
         checkpointer = ocp.StandardCheckpointer()
@@ -608,6 +617,17 @@ def _upload_into_place(staging: pathlib.Path, output: epath.Path) -> None:
     storage.copy_tree(epath.Path(staging), output, last=("model_card.json",))
 
 
+def _out_of_space(error: BaseException | None) -> bool:
+    """Whether `error`, or one it was raised from, is a full disk (orbax wraps it)."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(error):  # tensorstore's, as a ValueError
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     process.configure()
     parser = argparse.ArgumentParser(
@@ -633,6 +653,15 @@ def main(argv: list[str] | None = None) -> int:
         card = export(args.workdir, args.output, args.checkpoint, args.data_dir)
     except (FileNotFoundError, OutputError, CorruptCheckpointError, storage.StorageError) as e:
         print(f"sora-export: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if not _out_of_space(e):
+            raise
+        print(
+            f"sora-export: no space left for {args.output} ({str(e).splitlines()[0][:200]}): "
+            "nothing was replaced, any previous export is as it was",
+            file=sys.stderr,
+        )
         return 2
     print(
         f"exported step {card['checkpoint_step']} for {', '.join(card['platforms'])} to "
