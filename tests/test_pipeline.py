@@ -211,3 +211,23 @@ def loss_of(logits: np.ndarray, labels: np.ndarray) -> float:
     shifted = logits - logits.max(-1, keepdims=True)
     log_p = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
     return float(-np.mean(log_p[np.arange(len(labels)), labels]))
+
+
+def test_a_damaged_record_is_named_with_its_dataset_split_and_index(demo_data, tmp_path):
+    import shutil
+
+    copy = tmp_path / "data"
+    shutil.copytree(demo_data[0], copy)
+    shard = next((copy / demo_data[1]).glob("*/*-test.array_record-*"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3 : len(data) // 3 + 64] = bytes(
+        b ^ 0xFF for b in data[len(data) // 3 : len(data) // 3 + 64]
+    )
+    shard.write_bytes(bytes(data))
+    source = pipeline.data_source(small_config(str(copy), demo_data[1]), "test")
+    with pytest.raises(
+        pipeline.CorruptDataError,
+        match=r"dataset demo_small, split test, record \\d+: damaged on disk \\(Corrupted Riegeli",
+    ):
+        for i in range(len(source)):
+            source[i]

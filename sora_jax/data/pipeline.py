@@ -240,7 +240,40 @@ def data_source(
     dataset, or of `where` (data dir, name)."""
     _ensure_flags_parsed()
     data_dir, name = where or (config.data.dir, config.data.name)
-    return tfds.data_source(name, split=split, data_dir=data_dir)
+    return _Checked(tfds.data_source(name, split=split, data_dir=data_dir), name, split)
+
+
+class CorruptDataError(ValueError):
+    """A prepared record that does not read back as written (its shard's bytes changed)."""
+
+
+class _Checked:
+    """A data source whose damaged records are named: ArrayRecord checks each chunk's
+    hash (Riegeli's), and its error alone says neither which dataset nor what to do."""
+
+    def __init__(self, source, name: str, split: str):
+        self.source, self.name, self.split = source, name, split
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def _damaged(self, what, error: RuntimeError) -> CorruptDataError:
+        return CorruptDataError(
+            f"dataset {self.name}, split {self.split}, {what}: damaged on disk "
+            f"({str(error).splitlines()[0][:160]}); prepare the dataset again"
+        )
+
+    def __getitem__(self, i: int):
+        try:
+            return self.source[i]
+        except RuntimeError as e:
+            raise self._damaged(f"record {i}", e) from None
+
+    def __getitems__(self, keys):
+        try:
+            return self.source.__getitems__(keys)
+        except RuntimeError as e:
+            raise self._damaged(f"records {list(keys)[:4]}...", e) from None
 
 
 def mixture(config: ml_collections.ConfigDict) -> list[tuple[str, str, float]]:

@@ -60,6 +60,7 @@ def _train(argv) -> None:
     import jax
 
     from sora_jax.config import ConfigError
+    from sora_jax.data.pipeline import CorruptDataError
     from sora_jax.storage import StorageError
     from sora_jax.train import checkpoint, evaluate, ownership, setup, trainer
 
@@ -81,6 +82,7 @@ def _train(argv) -> None:
         ownership.WorkdirBusyError,
         checkpoint.CorruptCheckpointError,
         checkpoint.OutOfSpaceError,
+        CorruptDataError,
     ) as e:
         print(f"sora-train: {e}", file=sys.stderr)
         sys.exit(2)
@@ -187,8 +189,13 @@ def eval_main(argv: list[str] | None = None) -> int:
     ) as e:
         print(f"sora-eval: {e}", file=sys.stderr)
         return 2
+    from sora_jax.data.pipeline import CorruptDataError
+
     try:
         result = evaluator(restored.params, workdir, restored.step)
+    except CorruptDataError as e:
+        print(f"sora-eval: {e}", file=sys.stderr)
+        return 2
     finally:
         evaluator.close()
     if jax.process_index() == 0:
