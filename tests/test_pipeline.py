@@ -227,7 +227,7 @@ def test_a_damaged_record_is_named_with_its_dataset_split_and_index(demo_data, t
     source = pipeline.data_source(small_config(str(copy), demo_data[1]), "test")
     with pytest.raises(
         pipeline.CorruptDataError,
-        match=r"dataset demo_small, split test, record \\d+: damaged on disk \\(Corrupted Riegeli",
+        match=r"dataset demo_small, split test, record \d+: damaged on disk \(Corrupted Riegeli",
     ):
         for i in range(len(source)):
             source[i]
