@@ -242,6 +242,16 @@ def test_a_run_checks_the_data_it_reads_is_the_data_it_trained_on(demo_data, tmp
         pipeline.check_dataset(config)
 
 
+def test_removing_the_lock_file_does_not_let_a_second_trainer_in(tmp_path):
+    workdir = tmp_path / "run"
+    held = ownership.Lock(workdir)
+    (workdir / ".lock").unlink()  # as `rm WORKDIR/.lock` under a running trainer
+    with pytest.raises(ownership.WorkdirBusyError, match="whose .lock file was removed"):
+        ownership.Lock(workdir)
+    held.release()
+    ownership.Lock(workdir).release()  # free again
+
+
 def test_a_lock_that_cannot_be_taken_is_one_line(demo_data, tmp_path):
     workdir = tmp_path / "run"
     (workdir / ".lock").mkdir(parents=True)  # a folder where the lock file goes

@@ -55,7 +55,8 @@ class WorkdirBusyError(RuntimeError):
 
 class Lock:
     """The work dir's one owner, held while the run trains. On a local disk an exclusive
-    flock(2) on WORKDIR/.lock, which the kernel drops however the owner exits. In a bucket
+    flock(2) on WORKDIR/.lock and on the folder itself, which the kernel drops however the
+    owner exits. In a bucket
     (no flock there) a lease: WORKDIR/.lock created only if absent and renewed by its
     owner; a dead owner's expires after `lease_s`, at once if it was on this host. Process
     0 takes it for a multi-process run, and every process learns whether it got it, so all
@@ -85,6 +86,7 @@ class Lock:
 
     def _flock(self) -> str:
         self._created = not self.path.parent.exists()
+        self._folder: int | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(os.fspath(self.path), "a+")  # noqa: SIM115 (held until release)
@@ -100,6 +102,22 @@ class Lock:
             self._file.close()
             self._file = None
             return owner
+        # The folder too: `rm WORKDIR/.lock` under a running owner would otherwise let a
+        # second trainer lock a new file. (A filesystem that cannot lock a folder, as NFS,
+        # keeps the file's lock alone.)
+        try:
+            self._folder = os.open(os.fspath(self.path.parent), os.O_RDONLY | os.O_DIRECTORY)
+            fcntl.flock(self._folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._folder)
+            self._folder = None
+            self._file.close()
+            self._file = None
+            return "another process, whose .lock file was removed while it ran"
+        except OSError:
+            if self._folder is not None:
+                os.close(self._folder)
+            self._folder = None
         self._file.truncate(0)
         self._file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         self._file.flush()
@@ -123,6 +141,9 @@ class Lock:
         fcntl.flock(self._file, fcntl.LOCK_UN)
         self._file.close()
         self._file = None
+        if self._folder is not None:
+            os.close(self._folder)  # drops its lock
+            self._folder = None
 
 
 class _BucketLease:
