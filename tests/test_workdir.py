@@ -246,7 +246,7 @@ def test_removing_the_lock_file_does_not_let_a_second_trainer_in(tmp_path):
     workdir = tmp_path / "run"
     held = ownership.Lock(workdir)
     (workdir / ".lock").unlink()  # as `rm WORKDIR/.lock` under a running trainer
-    with pytest.raises(ownership.WorkdirBusyError, match="whose .lock file was removed"):
+    with pytest.raises(ownership.WorkdirBusyError, match=r"whose \.lock file was removed"):
         ownership.Lock(workdir)
     held.release()
     ownership.Lock(workdir).release()  # free again
