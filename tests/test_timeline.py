@@ -260,7 +260,8 @@ def test_time_the_caller_spends_between_windows_is_not_counted_as_decoding(
     """sora-predict --explain explains windows between them: that time once showed as
     decoding (decode 35.7 s, real-time factor 0.15, against 0.31 s and 15.6x without)."""
     export, _ = sight_or_sound
-    path = write_sequence(tmp_path / "a.mkv", ["red", "low"], 3.0, 3)
+    path = tmp_path / "a.mkv"
+    write_sequence(path, ["red", "low"], 3.0, 3)
     began, windows, timing = time.perf_counter(), 0, None
     for row in Predictor(export).timeline(path):
         if "summary" in row:
