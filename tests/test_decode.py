@@ -196,3 +196,32 @@ def test_a_long_input_is_cut_to_max_seconds_and_says_so(tmp_path):
     path = write_clip(tmp_path / "long.mp4", seconds=5.0)
     video = decode_video(path, 8.0, 0, max_seconds=2.0)
     assert len(video.frames) == 16 and video.notes == ("cut to its first 2 s of 5 s",)
+
+
+@pytest.mark.parametrize("channels", [32, 64])
+def test_sound_of_many_channels_is_averaged_to_mono(tmp_path, channels):
+    """Ambisonics or a microphone array: FFmpeg's resampler refuses such layouts, and the
+    file was once skipped as "corrupt or truncated: Invalid argument", picture and all."""
+    import av
+
+    from tests.media import gradient_frames, tone
+
+    path = tmp_path / "array.mkv"
+    layout = f"{channels} channels"
+    with av.open(str(path), "w") as out:
+        video = out.add_stream("libx264", rate=10)
+        video.height, video.width, video.pix_fmt = 48, 64, "yuv420p"
+        audio = out.add_stream("pcm_s16le", rate=16_000, layout=layout)
+        wave = (tone(1.0, 440.0, 16_000)[0] * 32767).astype(np.int16)
+        packed = np.repeat(wave[:, None], channels, axis=1).reshape(1, -1)  # s16: interleaved
+        frame = av.AudioFrame.from_ndarray(packed, format="s16", layout=layout)
+        frame.sample_rate = 16_000
+        for packet in [*audio.encode(frame), *audio.encode(None)]:
+            out.mux(packet)
+        for image in gradient_frames(10, 48, 64):
+            out.mux(video.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        out.mux(video.encode(None))
+    decoded = decode_video(path, 8.0, 0)
+    assert decoded.has_audio and decoded.has_video
+    assert abs(dominant_hz(decoded.audio) - 440) < 10
+    assert 0.4 * 32767 * 0.9 < np.abs(decoded.audio).max() < 0.4 * 32767 * 1.1  # tone()'s 0.4

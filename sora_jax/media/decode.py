@@ -179,6 +179,25 @@ def _open(source, options: dict) -> "av.container.InputContainer":
     return container
 
 
+# FFmpeg's resampler refuses layouts of more channels than this ("Invalid argument"):
+# such sound (ambisonics, microphone arrays: 32, 64 channels) is averaged to mono first.
+_SWR_MAX_CHANNELS = 16
+
+
+def _downmixed(frame: "av.AudioFrame") -> "av.AudioFrame":
+    """The mean of a frame's channels, as a mono float frame at its rate."""
+    x = frame.to_ndarray()
+    channels = len(frame.layout.channels)
+    x = x if frame.format.is_planar else x.reshape(-1, channels).T  # [C, S]
+    if np.issubdtype(x.dtype, np.integer):
+        info = np.iinfo(x.dtype)
+        x = (x.astype(np.float32) - (info.max + info.min + 1) / 2) / ((info.max - info.min + 1) / 2)
+    mono = np.ascontiguousarray(x.astype(np.float32).mean(axis=0, keepdims=True))
+    out = av.AudioFrame.from_ndarray(mono, format="flt", layout="mono")
+    out.sample_rate, out.pts, out.time_base = frame.sample_rate, frame.pts, frame.time_base
+    return out
+
+
 def decode_incrementally(
     container: "av.container.InputContainer",
     fps: float,
@@ -206,6 +225,8 @@ def decode_incrementally(
 
     def sound(frame) -> Iterator[tuple[str, np.ndarray]]:
         nonlocal sound_left
+        if frame is not None and len(frame.layout.channels) > _SWR_MAX_CHANNELS:
+            frame = _downmixed(frame)
         for piece in resampler.resample(frame):
             samples = piece.to_ndarray().reshape(-1).astype(np.int16)
             if sound_left >= 0:
