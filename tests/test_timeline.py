@@ -148,6 +148,18 @@ def test_a_live_stream_gives_the_files_windows_as_they_arrive(sight_or_sound, tm
         for a, b in zip(got, expected, strict=True):
             assert a["scores"] == pytest.approx(b["scores"], abs=1e-5)
     assert [s["class"] for s in summary[0]["summary"]["segments"]] == ["blue", "high", "red"]
+    assert "warning" not in summary[0]["summary"]  # every byte of it was media
+
+    # The same stream followed by garbage: its windows, and a summary saying where the
+    # media ended (it was once consumed to the end without a word).
+    garbage = np.random.default_rng(0).integers(0, 256, 200_000, np.uint8).tobytes()
+    spoiled = _run(["--export", str(export), "--stream", "-"], stdin=data + garbage)
+    assert spoiled.returncode == 0, spoiled.stderr.decode()[-2000:]
+    windows, summary = _lines(spoiled.stdout)
+    assert len(windows) == len(expected)
+    warning = summary[0]["summary"]["warning"]
+    end = int(warning.split("after byte ")[1].split()[0])
+    assert len(data) - 64 * 1024 < end <= len(data) and "held no media" in warning
 
 
 # Run in a fresh process: how far a timeline (or, for the control, a whole-file prediction)

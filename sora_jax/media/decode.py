@@ -205,6 +205,7 @@ def decode_incrementally(
     max_seconds: float = 0.0,
     max_gap_s: float = MAX_GAP_S,
     notes: list[str] | None = None,
+    position: dict | None = None,
 ) -> Iterator[tuple[str, np.ndarray]]:
     """What the container holds, in decoding order, as it decodes: ("frame", [H, W, 3]
     uint8) at `fps` (by timestamps, so variable frame rates work; short side resized to
@@ -215,6 +216,8 @@ def decode_incrementally(
     A jump in the picture's timestamps longer than `max_gap_s` (a stream stamped a day
     later, a recording paused) is closed up, not filled with copies of the last frame:
     memory never grows with a duration the file only claims. Each is said in `notes`.
+    `position["media_end"]`, if given, follows the byte after the last media packet read
+    (what follows it in a stream was not media).
 
     Raises DecodeError when nothing usable decodes; a file damaged part way gives what
     decoded before the damage."""
@@ -272,8 +275,17 @@ def decode_incrementally(
         return np.ascontiguousarray(np.rot90(image, k=turns)) if turns else image
 
     streams = (video, audio) if audio is not None else (video,)
+    position = {} if position is None else position
+    position["media_end"] = 0
+
+    def decoded() -> Iterator:  # container.decode(*streams), with each packet's end kept
+        for packet in container.demux(*streams):
+            if packet.size and packet.pos is not None and packet.pos >= 0:
+                position["media_end"] = max(position["media_end"], packet.pos + packet.size)
+            yield from packet.decode()
+
     try:
-        for frame in container.decode(*streams):
+        for frame in decoded():
             if isinstance(frame, av.AudioFrame):
                 yield from sound(frame)
                 continue

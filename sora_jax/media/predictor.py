@@ -35,6 +35,10 @@ from .explain import explain_window
 from .sampling import ClipSpec, eval_views
 from .timeline import StreamReader, Window, read_ahead, sliding_windows
 
+# Bytes of a stream after its last media packet that are more than a container's closing
+# elements (cues, tags): garbage, or what the demuxer could not follow.
+TRAILING_BYTES = 16 << 10
+
 
 class Predictor:
     """An export directory: the artifact, its parameters and the model card's
@@ -270,11 +274,16 @@ class Predictor:
                 caller_seconds += time.perf_counter() - handed
             pending.clear()
 
+        position: dict = {}  # where the last media packet ended (decode_incrementally)
         try:
             container = open_stream(source) if live else open_file(source)
             with container:
                 has_video, has_audio = bool(container.streams.video), bool(container.streams.audio)
-                events = read_ahead(decode_incrementally(container, self.spec.fps, self.short_side))
+                events = read_ahead(
+                    decode_incrementally(
+                        container, self.spec.fps, self.short_side, position=position
+                    )
+                )
                 for window in sliding_windows(
                     events, self.spec, hop, has_video, has_audio, self.jpeg_quality
                 ):
@@ -292,9 +301,17 @@ class Predictor:
         elapsed = time.perf_counter() - began - caller_seconds
         latencies = latencies or [0.0]
         seconds = rows[-1][1] if rows else 0.0
+        summary_warning = {}
+        media_end = position.get("media_end", 0)
+        if live and media_end and source.bytes_read - media_end > TRAILING_BYTES:
+            summary_warning["warning"] = (
+                f"{source.bytes_read - media_end} bytes after byte {media_end} of the stream "
+                "held no media (garbage, or a container this reader cannot follow): skipped"
+            )
         yield {
             "path": name,
             "summary": {
+                **summary_warning,
                 "seconds": seconds,
                 "windows": len(rows),
                 "has_audio": has_audio,

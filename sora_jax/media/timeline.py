@@ -210,6 +210,7 @@ class StreamReader:
 
     def __init__(self, fd: int, name: str, follow: bool = False, idle_seconds: float = 5.0):
         self.fd, self.name, self.follow, self.idle_seconds = fd, name, follow, idle_seconds
+        self.bytes_read = 0
 
     @classmethod
     def of(cls, path: str, idle_seconds: float = 5.0) -> "StreamReader":
@@ -226,6 +227,7 @@ class StreamReader:
             time.sleep(0.05)
             waited += 0.05
             data = os.read(self.fd, size)
+        self.bytes_read += len(data)
         return data
 
     def close(self) -> None:
