@@ -395,3 +395,34 @@ def test_inference_restores_only_the_parameters_it_evaluates(short_run):
     other = setup.build(config).abstract_state
     assert jax.tree.structure(other.opt_state) != jax.tree.structure(abstract.opt_state)
     jax.tree.map(np.testing.assert_array_equal, restored(True, other)[0], full.ema_params)
+
+
+def test_a_users_mistakes_are_one_line_each(short_run, tmp_path, capsys):
+    """Each of these once ended in a traceback."""
+    from sora_jax.export import predict
+
+    workdir = short_run / "run"
+    missing = subprocess.run(
+        [sys.executable, "-m", "sora_jax.train.cli", "--config", "missing.py", "--workdir", "w"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode == 2
+    assert missing.stderr.strip() == "sora-train: --config missing.py: no such file"
+    assert cli.eval_main(["--workdir", str(workdir), "--split", "nosuch"]) == 2
+    assert "no split 'nosuch' in demo_small (has ['test', 'train'])" in capsys.readouterr().err
+    # A config.json cut short (a full disk, an editor): named, not a JSON traceback.
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "config.json").write_text((workdir / "config.json").read_text()[:100])
+    assert cli.eval_main(["--workdir", str(damaged)]) == 2
+    assert f"{damaged / 'config.json'} is damaged" in capsys.readouterr().err
+    # Two files of one name would write one explanation over the other.
+    clips = [tmp_path / "a" / "clip.mp4", tmp_path / "b" / "clip.mp4"]
+    with pytest.raises(SystemExit) as exited:
+        predict.main(
+            ["--export", str(tmp_path), "--explain", str(tmp_path / "x"), *map(str, clips)]
+        )
+    assert exited.value.code == 2
+    assert "--explain: several files are named clip" in capsys.readouterr().err

@@ -144,6 +144,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--embeddings writes one per file: not with --timeline or --stream")
     if args.hop < 0 or args.batch < 1:
         parser.error("--hop must be >= 0 and --batch >= 1")
+    stems = [pathlib.Path(path).stem for path in args.files]
+    clashes = sorted({s for s in stems if stems.count(s) > 1})
+    for flag, value, written in (
+        ("--embeddings", args.embeddings, ".npy"),
+        ("--explain", args.explain, ".png"),
+    ):
+        if value and clashes:  # one file's output would overwrite another's
+            parser.error(
+                f"{flag}: several files are named {', '.join(clashes)} (DIR/<name>{written})"
+            )
     try:  # Predictor (part of the exported client) reads a local folder: a bucket's is copied
         predictor = Predictor(storage.download(storage.path(args.export)))
     except (OSError, ValueError) as e:  # not an export, one written by an older version, a URL
@@ -161,16 +171,6 @@ def main(argv: list[str] | None = None) -> int:
             args, predictor, [args.stream] if args.stream else args.files, explain_dir
         )
         return 3 if failed else 0
-    stems = [pathlib.Path(path).stem for path in args.files]
-    clashes = sorted({s for s in stems if stems.count(s) > 1})
-    for flag, value, written in (
-        ("--embeddings", args.embeddings, ".npy"),
-        ("--explain", args.explain, ".png"),
-    ):
-        if value and clashes:  # one file's output would overwrite another's
-            parser.error(
-                f"{flag}: several files are named {', '.join(clashes)} (DIR/<name>{written})"
-            )
     if args.embeddings:
         pathlib.Path(args.embeddings).mkdir(parents=True, exist_ok=True)
     failed = 0
