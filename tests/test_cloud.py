@@ -91,8 +91,8 @@ def test_a_bucket_work_dir_trains_resumes_falls_back_and_exports_in_the_bucket(
     config = _config(data_dir, name)  # the data read from the bucket too
     trainer.train(config, run, devices=ONE_DEVICE)
     held = _bucket_files(gcs, "runs/cloud")
-    for name in ("config.json", "metrics.jsonl", "throughput.jsonl", "eval_test.json"):
-        assert name in held
+    for kept in ("config.json", "metrics.jsonl", "throughput.jsonl", "eval_test.json"):
+        assert kept in held
     assert {"checkpoints/2/sora_sha256.json", "checkpoints/4/sora_sha256.json"} <= set(held)
     assert any(n.startswith("tensorboard/events.out.tfevents.") for n in held)
     assert ".lock" not in held  # the lease is given back
