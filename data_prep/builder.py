@@ -242,7 +242,7 @@ def build_if_changed(
 ) -> tuple[list[dict], bool]:
     """Build unless a dataset with the same fingerprint exists: (report rows, rebuilt?).
     `data_dir` is a local path or a gs:// URL."""
-    out = storage.local(data_dir)
+    out = storage.absolute(data_dir)
     report_path = out / f"{name}_report.json"
     info_path = out / name / VERSION / "metadata.json"
     up_to_date = (

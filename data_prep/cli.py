@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     from sora_jax import storage
 
     try:
-        out, source = storage.local(args.out), storage.path(args.source)
+        out, source = storage.absolute(args.out), storage.path(args.source)
     except storage.StorageError as e:
         print(f"sora-prep: {e}", file=sys.stderr)
         return 2

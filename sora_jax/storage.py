@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
 
 from etils import epath
 
@@ -52,7 +51,7 @@ def is_remote(location: "str | os.PathLike[str]") -> bool:
     return "://" in os.fspath(location)
 
 
-def local(location: "str | os.PathLike[str]") -> epath.Path:
+def absolute(location: "str | os.PathLike[str]") -> epath.Path:
     """A local path made absolute, or the bucket URL as it is."""
     p = path(location)
     return p if is_remote(p) else epath.Path(os.path.abspath(os.fspath(p)))
@@ -148,19 +147,6 @@ def move_tree(src: epath.Path, dst: epath.Path) -> None:
         return
     copy_tree(src, dst)
     remove_tree(src)
-
-
-@contextlib.contextmanager
-def local_folder(p: epath.Path) -> Iterator[epath.Path]:
-    """A local folder to write into and then publish at `p`: `p` itself when it is local;
-    for a bucket, a temporary folder whose files are uploaded on success."""
-    if not is_remote(p):
-        p.mkdir(parents=True, exist_ok=True)
-        yield p
-        return
-    with tempfile.TemporaryDirectory(prefix="sora_upload_") as scratch:
-        yield epath.Path(scratch)
-        copy_tree(epath.Path(scratch), p)
 
 
 def download(p: epath.Path, cache_root: "str | os.PathLike[str] | None" = None) -> epath.Path:

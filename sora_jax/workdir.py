@@ -29,7 +29,7 @@ class Workdir:
     def __init__(self, location: "str | os.PathLike[str] | Workdir"):
         if isinstance(location, Workdir):
             location = location.root
-        self.root: epath.Path = storage.local(location)
+        self.root: epath.Path = storage.absolute(location)
 
     def __str__(self) -> str:
         return os.fspath(self.root)

@@ -478,7 +478,7 @@ def export(
     data_dir: str | None = None,
 ) -> dict:
     """Export a work dir's checkpoint to `output`; either may be local or in a bucket."""
-    workdir, output = Workdir(workdir), storage.local(output)
+    workdir, output = Workdir(workdir), storage.absolute(output)
     if not storage.is_remote(output):  # a link to a previous export: replace what it names
         output = epath.Path(os.path.realpath(output))
     check_output(output, workdir)
@@ -665,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(
         f"exported step {card['checkpoint_step']} for {', '.join(card['platforms'])} to "
-        f"{storage.local(args.output)}"
+        f"{storage.absolute(args.output)}"
     )
     return 0
 

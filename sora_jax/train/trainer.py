@@ -105,9 +105,10 @@ class _JsonLines:
     def __init__(self, path: epath.Path, start: int):
         self.path, self.remote = path, storage.is_remote(path)
         lines = path.read_text().splitlines(keepends=True) if path.exists() else []
-        self.lines = [line for line in lines if _step_of(line) <= start]
-        if len(self.lines) < len(lines):
-            storage.write_atomic(path, "".join(self.lines))
+        kept = [line for line in lines if _step_of(line) <= start]
+        if len(kept) < len(lines):
+            storage.write_atomic(path, "".join(kept))
+        self.lines = kept if self.remote else []  # a local file is appended to instead
 
     def append(self, records: list[dict]) -> None:
         new = [json.dumps(r) + "\n" for r in records]

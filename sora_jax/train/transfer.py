@@ -47,7 +47,7 @@ def _source_config(path: epath.Path) -> tuple[ml_collections.ConfigDict, str]:
 def load_source(path: "str | os.PathLike[str]") -> tuple[dict, str]:
     """(the source's inference parameters as NumPy arrays, a description for the log);
     `path` local or in a bucket."""
-    path = storage.local(path)
+    path = storage.absolute(path)
     if not path.exists():
         raise FileNotFoundError(f"config.init_from: {path} does not exist")
     source_config, kind = _source_config(path)
