@@ -147,6 +147,7 @@ class SoraVideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     @property
     def _beam_report_dir(self) -> pathlib.Path:
+        # data_dir is a local staging folder, also when the dataset goes to a bucket
         return pathlib.Path(self.data_dir).parent / ".beam_report"
 
     def build(self) -> None:
@@ -254,7 +255,7 @@ def build_if_changed(
         return json.loads(report_path.read_text()), False
     if storage.is_remote(out):
         return _build_to_bucket(out, name, digest, **builder_kwargs), True
-    data_dir = pathlib.Path(out)
+    data_dir = pathlib.Path(out)  # local: a bucket went to _build_to_bucket above
     with _one_builder(data_dir, name):
         return _build_here(data_dir, name, digest, **builder_kwargs), True
 

@@ -135,6 +135,10 @@ def test_a_bucket_work_dir_trains_resumes_falls_back_and_exports_in_the_bucket(
     raw = make_demo_dataset(tmp_path / "raw", train_per_class=0, test_per_class=1, seed=5)
     clip = next(raw.rglob("*.mp4"))
     assert predict.main(["--export", f"{gcs[1]}/exports/cloud", str(clip)]) == 0
+    from sora_jax.media.predictor import Predictor  # the client itself: a local folder only
+
+    with pytest.raises(ValueError, match="the client reads a local folder"):
+        Predictor(f"{gcs[1]}/exports/cloud")
 
     # Embeddings of the bucket's data from the bucket's run, and of a file from its export.
     assert embed.main(["--workdir", run, "--split", "test", "--out", "split.npz"]) == 0

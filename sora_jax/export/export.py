@@ -282,7 +282,7 @@ def _example_inputs(card: dict, batch: int) -> str:
     return "inputs = {" + ", ".join(items) + "}"
 
 
-def card_markdown(card: dict, export_dir: pathlib.Path) -> str:
+def card_markdown(card: dict, export_dir: "os.PathLike[str]") -> str:
     p, m = card["preprocessing"], card["metrics"]
     embedding_model = card.get("kind") == "embedding"
     first = next(iter(card["outputs"]))  # logits, or an embedding model's embedding

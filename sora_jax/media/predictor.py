@@ -45,6 +45,11 @@ class Predictor:
     preprocessing, loaded once; `predict(path)` per file."""
 
     def __init__(self, export_dir: str | pathlib.Path):
+        if "://" in str(export_dir):  # pathlib would make gs://b/x a local folder gs:/b/x
+            raise ValueError(
+                f"{export_dir}: the client reads a local folder; copy the export first "
+                f"(gcloud storage cp -r {export_dir} .), or use sora-predict, which does"
+            )
         export_dir = pathlib.Path(export_dir).absolute()
         self.card = json.loads((export_dir / "model_card.json").read_text())
         if "preprocessing" not in self.card:
