@@ -27,6 +27,18 @@ class ConfigError(ValueError):
     """A config value that cannot work, named by its dotted key."""
 
 
+def trains_classifier(config: ml_collections.ConfigDict) -> bool:
+    """The run's objectives include the supervised loss: its classifier is trained, and it
+    is scored by class (top-1, mAP) and exported with class scores."""
+    return config.loss.supervised > 0
+
+
+def trains_alignment(config: ml_collections.ConfigDict) -> bool:
+    """The run's objectives include the audio-visual contrastive loss: its model has
+    projection heads (the aligned space), and it is scored by retrieval."""
+    return config.loss.contrastive > 0
+
+
 def check(condition: bool, key: str, message: str) -> None:
     """Raise ConfigError naming `config.<key>` unless `condition` holds."""
     if not condition:
@@ -89,7 +101,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     check(loss.supervised >= 0, "loss.supervised", "must be >= 0")
     check(loss.contrastive >= 0, "loss.contrastive", "must be >= 0")
     check(loss.supervised + loss.contrastive > 0, "loss", "supervised or contrastive must be > 0")
-    if loss.contrastive > 0:
+    if trains_alignment(config):
         check(
             config.accum_steps == 1,
             "accum_steps",
@@ -102,13 +114,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     one_of(c.best_metric, "checkpoint.best_metric", METRICS)
     if c.best_metric == "retrieval_r1":
         check(
-            loss.contrastive > 0,
+            trains_alignment(config),
             "checkpoint.best_metric",
             "retrieval_r1 needs loss.contrastive > 0",
         )
     else:
         check(
-            loss.supervised > 0,
+            trains_classifier(config),
             "checkpoint.best_metric",
             f"{c.best_metric} needs loss.supervised > 0 (use retrieval_r1 for pretraining)",
         )

@@ -130,7 +130,7 @@ def check_dataset(config: ml_collections.ConfigDict) -> DatasetSummary:
     each naming its key, so one attempt finds them all."""
     summary = dataset_summary(config.data.dir, config.data.name)
     name, problems = config.data.name, []
-    supervised = config.loss.supervised > 0
+    supervised = config_lib.trains_classifier(config)
     if supervised and not summary.class_names:
         problems.append(
             f"config.loss.supervised: {config.loss.supervised}, but dataset {name} has no "

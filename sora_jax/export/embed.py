@@ -87,7 +87,7 @@ class Embedder:
             self.config = config_lib.load(workdir)
             restored = setup.load_for_inference(self.config, workdir, step)
             model, params = restored.setup.model, restored.params
-            projected = self.config.loss.contrastive > 0
+            projected = config_lib.trains_alignment(self.config)
             self.outputs = EMBEDDINGS + (PROJECTIONS if projected else ())
             self.class_names = restored.dataset.class_names
             self.short_side = restored.dataset.short_side

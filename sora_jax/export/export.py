@@ -82,7 +82,7 @@ FUSION_OUTPUTS = {
 def is_classifier(config: ml_collections.ConfigDict) -> bool:
     """A run that trained its classifier; one that did not (contrastive pretraining) is
     exported as an embedding model, without its untrained logits."""
-    return config.loss.supervised > 0
+    return config_lib.trains_classifier(config)
 
 
 def exported_outputs(config: ml_collections.ConfigDict) -> dict[str, str]:
@@ -90,7 +90,7 @@ def exported_outputs(config: ml_collections.ConfigDict) -> dict[str, str]:
     outputs = dict(OUTPUT_MEANINGS)
     if not is_classifier(config):
         del outputs["logits"]
-    if config.loss.contrastive > 0:
+    if config_lib.trains_alignment(config):
         outputs |= PROJECTION_MEANINGS
     return outputs | FUSION_OUTPUTS.get(config.model.fusion.kind, {})
 

@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from sora_jax import config as config_lib
 from sora_jax.data import pipeline
 from sora_jax.train import fit, representation
 from sora_jax.train import metrics as metrics_lib
@@ -101,8 +102,8 @@ class Evaluator:
         step: jax.stages.Compiled | None = None,  # compile_eval_step(), if compiled already
     ):
         self.config, self.split, self.class_names = config, split, tuple(class_names)
-        self.classify = config.loss.supervised > 0
-        self.represent = config.loss.contrastive > 0
+        self.classify = config_lib.trains_classifier(config)
+        self.represent = config_lib.trains_alignment(config)
         # One compiled step for the evaluator's life.
         self._step = compile_eval_step(run, config) if step is None else step
         self._reader = _SplitReader(config, split, run)

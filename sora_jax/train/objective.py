@@ -15,6 +15,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sora_jax import config as config_lib
 from sora_jax.train.sharding import BATCH_AXES
 
 _MASKED = -1e9  # logit of a column that is no clip's sound (or picture)
@@ -81,7 +82,7 @@ def contrastive_loss(
 
 
 def wants_modality_embeddings(config: ml_collections.ConfigDict) -> bool:
-    return config.loss.contrastive > 0
+    return config_lib.trains_alignment(config)
 
 
 def objective(
@@ -98,7 +99,7 @@ def objective(
     weights = config.loss
     loss = jnp.zeros((), jnp.float32)
     metrics = {}
-    if weights.supervised > 0:
+    if config_lib.trains_classifier(config):
         logits, labels = out["logits"], batch["label"]
         supervised = classification_loss(logits, labels, config.model.multi_label)
         mask = labelled(labels, config.model.multi_label)
@@ -108,7 +109,7 @@ def objective(
             correct = _masked_mean(jnp.argmax(logits, -1) == labels, mask)
         loss += weights.supervised * supervised
         metrics |= {"supervised_loss": supervised, "accuracy": correct}
-    if weights.contrastive > 0:
+    if config_lib.trains_alignment(config):
         by_clip = lambda x: x.reshape(-1, views, *x.shape[1:])  # [B * V, ...] -> [B, V, ...]
         valid = by_clip(batch["has_video"] & batch["has_audio"]).all(axis=1)  # [B]
         video, audio = by_clip(out["video_projection"]), by_clip(out["audio_projection"])

@@ -34,7 +34,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
     for key, parts in named_parts.items():
         for part in parts:
             config_lib.one_of(part, key, models.PARTS)
-    if config.loss.contrastive == 0:
+    if not config_lib.trains_alignment(config):
         for key, parts in named_parts.items():
             config_lib.check(
                 "projection" not in parts,
@@ -104,7 +104,7 @@ def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
     devices = list(jax.devices() if devices is None else devices)
     check_config(config, num_devices=len(devices))
     mesh = sharding.make_mesh(config.mesh.fsdp, devices)
-    model = models.build_model(config.model, contrastive=config.loss.contrastive > 0)
+    model = models.build_model(config.model, contrastive=config_lib.trains_alignment(config))
     tx = make_optimizer(config)
     rng = jax.random.key(config.seed)
     spec = InputSpec.from_config(config)

@@ -10,6 +10,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sora_jax import config as config_lib
 from sora_jax.inputs import MODEL_INPUTS, InputSpec, label_shape
 from sora_jax.models import SoraModel
 from sora_jax.models.sora import unit
@@ -163,7 +164,7 @@ def make_eval_step(
     the fused clip and of each sense alone and the senses' projections [B, P]; and which
     senses the clip has ([B] bool)."""
     multi_label = config.model.multi_label
-    classify = config.loss.supervised > 0
+    classify = config_lib.trains_classifier(config)
     represent = objective_lib.wants_modality_embeddings(config)
 
     @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, P()))

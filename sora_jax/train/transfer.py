@@ -55,7 +55,7 @@ def load_source(path: "str | os.PathLike[str]") -> tuple[dict, str]:
         params = ocp.StandardCheckpointer().restore(path / "params")
         return jax.tree.map(np.asarray, params), f"the export {path}"
     workdir, step = (path, None) if kind == "workdir" else (path.parent.parent, int(path.name))
-    model = models.build_model(source_config.model, source_config.loss.contrastive > 0)
+    model = models.build_model(source_config.model, config_lib.trains_alignment(source_config))
     spec = InputSpec.from_config(source_config)
     abstract = jax.eval_shape(
         lambda: model.init(jax.random.key(0), models.dummy_inputs(spec), modality_embeddings=True)[
