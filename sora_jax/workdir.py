@@ -25,6 +25,16 @@ from etils import epath
 from sora_jax import storage
 
 
+class _Place:
+    """A fixed name below a work dir's root, read as `workdir.<attribute>`."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __get__(self, workdir: "Workdir", owner: type) -> epath.Path:
+        return workdir.root / self.name
+
+
 class Workdir:
     def __init__(self, location: "str | os.PathLike[str] | Workdir"):
         if isinstance(location, Workdir):
@@ -41,41 +51,16 @@ class Workdir:
     def remote(self) -> bool:
         return storage.is_remote(self.root)
 
-    @property
-    def config(self) -> epath.Path:
-        return self.root / "config.json"
-
-    @property
-    def dataset(self) -> epath.Path:
-        return self.root / "dataset.json"
-
-    @property
-    def checkpoints(self) -> epath.Path:
-        return self.root / "checkpoints"
-
-    @property
-    def corrupt_checkpoints(self) -> epath.Path:
-        return self.root / "corrupt_checkpoints"
-
-    @property
-    def unverified_checkpoints(self) -> epath.Path:
-        return self.root / "unverified_checkpoints"
-
-    @property
-    def metrics(self) -> epath.Path:
-        return self.root / "metrics.jsonl"
-
-    @property
-    def throughput(self) -> epath.Path:
-        return self.root / "throughput.jsonl"
-
-    @property
-    def tensorboard(self) -> epath.Path:
-        return self.root / "tensorboard"
-
-    @property
-    def lock(self) -> epath.Path:
-        return self.root / ".lock"
+    # The layout, one name per place (each a Path below root).
+    config = _Place("config.json")
+    dataset = _Place("dataset.json")
+    checkpoints = _Place("checkpoints")
+    corrupt_checkpoints = _Place("corrupt_checkpoints")
+    unverified_checkpoints = _Place("unverified_checkpoints")
+    metrics = _Place("metrics.jsonl")
+    throughput = _Place("throughput.jsonl")
+    tensorboard = _Place("tensorboard")
+    lock = _Place(".lock")
 
     def eval_result(self, split: str) -> epath.Path:
         return self.root / f"eval_{split}.json"
