@@ -69,7 +69,7 @@ test-ci: $(STAMP)
 # Every benchmark, results in bench/results/*.json (see BENCHMARKS.md); ~27 min on 2 cores.
 bench: demo-data
 	$(UV) -e ".[test,bench]"
-	$(BIN)/python -m pytest -n 2 -m bench tests/test_bench.py  # the scripts' bfloat16 variants
+	$(BIN)/python -m pytest -n 2 -m bench tests/test_bench.py  # bfloat16 variants, and the PyTorch peers
 	$(BIN)/python bench/train_step.py --out bench/results/train_step.json
 	$(BIN)/python bench/peers.py --out bench/results/peers.json
 	$(BIN)/python bench/peers.py --set model.dtype=bfloat16 --out bench/results/peers_bf16.json

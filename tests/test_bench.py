@@ -71,6 +71,7 @@ def test_peers_runs_every_installed_framework():
     assert {r["device"] for r in frameworks.values()} == {"cpu"}
 
 
+@pytest.mark.bench  # make bench installs PyTorch (the bench extra), then runs it
 def test_peers_pytorch():
     pytest.importorskip("torch", reason="PyTorch is a bench extra: pip install -e '.[bench]'")
     result = _run(
