@@ -98,9 +98,13 @@ def _check_finite(state, manager: ocp.CheckpointManager) -> None:
 class _JsonLines:
     """A log of one JSON object per line, each with its "step". A resumed run runs again
     the steps after its checkpoint: their lines from before (and a line cut short by a
-    kill) go, so each step is logged once. Lines are appended to a local file; a bucket
-    object cannot be appended to, so there the file is rewritten whole at each log step
-    from the lines kept in memory (about 10 MB for a million steps of metrics)."""
+    kill) go, so each step is logged once. Lines are appended to a local file. A bucket
+    object cannot be appended to: there the lines are kept in memory (about 10 MB for a
+    million steps) and the object rewritten whole at most every UPLOAD_S seconds, before
+    every checkpoint (so it holds every step a resume keeps) and at the end, not at
+    every log step (which made a long run's uploads grow with the square of its steps)."""
+
+    UPLOAD_S = 60.0
 
     def __init__(self, path: epath.Path, start: int):
         self.path, self.remote = path, storage.is_remote(path)
@@ -109,15 +113,24 @@ class _JsonLines:
         if len(kept) < len(lines):
             storage.write_atomic(path, "".join(kept))
         self.lines = kept if self.remote else []  # a local file is appended to instead
+        self._uploaded, self._pending = time.monotonic(), False
 
     def append(self, records: list[dict]) -> None:
         new = [json.dumps(r) + "\n" for r in records]
-        if self.remote:
-            self.lines += new
-            self.path.write_text("".join(self.lines))
-        else:
+        if not self.remote:
             with self.path.open("a") as f:
                 f.writelines(new)
+            return
+        self.lines += new
+        self._pending = True
+        if time.monotonic() - self._uploaded >= self.UPLOAD_S:
+            self.flush()
+
+    def flush(self) -> None:
+        """The bucket's object brought up to date (nothing to do for a local file)."""
+        if self.remote and self._pending:
+            self.path.write_text("".join(self.lines))
+            self._uploaded, self._pending = time.monotonic(), False
 
 
 def _step_of(line: str) -> float:
@@ -188,8 +201,16 @@ class _Logger:
         self.writer.flush()
         self.bar.write(f"step {step}: eval {evaluate.headline(result)}")
 
+    def flush(self) -> None:
+        """Every log line so far is in the work dir (before a checkpoint: a resume from it
+        must find every step up to it logged)."""
+        if self.enabled:
+            self.jsonl.flush()
+            self.throughput.flush()
+
     def close(self):
         if self.enabled:
+            self.flush()
             self.bar.close()
             self.writer.close()
 
@@ -427,6 +448,7 @@ def _train(
             evaluate_now = last or (config.eval_every and step % config.eval_every == 0)
             if last:  # the trained state is safe before the final evaluation can fail
                 _check_finite(state, manager)
+                logger.flush()
                 writer.save(step, state, batches)
             if evaluate_now:
                 if evaluator is None:
@@ -443,6 +465,7 @@ def _train(
                 scores = None
                 if evaluate_now:
                     scores = {k: result[k] for k in config_lib.METRICS if k in result}
+                logger.flush()
                 writer.save(step, state, batches, scores)
             if stop:
                 log.warning("preempted: saved a checkpoint at step %d; rerun to resume", step)
