@@ -45,7 +45,12 @@ def _check_follows(windows: list[dict], truth: list[tuple[str, float, float]], w
     assert windows[0]["start_s"] == 0 and windows[-1]["end_s"] == pytest.approx(truth[-1][2])
 
 
+# Not in CI (`long`): the sight-or-sound clips encode to other pixels from run to run
+# (x264 with a sound track muxed in; data_prep/synthetic.write_video), so the model these
+# quality thresholds judge differs per run, and this failed in 2 of 5 runs on 2026-12-02.
+# make test-slow and make test-all still run it; making the clips deterministic is the fix.
 @pytest.mark.slow
+@pytest.mark.long
 def test_the_timeline_follows_the_segments_of_a_long_file(sight_or_sound, tmp_path):
     export, _ = sight_or_sound
     width = Predictor(export).window_seconds()
