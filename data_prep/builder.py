@@ -23,6 +23,7 @@ import tqdm
 from data_prep.layouts import Entry
 from data_prep.worker import PrepSettings, prepare_entry
 from sora_jax import process, storage
+from sora_jax.lease import LEASE_S, BucketLease
 
 VERSION = "1.0.0"
 
@@ -254,10 +255,33 @@ def build_if_changed(
     if up_to_date:
         return json.loads(report_path.read_text()), False
     if storage.is_remote(out):
-        return _build_to_bucket(out, name, digest, **builder_kwargs), True
+        with _one_bucket_builder(out, name) as lease:
+            return _build_to_bucket(out, name, digest, lease, **builder_kwargs), True
     data_dir = pathlib.Path(out)  # local: a bucket went to _build_to_bucket above
     with _one_builder(data_dir, name):
         return _build_here(data_dir, name, digest, **builder_kwargs), True
+
+
+def _busy(dataset: object, holder: str) -> ValueError:
+    return ValueError(
+        f"{dataset} is being prepared by another sora-prep ({holder}): wait for it, or give "
+        "this one another --name"
+    )
+
+
+@contextlib.contextmanager
+def _one_bucket_builder(out, name: str):
+    """_one_builder's lock in a bucket, which has no flock: a lease on OUT/.NAME.lock,
+    renewed while the build runs (sora_jax/lease.py). A killed holder's expires after a
+    minute, at once for the next sora-prep on its host."""
+    lease = BucketLease(os.fspath(out / f".{name}.lock"), LEASE_S)
+    holder = lease.acquire()
+    if holder:
+        raise _busy(out / name, holder)
+    try:
+        yield lease
+    finally:
+        lease.release()
 
 
 @contextlib.contextmanager
@@ -275,11 +299,7 @@ def _one_builder(data_dir: pathlib.Path, name: str):
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.seek(0)
-            holder = lock.read().strip() or "another process"
-            raise ValueError(
-                f"{data_dir / name} is being prepared by another sora-prep ({holder}): wait "
-                "for it, or give this one another --name"
-            ) from None
+            raise _busy(data_dir / name, lock.read().strip() or "another process") from None
         lock.truncate(0)
         lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         lock.flush()
@@ -305,7 +325,9 @@ def _build_here(data_dir: pathlib.Path, name: str, digest: str, **builder_kwargs
     return builder.report
 
 
-def _build_to_bucket(out, name: str, digest: str, **builder_kwargs) -> list[dict]:
+def _build_to_bucket(
+    out, name: str, digest: str, lease: BucketLease, **builder_kwargs
+) -> list[dict]:
     """Build on the local disk, then upload. ArrayRecord's writer opens local files only
     (its reader opens gs:// itself), so the shards are written here first. A bucket has
     no rename to swap versions whole: the old version is removed first, then the new one
@@ -314,6 +336,8 @@ def _build_to_bucket(out, name: str, digest: str, **builder_kwargs) -> list[dict
     with tempfile.TemporaryDirectory(prefix="sora_prep_") as scratch:
         builder = make_builder(name, scratch, fingerprint=digest, **builder_kwargs)
         builder.build()
+        if lease.lost:  # another sora-prep took the dataset over: its version stands
+            raise _busy(out / name, "one that took over this one's lease while it built")
         version_dir = out / name / VERSION
         with contextlib.suppress(FileNotFoundError):
             (version_dir / "dataset_info.json").unlink()  # unseen from now on

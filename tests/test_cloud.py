@@ -168,8 +168,16 @@ def test_a_prepared_dataset_in_a_bucket_is_read_where_it_lies(gcs, tmp_path, cap
         "--workers",
         "1",
     ]
+    # Another sora-prep building it (on another host): refused by its lease, in one line.
+    lease = epath.Path(f"{data_dir}/.tiny.lock")
+    lease.write_text(json.dumps({"pid": 7, "host": "elsewhere", "expires": time.time() + 60}))
+    assert prep_cli.main(prep) == 2
+    assert "being prepared by another sora-prep (pid 7 on elsewhere" in capsys.readouterr().err
+    assert not epath.Path(f"{data_dir}/tiny").exists()
+    lease.unlink()
     assert prep_cli.main(prep) == 0
     assert "tiny: 12 kept, 0 skipped; prepared" in capsys.readouterr().out
+    assert not lease.exists()  # given back
     assert prep_cli.main(prep) == 0  # the same inputs: the bucket's dataset is re-used
     assert "already up to date" in capsys.readouterr().out
     summary = pipeline.dataset_summary(data_dir, "tiny")

@@ -3,6 +3,7 @@ and an artifact that runs without sora_jax."""
 
 import importlib.metadata
 import json
+import logging
 import os
 import pathlib
 import re
@@ -15,14 +16,17 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from etils import epath
 from packaging.requirements import Requirement
 
 from sora_jax import config as config_lib
+from sora_jax import storage
 from sora_jax.export import export as export_lib
 from sora_jax.export.predict import Predictor
 from sora_jax.inputs import InputSpec
 from sora_jax.train import setup
 from sora_jax.train.evaluate import Evaluator
+from sora_jax.workdir import Workdir
 from tests.conftest import built_once, compiled, run_compiled, small_disk
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -324,7 +328,7 @@ def test_the_model_card_states_the_whole_input_contract(exported, tmp_path):
         assert (output / "sora_media" / source.name).read_bytes() == source.read_bytes()
 
 
-def test_export_never_deletes_what_it_did_not_write(exported, tmp_path, capsys):
+def test_export_never_deletes_what_it_did_not_write(exported, tmp_path, capsys, caplog):
     workdir, output, card = exported
     checkpoints = sorted(p.name for p in (workdir / "checkpoints").iterdir())
     # The work dir itself, or a parent of it: refused with exit code 2, nothing touched.
@@ -356,6 +360,19 @@ def test_export_never_deletes_what_it_did_not_write(exported, tmp_path, capsys):
         export_lib.export(workdir, output)
     assert (output / "sora_media" / "NOTES.txt").read_text() == "mine"
     (output / "sora_media" / "NOTES.txt").unlink()
+    # A file written into it after the last check, as the swap runs: kept beside it, named.
+    previous = export_lib.check_output(output, Workdir(workdir))
+    assert "model.jax" in previous
+    staging = pathlib.Path(shutil.copytree(output, tmp_path / ".staging"))
+    (output / "saved_model" / "assets").mkdir(parents=True, exist_ok=True)
+    (output / "saved_model" / "assets" / "late.txt").write_text("mine too")
+    with caplog.at_level(logging.WARNING):
+        export_lib._swap_into_place(staging, output, previous)
+    rescued = tmp_path / f"previous_export.not-an-export-{os.getpid()}"
+    assert (rescued / "saved_model" / "assets" / "late.txt").read_text() == "mine too"
+    assert storage.files_under(epath.Path(rescued)) == ["saved_model/assets/late.txt"]
+    assert str(rescued) in caplog.text and "late.txt" in caplog.text
+    assert export_lib.check_output(output, Workdir(workdir)) == previous
     # Inside the run's checkpoints: refused (it once broke eval, export and resume).
     with pytest.raises(export_lib.OutputError, match="inside the run's checkpoints/"):
         export_lib.export(workdir, workdir / "checkpoints" / "999")

@@ -19,10 +19,12 @@ CPU and for the platforms in config.export.platforms.
 """
 
 import argparse
+import contextlib
 import errno
 import importlib.metadata
 import inspect
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -221,11 +223,11 @@ def export(
         )
         (staging / "model_card.json").write_text(json.dumps(card, indent=1))
         (staging / "model_card.md").write_text(card_markdown(card, output))
-        check_output(output, workdir)  # again: nothing arrived in OUTPUT meanwhile
+        previous = check_output(output, workdir)  # again: nothing arrived in OUTPUT meanwhile
         if storage.is_remote(output):
-            _upload_into_place(staging, output)
+            _upload_into_place(staging, output, previous)
         else:
-            _swap_into_place(staging, pathlib.Path(output))
+            _swap_into_place(staging, pathlib.Path(output), previous)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return card
@@ -247,9 +249,11 @@ class OutputError(ValueError):
     """An --output that sora-export must not write to."""
 
 
-def check_output(output: epath.Path, workdir: Workdir) -> None:
+def check_output(output: epath.Path, workdir: Workdir) -> list[str]:
     """Refuse the work dir, its parents, and any non-empty directory that is not a
-    previous export: replacing OUTPUT must never delete what this tool did not write."""
+    previous export: replacing OUTPUT must never delete what this tool did not write.
+    Returns the files of the previous export in OUTPUT (none when there is none), the only
+    ones a swap may delete."""
     if not storage.is_remote(output):
         output = epath.Path(os.path.realpath(output))
     root = workdir.root if workdir.remote else epath.Path(os.path.realpath(workdir.root))
@@ -280,30 +284,60 @@ def check_output(output: epath.Path, workdir: Workdir) -> None:
                 written = json.loads((output / "model_card.json").read_text()).get("files")
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise OutputError(f"--output {output}: its model_card.json is damaged ({e})") from e
-            strays = sorted(set(storage.files_under(output)) - set(written or []))
-            if written is not None and strays:
+            present = storage.files_under(output)
+            strays = sorted(set(present) - set(written or present))
+            if strays:
                 raise OutputError(
                     f"--output {output} is a previous export with files it did not write "
                     f"({', '.join(strays[:5])}): move them out first, or choose a new directory"
                 )
+            # An export from before manifests: its files are what is there now, all under
+            # this tool's own entries (checked above).
+            return present if written is None else written
+    return []
 
 
-def _swap_into_place(staging: pathlib.Path, output: pathlib.Path) -> None:
+def _swap_into_place(staging: pathlib.Path, output: pathlib.Path, previous: list[str]) -> None:
+    """Rename the new export into place. Of the previous one only the files its manifest
+    lists are deleted: a file written into it after the last check (a user's, or another
+    tool's) is kept, in a folder beside OUTPUT that the log names."""
     if not output.exists():
         staging.rename(output)
         return
     old = output.parent / f".{output.name}.replaced-{os.getpid()}"
     output.rename(old)
     staging.rename(output)
-    shutil.rmtree(old)
+    kept = _delete_written(old, previous)
+    if kept:
+        rescued = output.parent / f"{output.name}.not-an-export-{os.getpid()}"
+        old.rename(rescued)
+        logging.warning(
+            "sora-export: %d file(s) appeared in %s while it was exported (%s); they were "
+            "not deleted: they are in %s",
+            len(kept),
+            output,
+            ", ".join(kept[:5]),
+            rescued,
+        )
 
 
-def _upload_into_place(staging: pathlib.Path, output: epath.Path) -> None:
+def _delete_written(folder: pathlib.Path, written: list[str]) -> list[str]:
+    """Delete the files in `written` (relative paths) and the folders they leave empty.
+    Returns what is left: files this tool did not write."""
+    for name in written:
+        (folder / name).unlink(missing_ok=True)
+    for top, _, _ in sorted(os.walk(folder), key=lambda walked: -len(walked[0])):
+        with contextlib.suppress(OSError):  # not empty: something else is there
+            os.rmdir(top)
+    return storage.files_under(epath.Path(folder)) if folder.exists() else []
+
+
+def _upload_into_place(staging: pathlib.Path, output: epath.Path, previous: list[str]) -> None:
     """A bucket has no rename to swap a folder whole: the previous export's model card goes
-    first (a reader takes a folder without one for no export), then what else it held of
-    this tool's entries (check_output allowed no others), and the new export goes up with
-    its model card last."""
-    for name in ("model_card.json", *sorted(EXPORT_ENTRIES - {"model_card.json"})):
+    first (a reader takes a folder without one for no export), then its other files (by its
+    manifest, so an object written meanwhile stays), and the new export goes up with its
+    model card last."""
+    for name in sorted(previous, key=lambda name: name != "model_card.json"):
         storage.remove_tree(output / name)
     storage.copy_tree(epath.Path(staging), output, last=("model_card.json",))
 
