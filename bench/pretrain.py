@@ -27,7 +27,8 @@ from jax.sharding import PartitionSpec as P
 from train_step import random_batch
 
 from sora_jax.data.pipeline import to_global
-from sora_jax.train import objective, setup, sharding
+from sora_jax.objectives import contrastive as objective
+from sora_jax.train import setup, sharding
 from sora_jax.train.state import init_state
 from sora_jax.train.step import make_train_step
 

@@ -6,6 +6,8 @@ shrinks any of them to run on a laptop CPU in a minute, as the tests do.
 
 import ml_collections
 
+from sora_jax import objectives
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -70,15 +72,19 @@ def get_config() -> ml_collections.ConfigDict:
         ),
         fusion=dict(kind="attention", dim=512, heads=8),  # concat | mean | gated | attention
         multi_label=False,  # sigmoid cross-entropy and mAP for several labels per clip
-        # Contrastive heads (only in runs with loss.contrastive > 0): each sense's embedding
+        # Contrastive heads (only in runs with the contrastive objective): each sense's embedding
         # is projected to `dim`; the temperature is learned from `temperature`, clamped.
         projection=dict(dim=128, temperature=0.07, min_temperature=0.01),
     )
 
-    # The objective: a weighted sum. supervised: cross-entropy on the labels (0: labels are
-    # never read, as in pretraining); contrastive: audio-visual InfoNCE, a clip's picture
-    # and sound against every other clip of the global batch (configs/pretrain_av.py).
-    c.loss = dict(supervised=1.0, contrastive=0.0)
+    # What training minimises: the weighted sum of the objectives with weight > 0. Each is
+    # a module of sora_jax/objectives/ that documents its own settings, and each has its
+    # section here (weight 0 but supervised), set as --config.objectives.NAME.weight=W:
+    #   supervised   cross-entropy on the labels (0: labels are never read, as in pretraining)
+    #   contrastive  audio-visual InfoNCE, a clip's picture and sound against every other
+    #                clip of the global batch (configs/pretrain_av.py)
+    #   av_sync      the picture against its own soundtrack shifted in time (configs/av_sync.py)
+    c.objectives = objectives.defaults()
 
     # Transfer: start from another run's parameters (a work dir's latest checkpoint, a
     # step dir WORKDIR/checkpoints/STEP, or a sora-export dir); which parts load, of
@@ -106,17 +112,23 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh = dict(fsdp=4)  # devices along the `fsdp` axis; the rest form the `data` axis
     c.log_every = 100  # steps between host syncs: logs, TensorBoard, the NaN check
     c.eval_every = 5_000  # 0: evaluate only at the end
-    # Representation measures of runs with loss.contrastive > 0: held-out cross-modal
+    # Representation measures of runs with the contrastive objective: held-out cross-modal
     # retrieval, and (labelled data) k-nearest-neighbour top-1 against the train split's
     # first `knn_bank_size` clips.
     c.eval = dict(knn_k=20, knn_bank_size=50_000)
+    # More measures, each a module of sora_jax/evaluators/: name -> {type, split,
+    # every_steps (0: at every evaluation), and the type's settings}, e.g.
+    # {"sync": {"type": "av_sync", "split": "test", "every_steps": 0}}. Their metrics are
+    # NAME/METRIC (TensorBoard eval/NAME/METRIC; checkpoint.best_metric may name one).
+    c.evals = {}
     c.profile_steps = ()  # (first, last): a profiler trace of those steps in tensorboard/
     # CPU only: compile the train and eval steps without LLVM's optimisations. They compile
     # in ~60% of the time and run 1.5-2x slower: for runs of a few dozen steps (runlocal),
     # where compiling is most of the run. Accelerators ignore it.
     c.cpu_fast_compile = False
     # best_metric: top1 | top5 | map | retrieval_r1 (the mean of video->audio and
-    # audio->video recall@1), the checkpoint kept besides the last `keep`
+    # audio->video recall@1) | NAME/METRIC of an evaluator in `evals`: the checkpoint kept
+    # besides the last `keep`
     c.checkpoint = dict(every_steps=1_000, keep=3, best_metric="top1")
 
     # Multi-process runs (see launch/): coordinator "host:port" with num_processes and

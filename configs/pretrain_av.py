@@ -31,7 +31,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.batch_size = 64  # twice small.py's: more negatives
         c.optimizer.update(learning_rate=2e-3, warmup_steps=30)
     c.data.name = "unlabeled"
-    c.loss.update(supervised=0.0, contrastive=1.0)  # labels, if any, are never read
+    c.objectives.supervised.weight = 0.0  # labels, if any, are never read
+    c.objectives.contrastive.weight = 1.0
     # Each sense's embedding is computed with the other absent (models/sora.py): hiding
     # one at random would only waste the fused pass, which this loss does not use.
     c.model.modality_dropout = 0.0

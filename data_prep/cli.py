@@ -104,12 +104,14 @@ def _demo(argv: list[str]) -> int:
     p.add_argument("out")
     p.add_argument(
         "--set",
-        choices=("fusion", "small", "paired"),
+        choices=("fusion", "small", "paired", "timing"),
         default="fusion",
         help="fusion: 4 classes that need both senses (make demo); small: 10 classes, each "
         "with a look and a sound of its own, the shape of a first small labelled set; "
         "paired: the small set with picture and sound also varying together within a class "
-        "(hue with pitch, size with loudness), to pretrain on without its labels",
+        "(hue with pitch, size with loudness), to pretrain on without its labels; timing: "
+        "flashes and clicks at random moments, where only timing pairs a picture with its "
+        "sound (configs/av_sync.py)",
     )
     p.add_argument("--train-per-class", type=int, help="default: 48 (fusion), 24 (others)")
     p.add_argument("--test-per-class", type=int, help="default: 16 (fusion), 8 (others)")
@@ -132,6 +134,7 @@ def _demo(argv: list[str]) -> int:
         "fusion": (synthetic.make_demo_dataset, 48, 16),
         "small": (synthetic.make_small_set, 24, 8),
         "paired": (synthetic.make_paired_set, 24, 8),
+        "timing": (synthetic.make_timing_set, 160, 40),
     }[args.set]
     start = time.time()
     train = train if args.train_per_class is None else args.train_per_class

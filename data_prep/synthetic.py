@@ -257,3 +257,54 @@ def make_paired_set(
     """The small set with picture and sound varying together within each class: a corpus
     to pretrain on without its labels, then probe with them."""
     return make_small_set(out_dir, train_per_class, test_per_class, seed, paired=True)
+
+
+# The timing set: where only *when* things happen pairs a picture with its sound. Every
+# clip is the same grey scene with a few flashes at random moments, and a click at each
+# flash; the classes do not differ. A picture's own soundtrack shifted by half a second
+# has the same clicks at the wrong moments: only a model that compares the senses moment
+# by moment (objectives/av_sync.py) can tell the two apart.
+TIMING_CLASSES = ("flashes",)
+
+
+def timing_clip(
+    rng: np.random.Generator,
+    fps: float = 8.0,
+    seconds: float = 4.0,
+    size: int = 64,
+    sample_rate: int = 22_050,
+    events: int = 5,
+    min_gap_s: float = 0.5,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Flashes of two frames with a 40 ms click at the start of each, at `events` random
+    moments at least `min_gap_s` apart."""
+    n = round(fps * seconds)
+    while True:  # moments at least min_gap_s apart
+        moments = np.sort(rng.uniform(0, seconds - 2 / fps, events))
+        if np.all(np.diff(moments) >= min_gap_s):
+            break
+    frames = np.full((n, size, size, 3), 90, np.uint8)
+    frames += rng.integers(0, 12, frames.shape, dtype=np.uint8)  # a little sensor noise
+    audio = 0.01 * rng.standard_normal(round(seconds * sample_rate))
+    click = round(0.04 * sample_rate)
+    for t in moments:
+        first = int(t * fps)
+        frames[first : first + 2, size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 235
+        start = round(first / fps * sample_rate)
+        decay = np.exp(-np.arange(click) / (0.01 * sample_rate))
+        audio[start : start + click] += 0.6 * decay * rng.standard_normal(click)
+    return frames, np.clip(audio, -1, 1).astype(np.float32)
+
+
+def make_timing_set(
+    out_dir: str | pathlib.Path, train_per_class: int = 160, test_per_class: int = 40, seed: int = 0
+) -> pathlib.Path:
+    """Write the timing set as OUT/<split>/flashes/<n>.mp4; returns OUT."""
+    return write_split_tree(
+        pathlib.Path(out_dir),
+        TIMING_CLASSES,
+        lambda rng, _: timing_clip(rng),
+        train_per_class,
+        test_per_class,
+        seed,
+    )

@@ -28,15 +28,19 @@ class ConfigError(ValueError):
 
 
 def trains_classifier(config: ml_collections.ConfigDict) -> bool:
-    """The run's objectives include the supervised loss: its classifier is trained, and it
-    is scored by class (top-1, mAP) and exported with class scores."""
-    return config.loss.supervised > 0
+    """An objective of the run reads the labels (the supervised loss): its classifier is
+    trained, and it is scored by class (top-1, mAP) and exported with class scores."""
+    from sora_jax import objectives  # the objectives build on this module
+
+    return any(o.uses_labels for o, _ in objectives.chosen(config).values())
 
 
 def trains_alignment(config: ml_collections.ConfigDict) -> bool:
-    """The run's objectives include the audio-visual contrastive loss: its model has
-    projection heads (the aligned space), and it is scored by retrieval."""
-    return config.loss.contrastive > 0
+    """An objective of the run needs the projection heads (the contrastive loss): its model
+    has the aligned space, and it is scored by retrieval."""
+    from sora_jax import objectives
+
+    return "projections" in objectives.needs(config)
 
 
 def check(condition: bool, key: str, message: str) -> None:
@@ -97,32 +101,40 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     check(config.eval_every >= 0, "eval_every", "must be >= 0 (0: only at the end)")
     check(c.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")
     check(c.keep >= 1, "checkpoint.keep", "must be >= 1")
-    loss = config.loss
-    check(loss.supervised >= 0, "loss.supervised", "must be >= 0")
-    check(loss.contrastive >= 0, "loss.contrastive", "must be >= 0")
-    check(loss.supervised + loss.contrastive > 0, "loss", "supervised or contrastive must be > 0")
-    if trains_alignment(config):
+    from sora_jax import objectives
+
+    objectives.check(config)
+    for name, (objective, _) in objectives.chosen(config).items():
         check(
-            config.accum_steps == 1,
+            config.accum_steps == 1 or not objective.in_batch_negatives,
             "accum_steps",
-            "must be 1 with loss.contrastive > 0: every clip of the global batch is a "
+            f"must be 1 with objectives.{name}: every clip of the global batch is a "
             "negative for every other, so the batch cannot be split into micro-batches",
         )
     check(config.eval.knn_k >= 1, "eval.knn_k", "must be >= 1")
     check(config.eval.knn_bank_size >= 1, "eval.knn_bank_size", "must be >= 1")
     check(config.optimizer.pretrained_lr_scale > 0, "optimizer.pretrained_lr_scale", "must be > 0")
-    one_of(c.best_metric, "checkpoint.best_metric", METRICS)
-    if c.best_metric == "retrieval_r1":
+    if "/" in c.best_metric:  # an evaluator's: NAME/METRIC
+        evaluator = c.best_metric.split("/")[0]
+        check(
+            evaluator in config.get("evals", {}),
+            "checkpoint.best_metric",
+            f"{c.best_metric!r}: no evaluator {evaluator!r} in config.evals "
+            f"(has {sorted(config.get('evals', {}))})",
+        )
+    elif c.best_metric == "retrieval_r1":
         check(
             trains_alignment(config),
             "checkpoint.best_metric",
-            "retrieval_r1 needs loss.contrastive > 0",
+            "retrieval_r1 needs objectives.contrastive.weight > 0",
         )
     else:
+        one_of(c.best_metric, "checkpoint.best_metric", METRICS)
         check(
             trains_classifier(config),
             "checkpoint.best_metric",
-            f"{c.best_metric} needs loss.supervised > 0 (use retrieval_r1 for pretraining)",
+            f"{c.best_metric} needs objectives.supervised.weight > 0 (use retrieval_r1 for "
+            "pretraining)",
         )
     if c.best_metric == "top5":
         check(
@@ -190,8 +202,22 @@ def save(config: ml_collections.ConfigDict, workdir: "str | os.PathLike[str]") -
 
 
 def from_dict(tree: dict) -> ml_collections.ConfigDict:
-    """A config saved as JSON (config.json, a model card's), keys added since filled in."""
+    """A config saved as JSON (config.json, a model card's), keys added since filled in.
+    Runs from before objectives were plug-ins kept their weights as `loss.supervised` and
+    `loss.contrastive`: those become `objectives.NAME.weight`."""
+    from sora_jax import objectives
+
+    tree = dict(tree)
+    if "objectives" not in tree:
+        weights = tree.pop("loss", None) or {"supervised": 1.0}
+        tree["objectives"] = {name: {"weight": w} for name, w in weights.items()}
     config = ml_collections.ConfigDict(_tuples(tree))
+    for name, settings in objectives.defaults().items():  # objectives added since
+        if name not in config.objectives:
+            config.objectives[name] = settings
+        for key, value in settings.items():
+            if key not in config.objectives[name]:
+                config.objectives[name][key] = value
     for key, default in SAVED_BEFORE_KEY.items():
         *parents, leaf = key.split(".")
         group = config
@@ -226,8 +252,6 @@ SAVED_BEFORE_KEY = {
     "model.projection.dim": 128,
     "model.projection.temperature": 0.07,
     "model.projection.min_temperature": 0.01,
-    "loss.supervised": 1.0,
-    "loss.contrastive": 0.0,
     "init_from": "",
     "init_parts": ("visual", "audio", "fusion", "head"),
     "optimizer.freeze": (),
@@ -235,6 +259,7 @@ SAVED_BEFORE_KEY = {
     "eval.knn_k": 20,
     "eval.knn_bank_size": 50_000,
     "data.mixture": (),
+    "evals": {},
 }
 
 

@@ -11,7 +11,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import pretrain_av
-from sora_jax.train import objective, setup, sharding
+from sora_jax.objectives import contrastive as objective
+from sora_jax.train import setup, sharding
 
 
 def global_batch(size: int = 32, dim: int = 16) -> dict[str, np.ndarray]:

@@ -14,7 +14,7 @@ from sora_jax.inputs import InputSpec
 from sora_jax.kernels import platform
 from sora_jax.models import AudioEncoder, build_model, dummy_inputs, melspec
 from sora_jax.models.sora import unit
-from sora_jax.train.objective import objective
+from sora_jax.objectives import total as objective
 from tests.conftest import compiled, initialised, run_compiled
 
 B, T, SIZE, SAMPLES = 2, 3, 32, 16_000
@@ -232,7 +232,7 @@ def test_contrastive_gradients_stay_finite_when_clips_lack_a_sound(fusion):
     masked out of the contrastive loss, and the gradient of the rest stays finite: with
     zero-initialised biases, a sound-less clip's audio projection is exactly 0."""
     config = tiny_config(**{"fusion.kind": fusion})
-    config.loss.update(supervised=0.0, contrastive=1.0)
+    config.objectives.supervised.weight, config.objectives.contrastive.weight = 0.0, 1.0
     model = build_model(config.model, contrastive=True)
     x = random_inputs(7, batch=4)
     x = dict(x, has_audio=jnp.asarray([True, False, True, False]), audio_len=x["audio_len"] * 0)

@@ -175,7 +175,7 @@ def test_a_mixture_draws_from_each_dataset_by_weight_and_unlabeled_clips_have_no
     from data_prep import builder, layouts
     from data_prep.worker import PrepSettings
     from sora_jax.config import ConfigError
-    from sora_jax.train import objective
+    from sora_jax.objectives import supervised as objective
 
     raw = pathlib.Path(demo_data[0]).parent / "raw"
     unlabeled = layouts.discover(raw / "test", "unlabeled", seed=0, test_fraction=0.2)

@@ -423,10 +423,12 @@ def test_unlabeled_layout_reads_any_tree_or_a_path_only_csv_and_stores_no_labels
 
     config = demo.get_config("runlocal")
     config.data.update(dir=str(tmp_path / "data"), name="raw_video", fps=4.0, crop_size=16)
-    with pytest.raises(ConfigError, match=r"config\.loss\.supervised: .* has no labels"):
+    with pytest.raises(
+        ConfigError, match=r"config\.objectives: supervised read labels, but .* has none"
+    ):
         pipeline.check_dataset(config)
     # ... and a contrastive one reads its clips, the silent one marked so.
-    config.loss.update(supervised=0.0, contrastive=1.0)
+    config.objectives.supervised.weight, config.objectives.contrastive.weight = 0.0, 1.0
     pipeline.check_dataset(config)
     clips = {}
     for split, size in summary.splits.items():

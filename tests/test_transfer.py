@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 
 from configs import linear_probe, pretrain_av
+from sora_jax import objectives
 from sora_jax.config import ConfigError
 from sora_jax.export import embed as embed_lib
 from sora_jax.export import export as export_lib
-from sora_jax.train import objective, trainer, transfer
+from sora_jax.objectives import contrastive
+from sora_jax.train import trainer, transfer
 from sora_jax.train.representation import retrieval_report
 from sora_jax.train.state import param_roles
 from tests.conftest import ONE_DEVICE, built_once
@@ -64,7 +66,7 @@ def test_contrastive_loss_pairs_each_clip_with_its_own_sound_and_masks_the_rest(
         return (-np.mean(np.diag(log_p(logits))) - np.mean(np.diag(log_p(logits.T)))) / 2
 
     all_valid = np.ones(6, bool)
-    loss, _ = objective.contrastive_loss(video, audio, all_valid, scale)
+    loss, _ = contrastive.contrastive_loss(video, audio, all_valid, scale)
     np.testing.assert_allclose(loss, reference(video, audio), rtol=1e-5)
     # A clip missing a sense is neither a positive nor a negative: the loss is that of
     # the other clips alone, whatever its (meaningless) vectors hold.
@@ -72,11 +74,11 @@ def test_contrastive_loss_pairs_each_clip_with_its_own_sound_and_masks_the_rest(
     valid[2] = False
     garbage = video.copy()
     garbage[2] = audio[0]  # would be a strong negative for clip 0 if it counted
-    loss, _ = objective.contrastive_loss(garbage, audio, valid, scale)
+    loss, _ = contrastive.contrastive_loss(garbage, audio, valid, scale)
     np.testing.assert_allclose(loss, reference(video[valid], audio[valid]), rtol=1e-5)
     # Swapping the sounds of two clips makes their pairs wrong: the loss goes up.
     swapped = audio[[1, 0, 2, 3, 4, 5]]
-    assert objective.contrastive_loss(video, swapped, all_valid, scale)[0] > loss
+    assert contrastive.contrastive_loss(video, swapped, all_valid, scale)[0] > loss
 
 
 @pytest.mark.slow
@@ -336,13 +338,13 @@ def test_two_windows_of_a_clip_are_positives_for_each_other(demo_data):
     flat = lambda x: x.reshape(16, 4)
     out = {"video_projection": flat(v), "audio_projection": flat(a), "logit_scale": 5.0}
     present = np.ones(16, bool)
-    got, metrics = objective.objective(
+    got, metrics = objectives.total(
         out, {"has_video": present, "has_audio": present}, config, views=2
     )
     valid = np.ones(8, bool)
     want = np.mean(
         [
-            objective.contrastive_loss(v[:, i], a[:, j], valid, 5.0)[0]
+            contrastive.contrastive_loss(v[:, i], a[:, j], valid, 5.0)[0]
             for i in (0, 1)
             for j in (0, 1)
         ]
@@ -365,7 +367,7 @@ def test_two_window_pretraining_trains_through_the_trainer(demo_data, tmp_path):
 
 def test_supervised_and_contrastive_losses_combine_as_a_weighted_sum(demo_data):
     config = _pretrain_config(demo_data)
-    config.loss.update(supervised=1.0, contrastive=0.5)
+    config.objectives.supervised.weight, config.objectives.contrastive.weight = 1.0, 0.5
     rng = np.random.default_rng(2)
     unit = lambda x: (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
     out = {
@@ -376,7 +378,7 @@ def test_supervised_and_contrastive_losses_combine_as_a_weighted_sum(demo_data):
     }
     present = np.ones(6, bool)
     batch = {"label": rng.integers(0, 7, 6), "has_video": present, "has_audio": present}
-    loss, metrics = objective.objective(out, batch, config)
+    loss, metrics = objectives.total(out, batch, config)
 
     # Each part computed here, independently: cross-entropy and symmetric InfoNCE by hand.
     def log_softmax(x):
@@ -404,7 +406,7 @@ def test_one_run_learns_from_a_labelled_and_an_unlabeled_dataset_mixed(demo_data
     unlabeled = layouts.discover(raw / "train", "unlabeled", seed=0, test_fraction=0.2)
     builder.prepare(unlabeled, tmp_path / "data", "web", PrepSettings(fps=8.0, short_side=40))
     config = _pretrain_config(demo_data)
-    config.loss.supervised, config.model.num_classes = 1.0, 4
+    config.objectives.supervised.weight, config.model.num_classes = 1.0, 4
     config.data.mixture = (
         {"dir": demo_data[0], "name": demo_data[1], "weight": 1.0},
         {"dir": str(tmp_path / "data"), "name": "web", "weight": 1.0},

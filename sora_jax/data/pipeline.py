@@ -125,6 +125,12 @@ def dataset_changes(recorded: dict, summary: DatasetSummary) -> list[str]:
     ]
 
 
+def _labelled_objectives(config: ml_collections.ConfigDict) -> list[str]:
+    from sora_jax import objectives
+
+    return [name for name, (o, _) in objectives.chosen(config).items() if o.uses_labels]
+
+
 def check_dataset(config: ml_collections.ConfigDict) -> DatasetSummary:
     """Fail before compiling when config and dataset disagree: every disagreement at once,
     each naming its key, so one attempt finds them all."""
@@ -133,9 +139,9 @@ def check_dataset(config: ml_collections.ConfigDict) -> DatasetSummary:
     supervised = config_lib.trains_classifier(config)
     if supervised and not summary.class_names:
         problems.append(
-            f"config.loss.supervised: {config.loss.supervised}, but dataset {name} has no "
-            f"labels (prepared with --layout unlabeled); pretrain on it with "
-            f"loss.supervised=0 (configs/pretrain_av.py)"
+            f"config.objectives: {', '.join(_labelled_objectives(config))} read labels, but "
+            f"dataset {name} has none (prepared with --layout unlabeled); pretrain on it "
+            f"with objectives.supervised.weight=0 (configs/pretrain_av.py)"
         )
     if supervised and summary.class_names and len(summary.class_names) != config.model.num_classes:
         problems.append(
@@ -159,9 +165,18 @@ def check_dataset(config: ml_collections.ConfigDict) -> DatasetSummary:
                 f"config.data.{key}: no split {config.data[key]!r} in {name} "
                 f"(has {sorted(summary.splits)})"
             )
+    evaluated = {
+        f"evals.{k}.split": v.get("split", "test") for k, v in config.get("evals", {}).items()
+    }
+    for key, split in evaluated.items():
+        if split not in summary.splits:
+            problems.append(
+                f"config.{key}: no split {split!r} in {name} (has {sorted(summary.splits)})"
+            )
     problems += _mixture_problems(config, summary)
     if not problems:
-        problems += shard_problems(summary, name, (config.data.train_split, config.data.eval_split))
+        read = dict.fromkeys((config.data.train_split, config.data.eval_split, *evaluated.values()))
+        problems += shard_problems(summary, name, tuple(read))
     if problems:
         raise config_lib.ConfigError("\n".join(problems))
     labels, multi = summary.max_labels_per_clip, config.model.multi_label

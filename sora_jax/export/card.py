@@ -189,7 +189,7 @@ def model_card(
         "inputs": input_contract(config),  # a dict keyed by these names, in any order
         "preprocessing": preprocessing(config, summary),
         "outputs": output_contract(exported, config),
-        "objective": {k: float(v) for k, v in config.loss.items()},
+        "objective": {k: float(v.weight) for k, v in config.objectives.items() if v.weight > 0},
         "platforms": list(platforms),
         "saved_model": _saved_model_wanted(config),
         "training_data": {"dataset": d.name, "splits": summary.splits, "fps": summary.fps},

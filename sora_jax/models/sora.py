@@ -62,6 +62,13 @@ class SoraModel(nn.Module):
     Inputs: a dict, so exported signatures are self-describing; names, shapes, dtypes
     and meanings are defined once, in `sora_jax.inputs` (frames may also be float in
     [0, 255], audio float in [-1, 1]).
+
+    `heads`: the objectives' own heads (sora_jax/objectives), name -> a module called with
+    the towers' features {"visual": (pooled [B, Dv], sequence [B, T, Dv], mask [B, T]),
+    "audio": (pooled, sequence [B, F, Da], mask [B, F])}, and "shifted_audio" likewise
+    when the inputs hold another soundtrack for the same pictures ("shifted_audio",
+    "shifted_audio_len"); each returns outputs merged into the model's. Their parameters
+    are the part named after the objective.
     """
 
     visual: VisualTower
@@ -69,6 +76,7 @@ class SoraModel(nn.Module):
     fusion: FusionHead
     modality_dropout: float = 0.0  # chance, in training, of hiding one of two present modalities
     contrastive: ContrastiveHeads | None = None
+    heads: dict[str, nn.Module] | None = None
 
     @nn.compact
     def __call__(
@@ -108,17 +116,30 @@ class SoraModel(nn.Module):
                 v_proj, a_proj, scale = self.contrastive(video_alone, audio_alone)
                 out |= {"video_projection": v_proj, "audio_projection": a_proj}
                 out["logit_scale"] = scale
+        if self.heads:
+            features = {"visual": visual, "audio": audio}
+            if "shifted_audio" in inputs:  # the same audio branch, another soundtrack
+                s, s_seq, s_mask = self.audio(
+                    inputs["shifted_audio"], inputs["shifted_audio_len"], train=train
+                )
+                features["shifted_audio"] = (s, s_seq, s_mask & has_audio[:, None])
+            for head in self.heads.values():
+                out |= head(features)
         return out
 
 
 # The parameter tree's parts, by what they do; `init_from` loads and `optimizer.freeze`
-# freezes parts by these names.
+# freezes parts by these names. An objective's head is a part named after the objective.
 PARTS = ("visual", "audio", "fusion", "head", "projection")
+_HEADS = "heads_"  # flax's prefix for the modules of SoraModel.heads
 
 
 def param_part(path: tuple[str, ...]) -> str:
     """The part a parameter belongs to, from its path in the tree (("fusion", "embed",
-    "kernel") -> "fusion"; ("fusion", "classifier", "bias") -> "head")."""
+    "kernel") -> "fusion"; ("fusion", "classifier", "bias") -> "head"; ("heads_av_sync",
+    ...) -> "av_sync")."""
+    if path[0].startswith(_HEADS):
+        return path[0].removeprefix(_HEADS)
     if path[0] == "fusion":
         return "head" if path[1] == "classifier" else "fusion"
     if path[0] == "contrastive":
@@ -183,9 +204,15 @@ def check_config(model_config: ml_collections.ConfigDict) -> None:
             check(why_not is None, key, f"'onednn' cannot run: {why_not}")
 
 
-def build_model(model_config: ml_collections.ConfigDict, contrastive: bool = False) -> SoraModel:
+def build_model(
+    model_config: ml_collections.ConfigDict,
+    contrastive: bool = False,
+    heads: dict[str, nn.Module] | None = None,
+) -> SoraModel:
     """The model a config describes (configs/base.py documents every key); with
-    `contrastive`, with the projection heads of contrastive pretraining."""
+    `contrastive`, with the projection heads of contrastive pretraining; with `heads`, the
+    objectives' own. (objectives.build_model(config) chooses both from the run's
+    objectives.)"""
     m = model_config
     dtype = DTYPES[m.dtype]
     vis, aud, fus = m.visual, m.audio, m.fusion
@@ -229,6 +256,7 @@ def build_model(model_config: ml_collections.ConfigDict, contrastive: bool = Fal
         )
         if contrastive
         else None,
+        heads=heads or None,
     )
 
 

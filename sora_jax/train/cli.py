@@ -166,7 +166,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     import jax
 
     from sora_jax import config as config_lib
-    from sora_jax import storage
+    from sora_jax import evaluators, storage
     from sora_jax.train import checkpoint, evaluate, setup
     from sora_jax.workdir import Workdir
 
@@ -180,7 +180,12 @@ def eval_main(argv: list[str] | None = None) -> int:
         split = args.split or config.data.eval_split
         config.data.eval_split = split  # checked with the dataset: a split it has
         restored = setup.load_for_inference(config, workdir, args.checkpoint)
-        evaluator = evaluate.Evaluator(restored.setup, config, split, restored.dataset.class_names)
+        class_names = restored.dataset.class_names
+        evaluator = evaluate.Evaluator(restored.setup, config, split, class_names)
+        # The run's own evaluators (config.evals), each on its own split.
+        plugins = evaluators.build(
+            config, evaluate.plugin_context(restored.setup, config, class_names)
+        )
     except (
         config_lib.ConfigError,
         storage.StorageError,
@@ -193,11 +198,15 @@ def eval_main(argv: list[str] | None = None) -> int:
 
     try:
         result = evaluator(restored.params, workdir, restored.step)
+        if plugins:
+            result["evals"] = evaluate.run_evaluators(plugins, list(plugins), restored.params)
     except CorruptDataError as e:
         print(f"sora-eval: {e}", file=sys.stderr)
         return 2
     finally:
         evaluator.close()
+        for plugin in plugins.values():
+            plugin.close()
     if jax.process_index() == 0:
         path = workdir.eval_result(split)
         storage.write_atomic(path, json.dumps(result, indent=1))
@@ -221,7 +230,8 @@ def eval_main(argv: list[str] | None = None) -> int:
         for key in ("retrieval", "knn"):
             if key in result:
                 brief[key] = result[key]
-        if "retrieval" in result:
+        brief |= result.get("evals", {})  # each evaluator's metrics under its name
+        if "retrieval" in result or "evals" in result:
             print(evaluate.headline(result), file=sys.stderr)
         print(json.dumps(brief))
     return 0

@@ -16,6 +16,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from sora_jax import config as config_lib
+from sora_jax import evaluators
 from sora_jax.data import pipeline
 from sora_jax.train import fit, representation
 from sora_jax.train import metrics as metrics_lib
@@ -186,6 +187,35 @@ class Evaluator:
             self._bank.close()
 
 
+def plugin_context(
+    run: Setup, config: ml_collections.ConfigDict, class_names: Sequence[str]
+) -> evaluators.Context:
+    """What the evaluators of config.evals get: the model's apply, the mesh, and readers of
+    a split's batches (every clip once per pass, workers kept for the reader's life)."""
+    return evaluators.Context(
+        config=config,
+        apply=run.model.apply,
+        mesh=run.mesh,
+        batch_sharding=run.batch_sharding,
+        class_names=tuple(class_names),
+        reader=lambda split: _SplitReader(config, split, run),
+    )
+
+
+def run_evaluators(built: dict, names: Sequence[str], params: dict) -> dict[str, dict]:
+    """name -> metrics of each evaluator in `names`."""
+    return {name: built[name](params) for name in names}
+
+
+def scores(result: dict) -> dict[str, float]:
+    """What a checkpoint is ranked by: the built-in measures (config.METRICS) and every
+    evaluator's metrics as NAME/METRIC."""
+    flat = {k: result[k] for k in config_lib.METRICS if k in result}
+    for name, metrics in result.get("evals", {}).items():
+        flat |= {f"{name}/{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
+    return flat
+
+
 def classification_by_mode(
     outputs: dict[str, np.ndarray],
     labels: np.ndarray,
@@ -239,4 +269,7 @@ def headline(result: dict) -> str:
         parts.append(
             f"kNN top1 {k['top1']:.4f} (video {k['video_top1']:.4f}, audio {k['audio_top1']:.4f})"
         )
+    for name, metrics in result.get("evals", {}).items():
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+        parts.append(f"{name}: {shown or metrics}")
     return "; ".join(parts)

@@ -17,7 +17,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
 from sora_jax import config as config_lib
-from sora_jax import models, storage
+from sora_jax import evaluators, models, objectives, storage
 from sora_jax.data import pipeline
 from sora_jax.inputs import InputSpec
 from sora_jax.train import checkpoint, sharding
@@ -30,16 +30,17 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
     first one that cannot work."""
     config_lib.validate(config, num_devices)
     models.check_config(config.model)
+    evaluators.check(config)
     named_parts = {"init_parts": config.init_parts, "optimizer.freeze": config.optimizer.freeze}
     for key, parts in named_parts.items():
         for part in parts:
-            config_lib.one_of(part, key, models.PARTS)
+            config_lib.one_of(part, key, objectives.parts(config))
     if not config_lib.trains_alignment(config):
         for key, parts in named_parts.items():
             config_lib.check(
                 "projection" not in parts,
                 key,
-                "'projection': only runs with loss.contrastive > 0 have projection heads",
+                "'projection': only runs with the contrastive objective have projection heads",
             )
 
 
@@ -104,7 +105,7 @@ def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
     devices = list(jax.devices() if devices is None else devices)
     check_config(config, num_devices=len(devices))
     mesh = sharding.make_mesh(config.mesh.fsdp, devices)
-    model = models.build_model(config.model, contrastive=config_lib.trains_alignment(config))
+    model = objectives.build_model(config)
     tx = make_optimizer(config)
     rng = jax.random.key(config.seed)
     spec = InputSpec.from_config(config)

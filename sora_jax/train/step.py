@@ -11,10 +11,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sora_jax import config as config_lib
+from sora_jax import objectives
 from sora_jax.inputs import MODEL_INPUTS, InputSpec, label_shape
 from sora_jax.models import SoraModel
 from sora_jax.models.sora import unit
-from sora_jax.train import objective as objective_lib
 from sora_jax.train.sharding import BATCH_AXES
 from sora_jax.train.state import TrainState, learning_rate_schedule, stop_frozen_gradients
 
@@ -53,7 +53,7 @@ def make_train_step(
     flatten_views = lambda x, repeat: (
         jnp.repeat(x, views, axis=0) if repeat else x.reshape(-1, *x.shape[2:])
     )
-    modality_embeddings = objective_lib.wants_modality_embeddings(config)
+    modality_embeddings = "modality_embeddings" in objectives.needs(config)
     ema_decay = config.optimizer.ema_decay
     base_rng = jax.random.key(config.seed)
     schedule_fn = learning_rate_schedule(config)
@@ -64,15 +64,17 @@ def make_train_step(
         if views > 1:  # [B, V, ...] -> [B * V, ...], a clip's windows side by side
             batch = {k: flatten_views(v, k == "label") for k, v in batch.items()}
         inputs = {k: batch[k] for k in MODEL_INPUTS}
+        objective_rng = jax.random.fold_in(rng, 1 << 20)  # not the dropout's stream
+        extra = objectives.model_inputs(inputs, config, objective_rng)  # e.g. shifted sound
         out = model.apply(
             {"params": params},
-            inputs,
+            inputs | extra,
             train=True,
             modality_embeddings=modality_embeddings,
             rngs={"dropout": rng},
         )
         with jax.named_scope("loss"):  # named in profiles and in aot/traffic.py
-            return objective_lib.objective(out, batch, config, mesh, views)
+            return objectives.total(out, batch | extra, config, mesh, views)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -165,7 +167,7 @@ def make_eval_step(
     senses the clip has ([B] bool)."""
     multi_label = config.model.multi_label
     classify = config_lib.trains_classifier(config)
-    represent = objective_lib.wants_modality_embeddings(config)
+    represent = config_lib.trains_alignment(config)
 
     @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, P()))
     def eval_step(params, batch: dict) -> dict:

@@ -24,7 +24,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from sora_jax import config as config_lib
-from sora_jax import storage
+from sora_jax import evaluators, storage
 from sora_jax.data import pipeline
 from sora_jax.train import checkpoint, evaluate, fit, ownership, transfer
 from sora_jax.train import setup as setup_lib
@@ -196,6 +196,8 @@ class _Logger:
                 for k, v in result.get(group, {}).items()
                 if k.endswith(("_r1", "_r5", "_r10", "_rank", "top1"))
             }
+        for name, metrics in result.get("evals", {}).items():
+            scalars |= {f"eval/{name}/{k}": v for k, v in metrics.items()}
         for tag, value in scalars.items():
             self.writer.scalar(tag, value, step)
         self.writer.flush()
@@ -423,6 +425,7 @@ def _train(
     )
     state, step = _restore_or_init(run, config, manager, batches, init_source, workdir)
     evaluator: evaluate.Evaluator | None = None  # made at the first evaluation, kept for the rest
+    plugins: dict = {}  # config.evals, likewise
     logger = _Logger(workdir, config.total_steps, step, main_process)
     profile = _Profile(config.profile_steps, workdir.tensorboard, main_process)
     preemption = _Preemption(lock)
@@ -445,7 +448,8 @@ def _train(
                 _check_finite(state, manager)
                 logger.steps(step - len(window.pending) + 1, *window.summary(config.batch_size))
                 window = _LogWindow()
-            evaluate_now = last or (config.eval_every and step % config.eval_every == 0)
+            evaluate_now = last or bool(config.eval_every and step % config.eval_every == 0)
+            plugins_due = evaluators.due(config, step, evaluate_now)
             if last:  # the trained state is safe before the final evaluation can fail
                 _check_finite(state, manager)
                 logger.flush()
@@ -458,13 +462,22 @@ def _train(
                 result = evaluator(
                     _inference_params(state), workdir if main_process else None, step
                 )
+            if plugins_due:
+                if not plugins:
+                    context = evaluate.plugin_context(run, config, summary.class_names)
+                    plugins = evaluators.build(config, context)
+                ran = evaluate.run_evaluators(plugins, plugins_due, _inference_params(state))
+                if not evaluate_now:
+                    result = {"step": step}
+                result["evals"] = ran
+            if evaluate_now or plugins_due:
                 logger.eval(step, result)
             due = evaluate_now or stop or step % config.checkpoint.every_steps == 0
             if due and not last:
                 _check_finite(state, manager)
                 scores = None
                 if evaluate_now:
-                    scores = {k: result[k] for k in config_lib.METRICS if k in result}
+                    scores = evaluate.scores(result)
                 logger.flush()
                 writer.save(step, state, batches, scores)
             if stop:
@@ -479,6 +492,8 @@ def _train(
         batches.close()  # stops grain's workers and frees the batches they read ahead
         if evaluator is not None:
             evaluator.close()
+        for plugin in plugins.values():
+            plugin.close()
     if result and main_process:
         storage.write_atomic(
             workdir.eval_result(config.data.eval_split), json.dumps(result, indent=1)

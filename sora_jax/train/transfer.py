@@ -20,7 +20,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from sora_jax import config as config_lib
-from sora_jax import models, storage
+from sora_jax import models, objectives, storage
 from sora_jax.inputs import InputSpec
 from sora_jax.train import checkpoint
 from sora_jax.workdir import Workdir
@@ -55,7 +55,7 @@ def load_source(path: "str | os.PathLike[str]") -> tuple[dict, str]:
         params = ocp.StandardCheckpointer().restore(path / "params")
         return jax.tree.map(np.asarray, params), f"the export {path}"
     workdir, step = (path, None) if kind == "workdir" else (path.parent.parent, int(path.name))
-    model = models.build_model(source_config.model, config_lib.trains_alignment(source_config))
+    model = objectives.build_model(source_config)
     spec = InputSpec.from_config(source_config)
     abstract = jax.eval_shape(
         lambda: model.init(jax.random.key(0), models.dummy_inputs(spec), modality_embeddings=True)[
@@ -89,7 +89,7 @@ def _plan(
     if absent:
         raise config_lib.ConfigError(
             f"config.init_parts: this run's model has no {absent} parameters to load "
-            f"(projection heads exist only in runs with loss.contrastive > 0)"
+            f"(projection heads exist only in runs with the contrastive objective)"
         )
     # A classifier for another class count is this run's own, as initialised.
     head = [p for p in wanted if models.param_part(p) == "head"]

@@ -1,0 +1,72 @@
+"""Evaluators as plug-ins: every module of this package that defines `EVALUATOR` is one
+(base.py says what an evaluator is). A run's `config.evals` names its evaluators, each a
+section with `type`, `split`, `every_steps` and the type's own settings.
+
+The classification, retrieval and kNN measures of train/evaluate.py run at every
+evaluation as before, their keys unprefixed; the evaluators listed here run beside them.
+"""
+
+import functools
+import importlib
+import pkgutil
+
+import ml_collections
+
+from sora_jax import config as config_lib
+from sora_jax.evaluators.base import Context, Evaluator
+
+__all__ = ["Context", "Evaluator", "build", "check", "due", "registry", "settings_of"]
+
+COMMON = {"type": "", "split": "test", "every_steps": 0}
+
+
+@functools.cache
+def registry() -> dict[str, type[Evaluator]]:
+    """type -> evaluator class, for every module here that defines EVALUATOR."""
+    found = {}
+    for module in pkgutil.iter_modules(__path__):
+        loaded = importlib.import_module(f"{__name__}.{module.name}")
+        evaluator = getattr(loaded, "EVALUATOR", None)
+        if evaluator is not None:
+            found[evaluator.type] = evaluator
+    return dict(sorted(found.items()))
+
+
+def settings_of(section: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """An evaluator's section with its type's defaults under what the config gives."""
+    evaluator = registry()[section.type]
+    return ml_collections.ConfigDict(COMMON | evaluator.defaults | section.to_dict())
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+    """ConfigError naming evals.NAME.KEY for an unknown type, a bad schedule, or settings
+    the type refuses. (Whether the split exists is checked with the dataset.)"""
+    for name, section in config.get("evals", {}).items():
+        key = f"evals.{name}"
+        config_lib.check("/" not in name, key, "a name without '/' (metrics are NAME/METRIC)")
+        config_lib.one_of(section.get("type", ""), f"{key}.type", registry())
+        settings = settings_of(section)
+        unknown = set(settings) - set(COMMON) - set(registry()[settings.type].defaults)
+        config_lib.check(not unknown, key, f"{sorted(unknown)} are not {settings.type} settings")
+        config_lib.check(settings.every_steps >= 0, f"{key}.every_steps", "must be >= 0")
+        registry()[settings.type].check(key, settings, config)
+
+
+def due(config: ml_collections.ConfigDict, step: int, evaluating: bool) -> list[str]:
+    """The evaluators to run after `step`: those with every_steps 0 when the run
+    evaluates, and those whose every_steps divides the step."""
+    names = []
+    for name, section in config.get("evals", {}).items():
+        every = settings_of(section).every_steps
+        if (every == 0 and evaluating) or (every and step % every == 0):
+            names.append(name)
+    return names
+
+
+def build(config: ml_collections.ConfigDict, context: Context) -> dict[str, Evaluator]:
+    """name -> a ready evaluator (steps compiled lazily, data workers started), for every
+    evaluator the config lists."""
+    return {
+        name: registry()[section.type](name, settings_of(section), context)
+        for name, section in config.get("evals", {}).items()
+    }

@@ -1,0 +1,64 @@
+"""What an evaluator is: a named measure of a run's parameters on one split, run during
+training and by sora-eval, that never sees the trainer.
+
+A new evaluator is one module in this package that defines `EVALUATOR`, a subclass of
+`Evaluator`; a config lists it in `config.evals` under a name of its choosing:
+
+    c.evals = {"sync": {"type": "av_sync", "split": "test", "every_steps": 0}}
+
+`every_steps` 0 runs it at every evaluation (data.eval_every and the end of training).
+Its metrics appear as `eval/NAME/METRIC` in TensorBoard, under NAME in the evaluation's
+JSON (sora-eval's last line and WORKDIR/eval_SPLIT.json), and checkpoint.best_metric may
+name one as "NAME/METRIC". README "Extending" walks through one.
+"""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import jax
+import ml_collections
+from jax.sharding import Mesh, NamedSharding
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What an evaluator may use: the run's config, the model's apply function and the
+    mesh its batches are sharded over, and readers of a split's evaluation batches."""
+
+    config: ml_collections.ConfigDict
+    apply: Callable[..., dict]  # the flax model's apply: (variables, inputs, **kw) -> outputs
+    mesh: Mesh
+    batch_sharding: NamedSharding
+    class_names: tuple[str, ...]
+    # reader(split) -> an object whose .run(step, params) gives `step`'s per-clip outputs
+    # for every clip of the split once, in the split's order, and the labels; .close().
+    reader: Callable[[str], Any]
+
+
+class Evaluator:
+    """Subclasses set `type` and `defaults` (their settings beside type, split and
+    every_steps) and define __call__."""
+
+    type: str = ""
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, name: str, settings: ml_collections.ConfigDict, context: Context):
+        self.name, self.settings, self.context = name, settings, context
+
+    @classmethod
+    def check(cls, key: str, settings: ml_collections.ConfigDict, config) -> None:
+        """Raise config.ConfigError naming `key`.SETTING for settings that cannot work."""
+
+    def __call__(self, params: Any) -> dict[str, float]:
+        """The measures of `params` (the run's inference parameters): name -> number."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop any data workers."""
+
+
+def flatten_views(batch: dict[str, jax.Array]) -> tuple[dict[str, jax.Array], int, int]:
+    """Evaluation batches [B, V, ...] -> rows [B * V, ...], with B and V."""
+    B, V = batch["frames"].shape[:2]
+    return {k: v.reshape(B * V, *v.shape[2:]) for k, v in batch.items()}, B, V
