@@ -66,7 +66,7 @@ test-ci: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n 2 --dist worksteal --durations=15 -m 'not bench and not long' tests
 
-# Every benchmark, results in bench/results/*.json (see BENCHMARKS.md); ~27 min on 2 cores.
+# Every benchmark, results in bench/results/*.json (see BENCHMARKS.md); ~33 min on 2 cores (the av_sync pair ~6).
 bench: demo-data
 	$(UV) -e ".[test,bench]"
 	$(BIN)/python -m pytest -n 2 -m bench tests/test_bench.py  # bfloat16 variants, and the PyTorch peers
@@ -80,6 +80,7 @@ bench: demo-data
 	$(BIN)/python bench/memory.py --out bench/results/memory.json
 	$(BIN)/python bench/pretrain.py --out bench/results/pretrain.json
 	$(BIN)/python bench/storage.py --out bench/results/storage.json
+	$(BIN)/python bench/av_sync.py --seeds 0 1 --out bench/results/av_sync.json
 	$(BIN)/python bench/seeds.py --out bench/results/seeds.json  # ~12 min: three seeds of four trainings
 	test -f $(DEMO_RUN)/export/model.jax || $(MAKE) demo
 	$(BIN)/python bench/timeline.py --out bench/results/timeline.json

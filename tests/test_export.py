@@ -394,3 +394,27 @@ def test_an_export_to_a_full_disk_is_one_line_and_replaces_nothing(exported, tmp
         assert "sora-export: no space left for" in capsys.readouterr().err
         assert list((disk / "export").iterdir()) == []  # nothing replaced, nothing left
         assert [p.name for p in disk.iterdir()] == ["export"]
+
+
+def test_a_work_dir_from_before_objectives_were_plug_ins_evaluates_and_exports(
+    exported, tmp_path, capsys
+):
+    """Work dirs written before config.objectives kept the weights as `loss.supervised` and
+    `loss.contrastive`, and had no `evals`: they load as the same run."""
+    from sora_jax.train import cli
+
+    workdir, _, card = exported
+    old = pathlib.Path(shutil.copytree(workdir, tmp_path / "old_run"))
+    saved = json.loads((old / "config.json").read_text())
+    saved.pop("objectives"), saved.pop("evals")
+    saved["loss"] = {"supervised": 1.0, "contrastive": 0.0}
+    (old / "config.json").write_text(json.dumps(saved))
+    config = config_lib.load(old)
+    assert config.objectives.supervised.weight == 1.0
+    assert config.objectives.contrastive.weight == config.objectives.av_sync.weight == 0.0
+    capsys.readouterr()
+    assert cli.eval_main(["--workdir", str(old)]) == 0
+    brief = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert brief["top1"] == pytest.approx(card["metrics"]["full"]["top1"])
+    again = export_lib.export(old, tmp_path / "export")
+    assert again["objective"] == {"supervised": 1.0}

@@ -18,6 +18,23 @@ from sora_jax.evaluators.base import Context, Evaluator
 __all__ = ["Context", "Evaluator", "build", "check", "due", "registry", "settings_of"]
 
 COMMON = {"type": "", "split": "test", "every_steps": 0}
+# Keys of an evaluation's JSON that an evaluator's name would overwrite.
+RESERVED = (
+    "split",
+    "step",
+    "details",
+    "top1",
+    "top5",
+    "map",
+    "num_examples",
+    "audio_only",
+    "video_only",
+    "retrieval",
+    "retrieval_r1",
+    "knn",
+    "evals",
+    "confusion_matrix",
+)
 
 
 @functools.cache
@@ -44,6 +61,7 @@ def check(config: ml_collections.ConfigDict) -> None:
     for name, section in config.get("evals", {}).items():
         key = f"evals.{name}"
         config_lib.check("/" not in name, key, "a name without '/' (metrics are NAME/METRIC)")
+        config_lib.check(name not in RESERVED, key, f"{name!r} names a built-in measure")
         config_lib.one_of(section.get("type", ""), f"{key}.type", registry())
         settings = settings_of(section)
         unknown = set(settings) - set(COMMON) - set(registry()[settings.type].defaults)

@@ -174,7 +174,7 @@ def model_card(
                 "audio_only": brief(full["audio_only"]),
                 "video_only": brief(full["video_only"]),
             }
-        for key in ("retrieval", "knn"):  # representation (runs with a contrastive loss)
+        for key in ("retrieval", "knn", "evals"):  # representation; config.evals' measures
             if key in full:
                 metrics[key] = full[key]
     return {
