@@ -7,12 +7,11 @@ evaluation as before, their keys unprefixed; the evaluators listed here run besi
 """
 
 import functools
-import importlib
-import pkgutil
 
 import ml_collections
 
 from sora_jax import config as config_lib
+from sora_jax import plugins
 from sora_jax.evaluators.base import Context, Evaluator
 
 __all__ = ["Context", "Evaluator", "build", "check", "due", "registry", "settings_of"]
@@ -40,13 +39,7 @@ RESERVED = (
 @functools.cache
 def registry() -> dict[str, type[Evaluator]]:
     """type -> evaluator class, for every module here that defines EVALUATOR."""
-    found = {}
-    for module in pkgutil.iter_modules(__path__):
-        loaded = importlib.import_module(f"{__name__}.{module.name}")
-        evaluator = getattr(loaded, "EVALUATOR", None)
-        if evaluator is not None:
-            found[evaluator.type] = evaluator
-    return dict(sorted(found.items()))
+    return plugins.discover(__name__, __path__, "EVALUATOR", "type")
 
 
 def settings_of(section: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

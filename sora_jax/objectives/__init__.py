@@ -9,8 +9,6 @@ aligned space).
 """
 
 import functools
-import importlib
-import pkgutil
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +16,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from sora_jax import config as config_lib
+from sora_jax import plugins
 from sora_jax.objectives.base import NEEDS, Objective
 
 __all__ = ["NEEDS", "Objective", "check", "chosen", "defaults", "needs", "registry", "total"]
@@ -26,13 +25,7 @@ __all__ = ["NEEDS", "Objective", "check", "chosen", "defaults", "needs", "regist
 @functools.cache
 def registry() -> dict[str, Objective]:
     """name -> objective, for every module here that defines OBJECTIVE."""
-    found = {}
-    for module in pkgutil.iter_modules(__path__):
-        loaded = importlib.import_module(f"{__name__}.{module.name}")
-        objective = getattr(loaded, "OBJECTIVE", None)
-        if objective is not None:
-            found[objective.name] = objective
-    return dict(sorted(found.items()))
+    return plugins.discover(__name__, __path__, "OBJECTIVE", "name")
 
 
 def defaults() -> ml_collections.ConfigDict:
