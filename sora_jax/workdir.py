@@ -11,7 +11,8 @@ bucket path is handled in one place and a new file has one name.
     corrupt_checkpoints/    checkpoints that failed their digests, set aside, never deleted
     unverified_checkpoints/ checkpoints without digests (their writer was killed before
                             sealing them), set aside on resume, never deleted
-    metrics.jsonl           every step's loss and metrics
+    metrics.jsonl           every step's loss and metrics (rows with "loss"), and each
+                            evaluation of config.evals (rows of NAME/METRIC)
     throughput.jsonl        clips/s and input wait per log window
     tensorboard/            event files (and profiler traces)
     eval_SPLIT.json         the last evaluation of SPLIT; confusion_SPLIT_MODE.png

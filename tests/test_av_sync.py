@@ -104,7 +104,12 @@ def test_a_sync_run_trains_is_evaluated_by_name_and_ranks_its_checkpoints(
     sync = result["evals"]["sync"]
     assert 0.0 <= sync["accuracy"] <= 1.0 and sync["num_windows"] >= sync["num_clips"] > 0
     rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert all(np.isfinite(r["sync_loss"]) and np.isfinite(r["contrastive_loss"]) for r in rows)
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 7))
+    assert all(np.isfinite(r["sync_loss"]) and np.isfinite(r["contrastive_loss"]) for r in steps)
+    evaluated = [r for r in rows if "loss" not in r]  # the evaluator's rows, by name
+    assert [r["step"] for r in evaluated] == [3, 6]
+    assert evaluated[-1]["sync/accuracy"] == sync["accuracy"]
     # Its metrics under its name: TensorBoard, and sora-eval's one JSON line.
     assert len(_scalars(workdir / "tensorboard")["eval/sync/accuracy"]) == 2
     capsys.readouterr()

@@ -165,14 +165,19 @@ def check_dataset(config: ml_collections.ConfigDict) -> DatasetSummary:
                 f"config.data.{key}: no split {config.data[key]!r} in {name} "
                 f"(has {sorted(summary.splits)})"
             )
-    evaluated = {
-        f"evals.{k}.split": v.get("split", "test") for k, v in config.get("evals", {}).items()
-    }
-    for key, split in evaluated.items():
+    from sora_jax import evaluators  # they build on the pipeline
+
+    evaluated = {}
+    for key, section in config.get("evals", {}).items():
+        if section.get("dataset"):  # another dataset: its evaluator checks it
+            continue
+        evaluated[f"evals.{key}.split"] = split = section.get("split", "test")
         if split not in summary.splits:
             problems.append(
-                f"config.{key}: no split {split!r} in {name} (has {sorted(summary.splits)})"
+                f"config.evals.{key}.split: no split {split!r} in {name} "
+                f"(has {sorted(summary.splits)})"
             )
+    problems += evaluators.data_problems(config)
     problems += _mixture_problems(config, summary)
     if not problems:
         read = dict.fromkeys((config.data.train_split, config.data.eval_split, *evaluated.values()))

@@ -63,6 +63,15 @@ def check(config: ml_collections.ConfigDict) -> None:
         registry()[settings.type].check(key, settings, config)
 
 
+def data_problems(config: ml_collections.ConfigDict) -> list[str]:
+    """Every evaluator's data_problems, for pipeline.check_dataset."""
+    problems = []
+    for name, section in config.get("evals", {}).items():
+        settings = settings_of(section)
+        problems += registry()[settings.type].data_problems(f"evals.{name}", settings, config)
+    return problems
+
+
 def due(config: ml_collections.ConfigDict, step: int, evaluating: bool) -> list[str]:
     """The evaluators to run after `step`: those with every_steps 0 when the run
     evaluates, and those whose every_steps divides the step."""

@@ -31,9 +31,11 @@ class Context:
     mesh: Mesh
     batch_sharding: NamedSharding
     class_names: tuple[str, ...]
-    # reader(split) -> an object whose .run(step, params) gives `step`'s per-clip outputs
-    # for every clip of the split once, in the split's order, and the labels; .close().
-    reader: Callable[[str], Any]
+    # reader(split, dataset=None, limit=None) -> an object whose .run(step, params) gives
+    # `step`'s per-clip outputs for every clip of the split (its first `limit`) once, in
+    # the split's order, and the labels; .close(). `dataset`: (dir, name) of another
+    # prepared dataset, prepared at the run's fps.
+    reader: Callable[..., Any]
 
 
 class Evaluator:
@@ -49,6 +51,13 @@ class Evaluator:
     @classmethod
     def check(cls, key: str, settings: ml_collections.ConfigDict, config) -> None:
         """Raise config.ConfigError naming `key`.SETTING for settings that cannot work."""
+
+    @classmethod
+    def data_problems(cls, key: str, settings: ml_collections.ConfigDict, config) -> list[str]:
+        """What is wrong with the data it would read (checked with the run's dataset,
+        before compiling), as "config.KEY: ..." lines; the split it reads is checked for
+        every evaluator."""
+        return []
 
     def __call__(self, params: Any) -> dict[str, float]:
         """The measures of `params` (the run's inference parameters): name -> number."""

@@ -198,8 +198,21 @@ def plugin_context(
         mesh=run.mesh,
         batch_sharding=run.batch_sharding,
         class_names=tuple(class_names),
-        reader=lambda split: _SplitReader(config, split, run),
+        reader=lambda split, dataset=None, limit=None: _SplitReader(
+            with_dataset(config, dataset), split, run, limit
+        ),
     )
+
+
+def with_dataset(
+    config: ml_collections.ConfigDict, dataset: tuple[str, str] | None
+) -> ml_collections.ConfigDict:
+    """`config` reading another prepared dataset (dir, name), or itself for None."""
+    if dataset is None:
+        return config
+    other = config.copy_and_resolve_references()
+    other.data.update(dir=dataset[0], name=dataset[1], mixture=())
+    return other
 
 
 def run_evaluators(built: dict, names: Sequence[str], params: dict) -> dict[str, dict]:

@@ -141,7 +141,8 @@ def _step_of(line: str) -> float:
 
 
 class _Logger:
-    """TensorBoard scalars, metrics.jsonl (every step's loss) and the progress bar."""
+    """TensorBoard scalars, metrics.jsonl (every step's loss and metrics; and a row of
+    NAME/METRIC at each run of config.evals' evaluators) and the progress bar."""
 
     def __init__(self, workdir: Workdir, total: int, start: int, enabled: bool):
         self.enabled = enabled
@@ -196,8 +197,14 @@ class _Logger:
                 for k, v in result.get(group, {}).items()
                 if k.endswith(("_r1", "_r5", "_r10", "_rank", "top1"))
             }
-        for name, metrics in result.get("evals", {}).items():
-            scalars |= {f"eval/{name}/{k}": v for k, v in metrics.items()}
+        evaluated = {
+            f"{name}/{k}": v
+            for name, metrics in result.get("evals", {}).items()
+            for k, v in metrics.items()
+        }
+        if evaluated:  # a row of its own, beside the steps' rows (which have "loss")
+            self.jsonl.append([{"step": step, **evaluated}])
+        scalars |= {f"eval/{k}": v for k, v in evaluated.items()}
         for tag, value in scalars.items():
             self.writer.scalar(tag, value, step)
         self.writer.flush()

@@ -1,0 +1,132 @@
+"""linear_probe: what a linear classifier on the frozen embeddings reaches, fitted in closed
+form at every evaluation, so a pretraining curve shows transfer accuracy as it trains
+(big_vision's few-shot evaluator). Ridge regression onto +-1 one-hot targets, fitted on
+`train_split` (its first `max_train_clips`), scored by top-1 on `split`.
+
+The labelled data may be another prepared dataset than the run's (`dataset`, `data_dir`:
+pretraining reads unlabeled clips, the probe a labelled set prepared at the same fps).
+
+Settings: train_split ("train"), embedding ("embedding": the fused one;
+"video_embedding" or "audio_embedding": a sense alone), l2 (1e-3, times the mean squared
+feature), max_train_clips (10000), dataset and data_dir ("": the run's).
+"""
+
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from sora_jax import config as config_lib
+from sora_jax.evaluators.base import Evaluator, flatten_views
+from sora_jax.inputs import MODEL_INPUTS
+from sora_jax.models.sora import unit
+from sora_jax.train.step import masked_view_mean
+
+EMBEDDINGS = {"embedding": None, "video_embedding": "has_video", "audio_embedding": "has_audio"}
+
+
+def _dataset(settings, config) -> tuple[str, str]:
+    return (settings.data_dir or config.data.dir, settings.dataset or config.data.name)
+
+
+def fit_ridge(x: np.ndarray, labels: np.ndarray, classes: int, l2: float) -> np.ndarray:
+    """Weights [E + 1, C] (the last row a bias) of ridge regression from x [N, E] onto
+    +-1 one-hot labels, in float64; `l2` scaled by the mean squared feature, so one
+    setting suits embeddings of any scale."""
+    x = np.concatenate([x.astype(np.float64), np.ones((len(x), 1))], axis=1)
+    targets = np.where(np.arange(classes)[None, :] == labels[:, None], 1.0, -1.0)
+    gram = x.T @ x
+    gram[np.diag_indices_from(gram)] += l2 * np.mean(x[:, :-1] ** 2) * len(x)
+    return np.linalg.solve(gram, x.T @ targets)
+
+
+def probe_top1(weights: np.ndarray, x: np.ndarray, labels: np.ndarray) -> float:
+    scores = np.concatenate([x.astype(np.float64), np.ones((len(x), 1))], axis=1) @ weights
+    return float(np.mean(np.argmax(scores, axis=1) == labels))
+
+
+class LinearProbeEvaluator(Evaluator):
+    type = "linear_probe"
+    defaults: ClassVar[dict] = {
+        "train_split": "train",
+        "embedding": "embedding",
+        "l2": 1e-3,
+        "max_train_clips": 10_000,
+        "dataset": "",
+        "data_dir": "",
+    }
+
+    @classmethod
+    def check(cls, key, settings, config):
+        config_lib.one_of(settings.embedding, f"{key}.embedding", EMBEDDINGS)
+        config_lib.check(settings.l2 > 0, f"{key}.l2", "must be > 0")
+        config_lib.check(settings.max_train_clips >= 2, f"{key}.max_train_clips", "must be >= 2")
+        config_lib.check(not config.model.multi_label, key, "needs single-label data")
+
+    @classmethod
+    def data_problems(cls, key, settings, config):
+        from sora_jax.data import pipeline
+
+        dataset = _dataset(settings, config)
+        try:
+            summary = pipeline.dataset_summary(*dataset)
+        except FileNotFoundError as e:
+            return [f"config.{key}.dataset: {e}"]
+        problems = [
+            f"config.{key}: no split {split!r} in {dataset[1]} (has {sorted(summary.splits)})"
+            # (The run's own dataset's `split` is checked for every evaluator.)
+            for split in (settings.train_split, *([settings.split] if settings.dataset else []))
+            if split not in summary.splits
+        ]
+        if not summary.class_names:
+            problems.append(f"config.{key}: dataset {dataset[1]} has no labels to probe")
+        if summary.fps != config.data.fps:
+            problems.append(
+                f"config.{key}: dataset {dataset[1]} was prepared at {summary.fps} fps, the "
+                f"run reads {config.data.fps}"
+            )
+        return problems
+
+    def __init__(self, name, settings, context):
+        from sora_jax.data import pipeline
+
+        super().__init__(name, settings, context)
+        self.dataset = _dataset(settings, context.config)
+        self.classes = len(pipeline.dataset_summary(*self.dataset).class_names)
+        self._train = context.reader(settings.train_split, self.dataset, settings.max_train_clips)
+        self._test = context.reader(settings.split, self.dataset)
+        self._step = jax.jit(self._embed, out_shardings=NamedSharding(context.mesh, P()))
+
+    def _embed(self, params, batch):
+        rows, B, V = flatten_views({k: batch[k] for k in MODEL_INPUTS})
+        out = self.context.apply({"params": params}, rows, modality_embeddings=True)
+        key, sense = self.settings.embedding, EMBEDDINGS[self.settings.embedding]
+        x = out[key].reshape(B, V, -1)  # [B, V, E]
+        present = jnp.ones((B, V), bool) if sense is None else batch[sense]
+        has = present.any(axis=1)
+        return {"x": unit(masked_view_mean(x, present)), "has": has}
+
+    def __call__(self, params):
+        train, train_labels = self._train.run(self._step, params)
+        test, test_labels = self._test.run(self._step, params)
+        train_x, train_y = train["x"][train["has"]], train_labels[train["has"]]
+        test_x, test_y = test["x"][test["has"]], test_labels[test["has"]]
+        weights = fit_ridge(train_x, train_y, self.classes, self.settings.l2)
+        majority = np.bincount(train_y, minlength=self.classes).argmax()
+        return {
+            "top1": probe_top1(weights, test_x, test_y),
+            "train_top1": probe_top1(weights, train_x, train_y),
+            "majority_top1": float(np.mean(test_y == majority)),  # what no embedding gives
+            "num_train": len(train_y),
+            "num_examples": len(test_y),
+        }
+
+    def close(self):
+        self._train.close()
+        self._test.close()
+
+
+EVALUATOR = LinearProbeEvaluator
