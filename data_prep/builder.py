@@ -14,7 +14,7 @@ import re
 import shutil
 import tempfile
 import types
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -31,12 +31,16 @@ VERSION = "1.0.0"
 Work = Callable[[object], tuple[dict, dict | None]]
 
 
-def features(class_names: list[str]) -> tfds.features.FeaturesDict:
+def features(
+    class_names: list[str], metadata_columns: Sequence[str] = ()
+) -> tfds.features.FeaturesDict:
     """The stored example. Frames stay JPEG bytes so the input pipeline decodes only the
     frames a training window uses; audio is the 16 kHz waveform (log-mel is the model's),
     stored as raw bytes: as a list of integers (tfds's default) parsing it took 70% of
     the input pipeline's time per clip (BENCHMARKS.md). An unlabeled dataset (no class
-    names: `--layout unlabeled`, for pretraining) has no label features at all."""
+    names: `--layout unlabeled`, for pretraining) has no label features at all. A CSV's
+    other columns are kept per clip as one JSON object, `metadata` (only in datasets that
+    have such columns)."""
     labels = {}
     if class_names:
         labels = {
@@ -53,6 +57,7 @@ def features(class_names: list[str]) -> tfds.features.FeaturesDict:
             "has_audio": np.bool_,
             "num_frames": np.int32,
             "path": tfds.features.Text(),
+            **({"metadata": tfds.features.Text()} if metadata_columns else {}),
         }
     )
 
@@ -77,9 +82,11 @@ class SoraVideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         fingerprint: str = "",
         beam_options: str | None = None,
         max_labels_per_clip: int | None = None,
+        metadata_columns: Sequence[str] = (),
         **kwargs,
     ):
         self._max_labels_per_clip = max_labels_per_clip
+        self._metadata_columns = tuple(metadata_columns)
         self._beam_options = beam_options
         self._split_items = split_items
         self._class_names = class_names
@@ -95,7 +102,7 @@ class SoraVideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return tfds.core.DatasetInfo(
             builder=self,
             description="Video clips prepared by sora-prep (sora_jax).",
-            features=features(self._class_names),
+            features=features(self._class_names, self._metadata_columns),
             metadata=tfds.core.MetadataDict(
                 prep=dataclasses.asdict(self._settings),
                 sample_rate=16_000,
@@ -103,6 +110,7 @@ class SoraVideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 # 1: single-label data (what model.multi_label is checked against); None:
                 # not known before reading the records (DMVR)
                 max_labels_per_clip=self._max_labels_per_clip,
+                metadata_columns=list(self._metadata_columns),
             ),
         )
 
@@ -373,7 +381,11 @@ def prepare(
     """Prepare video files: (report rows in input order, rebuilt?). With `beam_options`
     (a string of Beam pipeline flags; "" runs Beam's DirectRunner) the work runs on Beam."""
     digest = fingerprint(
-        ([e.key, e.labels, e.split, *file_facts(e.path)] for e in entries), settings
+        (
+            [e.key, e.labels, e.split, *file_facts(e.path), *([e.metadata] if e.metadata else [])]
+            for e in entries
+        ),
+        settings,
     )
     splits = sorted({e.split for e in entries})
     report, rebuilt = build_if_changed(
@@ -385,6 +397,7 @@ def prepare(
         },
         class_names=sorted({label for e in entries for label in e.labels}),
         max_labels_per_clip=max((len(e.labels) for e in entries), default=0),
+        metadata_columns=sorted({column for e in entries for column, _ in e.metadata}),
         work=functools.partial(prepare_entry, settings=settings),
         settings=settings,
         workers=workers,

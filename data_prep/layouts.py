@@ -5,7 +5,8 @@ Layouts:
   class_folders  DIR/<class>/<file>, split into train/test per class (stratified, seeded)
   csv            CSV with columns path,label[,split]; paths relative to the CSV (rows
                  without a split: per class, as class_folders);
-                 several labels (multi-label) separated by ';'
+                 several labels (multi-label) separated by ';'; any other column
+                 (e.g. group, source, device) is kept as the clip's metadata
   kinetics       CSV with youtube_id,time_start,time_end,label[,split] over files named
                  <youtube_id>_<start:06d>_<end:06d>.<ext> beside the CSV (or in --videos)
   unlabeled      any folder tree of media files, or a CSV with a `path` column: no
@@ -44,6 +45,13 @@ class Entry:
     labels: tuple[str, ...]
     split: str
     skip: str = ""  # why it is reported as skipped without being opened (a stray file)
+    # A CSV's other columns ((column, value), ...): kept with the clip, so that evaluation
+    # can report any metric per value (the `slices` evaluator).
+    metadata: tuple[tuple[str, str], ...] = ()
+
+
+# The columns the CSV layouts read; any other column is kept as clip metadata.
+CSV_COLUMNS = {"path", "label", "split", "youtube_id", "time_start", "time_end"}
 
 
 def detect_layout(source: pathlib.Path) -> str:
@@ -162,7 +170,12 @@ def discover(
             if not labels:
                 raise ValueError(f"{source}:{line}: empty label")
             split = (row.get("split") or "").strip()  # "": stratified below
-            entries.append(Entry(path, rel, labels, split))
+            metadata = tuple(
+                (column, (value or "").strip())
+                for column, value in row.items()
+                if column is not None and column not in CSV_COLUMNS
+            )
+            entries.append(Entry(path, rel, labels, split, metadata=metadata))
     _check_unique(source, entries)
     return _stratified(entries, seed, test_fraction)
 

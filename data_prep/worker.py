@@ -5,6 +5,7 @@ not TensorFlow.
 """
 
 import dataclasses
+import json
 from typing import Any
 
 from data_prep.layouts import Entry
@@ -69,4 +70,6 @@ def prepare_entry(entry: Entry, settings: PrepSettings) -> tuple[dict[str, Any],
     example = stored_example(video, settings.jpeg_quality) | {"path": entry.key}
     if entry.labels:  # an unlabeled entry (for pretraining) stores no label features
         example |= {"labels": list(entry.labels), "label": entry.labels[0]}
+    if entry.metadata:
+        example["metadata"] = json.dumps(dict(entry.metadata), sort_keys=True)
     return row, example

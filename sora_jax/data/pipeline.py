@@ -40,6 +40,7 @@ class DatasetSummary:
     max_labels_per_clip: int | None = None  # None: not recorded (older or DMVR datasets)
     fingerprint: str = ""  # sora-prep's digest of its inputs and settings ("" for others)
     location: str = ""  # the version folder holding the shards
+    metadata_columns: tuple[str, ...] = ()  # a CSV's other columns, kept per clip
 
     def facts(self) -> dict:
         """What identifies the data a run learned from (kept in WORKDIR/dataset.json)."""
@@ -66,12 +67,14 @@ def dataset_summary(data_dir: str, name: str) -> DatasetSummary:
     except Exception as e:  # tfds raises several types for "not there"
         raise missing from e
     prep = builder.info.metadata.get("prep", {})
+    columns = tuple(builder.info.metadata.get("metadata_columns", ()))
     features = builder.info.features
     return DatasetSummary(
         class_names=tuple(features["label"].names) if "label" in features else (),
         splits={k: v.num_examples for k, v in builder.info.splits.items()},
         fps=float(prep.get("fps", 0.0)),
         short_side=int(prep.get("short_side", 0)),
+        metadata_columns=columns,
         jpeg_quality=int(prep.get("jpeg_quality", 90)),
         max_labels_per_clip=builder.info.metadata.get("max_labels_per_clip"),
         fingerprint=str(builder.info.metadata.get("fingerprint", "")),
@@ -261,6 +264,16 @@ def data_source(
     _ensure_flags_parsed()
     data_dir, name = where or (config.data.dir, config.data.name)
     return _Checked(tfds.data_source(name, split=split, data_dir=data_dir), name, split)
+
+
+def clip_metadata(data_dir: str, name: str, split: str) -> list[dict[str, str]]:
+    """Each clip's metadata (a CSV's other columns) in the split's order, the order
+    evaluation reports clips in; {} per clip for a dataset without any."""
+    source = tfds.data_source(name, split=split, data_dir=data_dir)
+    if not dataset_summary(data_dir, name).metadata_columns:
+        return [{} for _ in range(len(source))]
+    decode = lambda x: json.loads(x.decode() if isinstance(x, bytes) else x)
+    return [decode(source[i]["metadata"]) for i in range(len(source))]
 
 
 class CorruptDataError(ValueError):

@@ -14,7 +14,7 @@ from sora_jax import config as config_lib
 from sora_jax import plugins
 from sora_jax.evaluators.base import Context, Evaluator
 
-__all__ = ["Context", "Evaluator", "build", "check", "due", "registry", "settings_of"]
+__all__ = ["Context", "Evaluator", "build", "check", "due", "flatten", "registry", "settings_of"]
 
 COMMON = {"type": "", "split": "test", "every_steps": 0}
 # Keys of an evaluation's JSON that an evaluator's name would overwrite.
@@ -81,6 +81,18 @@ def due(config: ml_collections.ConfigDict, step: int, evaluating: bool) -> list[
         if (every == 0 and evaluating) or (every and step % every == 0):
             names.append(name)
     return names
+
+
+def flatten(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """Nested measures -> {"A/B/C": number}: what TensorBoard, metrics.jsonl and
+    checkpoint.best_metric take (text, such as a slice's name, is left out)."""
+    flat = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            flat |= flatten(value, f"{prefix}{key}/")
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def build(config: ml_collections.ConfigDict, context: Context) -> dict[str, Evaluator]:

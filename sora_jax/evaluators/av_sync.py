@@ -95,16 +95,20 @@ class AVSyncEvaluator(Evaluator):
         margin = jnp.sum(per_clip(jnp.where(counted, own - other, 0.0)), axis=1)
         return {"hits": hits, "windows": windows, "margin": margin}
 
-    def __call__(self, params):
-        out, _ = self._reader.run(self._step, params)
-        windows = int(out["windows"].sum())
-        if not windows:
-            return {"num_windows": 0}
+    headline = "accuracy"
+
+    def outputs(self, params):
+        return self._reader.run(self._step, params)[0]
+
+    def summarize(self, outputs, keep):
+        hits, windows, margin = (outputs[k][keep] for k in ("hits", "windows", "margin"))
+        if not windows.sum():
+            return {"num_windows": 0, "num_clips": 0}
         return {
-            "accuracy": float(out["hits"].sum() / windows),
-            "margin": float(out["margin"].sum() / windows),  # mean true minus shifted score
-            "num_windows": windows,
-            "num_clips": int(np.sum(out["windows"] > 0)),
+            "accuracy": float(hits.sum() / windows.sum()),
+            "margin": float(margin.sum() / windows.sum()),  # mean true minus shifted score
+            "num_windows": int(windows.sum()),
+            "num_clips": int(np.sum(windows > 0)),
         }
 
     def close(self):

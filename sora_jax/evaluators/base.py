@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 import jax
 import ml_collections
+import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 
@@ -40,10 +41,13 @@ class Context:
 
 class Evaluator:
     """Subclasses set `type` and `defaults` (their settings beside type, split and
-    every_steps) and define __call__."""
+    every_steps) and define either __call__, or `outputs` and `summarize`: then its
+    measures can also be taken per slice of the clips (the `slices` evaluator), and
+    `headline` names the measure slices are ranked by."""
 
     type: str = ""
     defaults: ClassVar[dict[str, Any]] = {}
+    headline: str = ""  # the measure the slices evaluator ranks slices by (higher: better)
 
     def __init__(self, name: str, settings: ml_collections.ConfigDict, context: Context):
         self.name, self.settings, self.context = name, settings, context
@@ -61,7 +65,21 @@ class Evaluator:
 
     def __call__(self, params: Any) -> dict[str, float]:
         """The measures of `params` (the run's inference parameters): name -> number."""
+        per_clip = self.outputs(params)
+        return self.summarize(per_clip, np.ones(len(next(iter(per_clip.values()))), bool))
+
+    def outputs(self, params: Any) -> dict[str, np.ndarray]:
+        """Per clip of its split, in the split's order: name -> [N, ...]."""
+        raise NotImplementedError(f"the {self.type} evaluator cannot be sliced")
+
+    def summarize(self, outputs: dict[str, np.ndarray], keep: np.ndarray) -> dict[str, float]:
+        """The measures over the clips where `keep` [N] is True."""
         raise NotImplementedError
+
+    def dataset(self) -> tuple[str, str]:
+        """(data dir, name) of the dataset whose `split` it measures."""
+        d = self.context.config.data
+        return d.dir, d.name
 
     def close(self) -> None:
         """Stop any data workers."""

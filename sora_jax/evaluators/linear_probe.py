@@ -94,10 +94,10 @@ class LinearProbeEvaluator(Evaluator):
         from sora_jax.data import pipeline
 
         super().__init__(name, settings, context)
-        self.dataset = _dataset(settings, context.config)
-        self.classes = len(pipeline.dataset_summary(*self.dataset).class_names)
-        self._train = context.reader(settings.train_split, self.dataset, settings.max_train_clips)
-        self._test = context.reader(settings.split, self.dataset)
+        self.dataset_location = where = _dataset(settings, context.config)
+        self.classes = len(pipeline.dataset_summary(*where).class_names)
+        self._train = context.reader(settings.train_split, where, settings.max_train_clips)
+        self._test = context.reader(settings.split, where)
         self._step = jax.jit(self._embed, out_shardings=NamedSharding(context.mesh, P()))
 
     def _embed(self, params, batch):
@@ -109,20 +109,39 @@ class LinearProbeEvaluator(Evaluator):
         has = present.any(axis=1)
         return {"x": unit(masked_view_mean(x, present)), "has": has}
 
-    def __call__(self, params):
+    headline = "top1"
+
+    def outputs(self, params):
+        """Fitted on the train split, then per test clip: whether the probe is right, and
+        whether the majority class would be."""
         train, train_labels = self._train.run(self._step, params)
         test, test_labels = self._test.run(self._step, params)
         train_x, train_y = train["x"][train["has"]], train_labels[train["has"]]
-        test_x, test_y = test["x"][test["has"]], test_labels[test["has"]]
         weights = fit_ridge(train_x, train_y, self.classes, self.settings.l2)
         majority = np.bincount(train_y, minlength=self.classes).argmax()
+        scores = np.concatenate([test["x"], np.ones((len(test["x"]), 1))], axis=1) @ weights
         return {
-            "top1": probe_top1(weights, test_x, test_y),
-            "train_top1": probe_top1(weights, train_x, train_y),
-            "majority_top1": float(np.mean(test_y == majority)),  # what no embedding gives
-            "num_train": len(train_y),
-            "num_examples": len(test_y),
+            "right": np.argmax(scores, axis=1) == test_labels,
+            "majority_right": test_labels == majority,
+            "has": test["has"],
+            "train_top1": np.full(len(test_labels), probe_top1(weights, train_x, train_y)),
+            "num_train": np.full(len(test_labels), len(train_y)),
         }
+
+    def summarize(self, outputs, keep):
+        keep = keep & outputs["has"]
+        if not keep.any():
+            return {"num_examples": 0}
+        return {
+            "top1": float(np.mean(outputs["right"][keep])),
+            "train_top1": float(outputs["train_top1"][0]),
+            "majority_top1": float(np.mean(outputs["majority_right"][keep])),  # no embedding
+            "num_train": int(outputs["num_train"][0]),
+            "num_examples": int(keep.sum()),
+        }
+
+    def dataset(self):
+        return self.dataset_location
 
     def close(self):
         self._train.close()

@@ -336,4 +336,40 @@ def card_markdown(card: dict, export_dir: "os.PathLike[str]") -> str:
             )
     elif not m:
         lines.append("No evaluation was found in the work dir (run sora-eval first).")
+    for name, report in (m or {}).get("evals", {}).items():
+        lines += ["", *_evaluator_lines(name, report)]
     return "\n".join(lines) + "\n"
+
+
+def _evaluator_lines(name: str, report: dict) -> list[str]:
+    """An evaluator's measures; a `slices` evaluator's as a table, one row per slice."""
+    if "slices" not in report:
+        shown = ", ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in report.items()
+        )
+        return [f"- {name}: {shown}"]
+    slices = report["slices"]
+    measures = [k for k in report["overall"] if isinstance(report["overall"][k], float)]
+    lines = [
+        f"### {name}: by {report['column']}",
+        "",
+        "Each measure per value of the clips' `" + report["column"] + "`; a slice with too "
+        "few clips to trust is marked and never named the worst.",
+        "",
+        "| " + report["column"] + " | " + " | ".join(measures) + " | clips | |",
+        "|---|" + "---|" * len(measures) + "---|---|",
+    ]
+    rows = [("all", report["overall"], "")]
+    rows += [(v, s, "too few clips" if s["too_small"] else "") for v, s in slices.items()]
+    for value, measured, note in rows:
+        cells = " | ".join(f"{measured[k]:.4f}" if k in measured else "-" for k in measures)
+        count = measured.get("num_clips", measured.get("num_examples", ""))
+        lines.append(f"| {value} | {cells} | {count} | {note} |")
+    if "worst" in report:
+        worst = report["worst"]
+        lines += [
+            "",
+            f"Worst slice: {report['column']}={worst['slice']} ({worst['num_clips']} clips), "
+            f"{report['gap']:.4f} below all clips.",
+        ]
+    return lines

@@ -224,9 +224,7 @@ def scores(result: dict) -> dict[str, float]:
     """What a checkpoint is ranked by: the built-in measures (config.METRICS) and every
     evaluator's metrics as NAME/METRIC."""
     flat = {k: result[k] for k in config_lib.METRICS if k in result}
-    for name, metrics in result.get("evals", {}).items():
-        flat |= {f"{name}/{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
-    return flat
+    return flat | evaluators.flatten(result.get("evals", {}))
 
 
 def classification_by_mode(
@@ -283,6 +281,9 @@ def headline(result: dict) -> str:
             f"kNN top1 {k['top1']:.4f} (video {k['video_top1']:.4f}, audio {k['audio_top1']:.4f})"
         )
     for name, metrics in result.get("evals", {}).items():
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
-        parts.append(f"{name}: {shown or metrics}")
+        shown = [f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)]
+        if "worst" in metrics:  # slices: the worst slice and its gap
+            worst = metrics["worst"]
+            shown.append(f"worst {metrics['column']}={worst['slice']} (gap {metrics['gap']:.4g})")
+        parts.append(f"{name}: {', '.join(shown) or metrics}")
     return "; ".join(parts)

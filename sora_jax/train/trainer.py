@@ -197,11 +197,7 @@ class _Logger:
                 for k, v in result.get(group, {}).items()
                 if k.endswith(("_r1", "_r5", "_r10", "_rank", "top1"))
             }
-        evaluated = {
-            f"{name}/{k}": v
-            for name, metrics in result.get("evals", {}).items()
-            for k, v in metrics.items()
-        }
+        evaluated = evaluators.flatten(result.get("evals", {}))
         if evaluated:  # a row of its own, beside the steps' rows (which have "loss")
             self.jsonl.append([{"step": step, **evaluated}])
         scalars |= {f"eval/{k}": v for k, v in evaluated.items()}
