@@ -72,7 +72,7 @@ bench: demo-data
 	$(BIN)/python -m pytest -n 2 -m bench tests/test_bench.py  # bfloat16 variants, and the PyTorch peers
 	$(BIN)/python bench/train_step.py --out bench/results/train_step.json
 	$(BIN)/python bench/peers.py --out bench/results/peers.json
-	$(BIN)/python bench/peers.py --set model.dtype=bfloat16 --out bench/results/peers_bf16.json
+	$(BIN)/python bench/peers.py --config.model.dtype=bfloat16 --out bench/results/peers_bf16.json
 	$(BIN)/python bench/conv_layers.py --out bench/results/conv_layers.json
 	$(BIN)/python bench/conv_layers.py --dtype bfloat16 --out bench/results/conv_layers_bf16.json
 	$(BIN)/python bench/input_pipeline.py --train-steps 300 --out bench/results/input_pipeline.json

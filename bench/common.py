@@ -8,6 +8,7 @@ import json
 import os
 import pathlib
 import platform
+import sys
 import time
 
 from sora_jax import process
@@ -41,16 +42,28 @@ def load_config(path: str, overrides: list[str]):
     return config
 
 
+class _Parser(argparse.ArgumentParser):
+    """Config overrides as the commands take them, `--config.KEY=VALUE` (one syntax for
+    sora-train and the bench scripts), collected into `args.set` as "KEY=VALUE"."""
+
+    def parse_args(self, args=None, namespace=None):
+        argv = list(sys.argv[1:] if args is None else args)
+        overrides = [a.removeprefix("--config.") for a in argv if a.startswith("--config.")]
+        for item in overrides:
+            if "=" not in item:
+                self.error(f"--config.{item}: give KEY=VALUE, e.g. --config.batch_size=8")
+        parsed = super().parse_args([a for a in argv if not a.startswith("--config.")], namespace)
+        parsed.set = overrides
+        return parsed
+
+
 def parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--config", default="configs/bench_reference.py")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set batch_size=8",
+    p = _Parser(
+        description=description,
+        epilog="Override any config value as sora-train does: --config.KEY=VALUE, e.g. "
+        "--config.batch_size=8.",
     )
+    p.add_argument("--config", default="configs/bench_reference.py")
     p.add_argument("--out", default=None, help="also write the JSON result here")
     return p
 

@@ -7,7 +7,7 @@ torch.compile) and Keras, in one run, so the ratios compare like with like.
 Every framework trains the same architecture (configs/bench_reference.py) on the same
 random clips: uint8 frames normalised inside, log-mel from the raw waveform, a one-layer
 LSTM, concat fusion, AdamW, softmax cross-entropy, in the config's compute dtype
-(`--set model.dtype=bfloat16`: float32 parameters, bfloat16 compute, which is PyTorch's
+(`--config.model.dtype=bfloat16`: float32 parameters, bfloat16 compute, which is PyTorch's
 CPU autocast and Keras's `mixed_bfloat16` policy). Peers use their idiomatic fast paths
 (PyTorch channels-last; Keras with and without XLA, written the fastest of the ways
 tried, `--keras-variant all` times them all). Last line: JSON.

@@ -1,6 +1,6 @@
 """Train-step throughput of a config's model: clips/s, step time, FLOPs and MFU.
 
-  python bench/train_step.py --config configs/bench_reference.py [--set batch_size=32]
+  python bench/train_step.py --config configs/bench_reference.py [--config.batch_size=32]
 
 Runs the trainer's own jitted step (same shardings, donation and optimizer) on random
 clips over every local device; FLOPs come from XLA's cost analysis of the compiled step,

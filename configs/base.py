@@ -9,7 +9,8 @@ import ml_collections
 from sora_jax import objectives
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """Every key with its realistic value; `runlocal` shrinks it (apply_preset)."""
     c = ml_collections.ConfigDict()
     c.seed = 0
 
@@ -142,7 +143,7 @@ def get_config() -> ml_collections.ConfigDict:
     )
     # What sora-export compiles for, and whether it also writes a TensorFlow SavedModel.
     c.export = dict(platforms=("cpu", "cuda", "tpu"), saved_model=True)
-    return c
+    return apply_preset(c, arg)
 
 
 def apply_preset(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:

@@ -15,15 +15,15 @@ from sora_jax.kernels import onednn
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = [
-    "--set=batch_size=2",
-    "--set=data.num_frames=2",
-    "--set=data.crop_size=32",
-    "--set=data.audio_samples=4000",
-    "--set=model.audio.hidden=16",
-    "--set=model.visual.widths=(8,8)",  # two stages: compiles in half the time of four
-    "--set=model.visual.blocks=(1,1)",
-    "--set=model.visual.strides=(2,2)",
-    "--set=model.embed_dim=16",
+    "--config.batch_size=2",
+    "--config.data.num_frames=2",
+    "--config.data.crop_size=32",
+    "--config.data.audio_samples=4000",
+    "--config.model.audio.hidden=16",
+    "--config.model.visual.widths=(8,8)",  # two stages: compiles in half the time of four
+    "--config.model.visual.blocks=(1,1)",
+    "--config.model.visual.strides=(2,2)",
+    "--config.model.embed_dim=16",
 ]
 
 
@@ -127,13 +127,13 @@ def test_input_pipeline_script(demo_data):
         str(raw),
         "--examples",
         "8",
-        "--set=batch_size=8",
+        "--config.batch_size=8",
         "--grain-batches",
         "2",
         "--train-steps",
         "4",
-        "--set=model.visual.widths=(8,8,8)",
-        "--set=log_every=2",
+        "--config.model.visual.widths=(8,8,8)",
+        "--config.log_every=2",
     )
     assert result["prepared_clips_per_s_per_core"] > 0
     assert result["raw_pyav_clips_per_s_per_core"] > 0
@@ -145,7 +145,7 @@ def test_peers_bfloat16():
     result = _run(
         "peers.py",
         *TINY,
-        "--set=model.dtype=bfloat16",
+        "--config.model.dtype=bfloat16",
         *("--steps", "2", "--warmup", "1", "--skip=pytorch_compile", "--skip=keras_xla"),
         *_skip_missing_torch(),
     )
