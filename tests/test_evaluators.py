@@ -65,6 +65,20 @@ def test_a_pretraining_run_probes_its_frozen_embeddings_as_it_trains(pretrained,
     assert abs(probe_top1(weights, *embedded["test"]) - probe["top1"]) <= 1 / 20 + 1e-9
 
 
+def test_retrieval_and_knn_as_evaluators_equal_the_built_in_measures(pretrained):  # noqa: F811
+    """The same measures by another path: the evaluators' own steps and readers against the
+    built-in eval step (train/step.py make_eval_step) on the same split and parameters."""
+    result = json.loads((pretrained / "eval_test.json").read_text())
+    again = result["evals"]["retrieval_again"]
+    for key, value in result["retrieval"].items():
+        if key != "warning":
+            assert again[key] == pytest.approx(value), key
+    knn = result["evals"]["knn_again"]
+    for key in ("top1", "video_top1", "audio_top1", "k", "num_examples"):
+        assert knn[key] == pytest.approx(result["knn"][key]), key
+    assert knn["bank_size"] == 48  # the train split: knn_bank_size is larger
+
+
 def test_probe_mistakes_fail_before_compiling_and_name_the_key(demo_data):
     config = _pretrain_config(demo_data)
     config.evals = {"probe": {"type": "linear_probe", "dataset": "nosuch"}}

@@ -41,8 +41,13 @@ def pretrained(demo_data, tmp_path_factory) -> pathlib.Path:
     # Its exports are read here on the CPU only (every platform and the SavedModel:
     # test_export.py).
     config.export.update(platforms=("cpu",), saved_model=False)
-    # And a linear probe on the labels it never trained on (tests/test_evaluators.py).
-    config.evals = {"probe": {"type": "linear_probe", "split": "test"}}
+    # And evaluators (tests/test_evaluators.py): a linear probe on the labels it never
+    # trained on, and retrieval and kNN as evaluators beside the built-in measures.
+    config.evals = {
+        "probe": {"type": "linear_probe", "split": "test"},
+        "retrieval_again": {"type": "retrieval", "split": "test"},
+        "knn_again": {"type": "knn", "split": "test", "k": 3},
+    }
     build = lambda d: trainer.train(config, d, ONE_DEVICE)
     return built_once(tmp_path_factory, "pretrained", build)
 

@@ -1,0 +1,72 @@
+"""retrieval: cross-modal retrieval in the run's aligned space. Does a clip's picture find
+its own sound among every clip's sound on the split (and the other way round)? Recall@1/5/10
+and median rank, over the clips with both senses (train/representation.py). The measures a
+contrastive run's evaluation reports as `retrieval`; as an evaluator they can be taken on
+another split or per slice (`slices`: a clip is then sought among its slice's clips).
+
+Settings: none beyond type, split and every_steps. Needs the contrastive objective.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from sora_jax import config as config_lib
+from sora_jax.evaluators.base import Evaluator, flatten_views
+from sora_jax.inputs import MODEL_INPUTS
+from sora_jax.models.sora import unit
+from sora_jax.train import representation
+from sora_jax.train.step import masked_view_mean
+
+
+def sense_means(out: dict, batch: dict, keys: tuple[str, ...], B: int, V: int) -> dict:
+    """Per clip, each output in `keys` averaged over the views that have its sense, unit
+    length: {key: [B, D]}, and which senses the clip has."""
+    means = {}
+    for key in keys:
+        sense = key.split("_")[0]
+        present = batch[f"has_{sense}"] if sense in ("video", "audio") else jnp.ones((B, V), bool)
+        means[key] = unit(masked_view_mean(out[key].reshape(B, V, -1), present))
+    return means | {k: batch[k].any(axis=1) for k in ("has_video", "has_audio")}
+
+
+class RetrievalEvaluator(Evaluator):
+    type = "retrieval"
+    headline = "v2a_r1"
+
+    @classmethod
+    def check(cls, key, settings, config):
+        config_lib.check(
+            config_lib.trains_alignment(config),
+            key,
+            "retrieves in the aligned space: the run needs the contrastive objective",
+        )
+
+    def __init__(self, name, settings, context):
+        super().__init__(name, settings, context)
+        self._reader = context.reader(settings.split)
+        self._step = jax.jit(self._project, out_shardings=NamedSharding(context.mesh, P()))
+
+    def _project(self, params, batch):
+        rows, B, V = flatten_views({k: batch[k] for k in MODEL_INPUTS})
+        out = self.context.apply({"params": params}, rows, modality_embeddings=True)
+        return sense_means(out, batch, ("video_projection", "audio_projection"), B, V)
+
+    def outputs(self, params):
+        return self._reader.run(self._step, params)[0]
+
+    def summarize(self, outputs, keep):
+        both = keep & outputs["has_video"] & outputs["has_audio"]
+        report = representation.retrieval_report(
+            outputs["video_projection"][keep], outputs["audio_projection"][keep], both[keep]
+        )
+        report.pop("warning", None)  # a number per key here; chance_r1 says the same
+        return report | {"num_clips": int(np.sum(keep))}
+
+    def close(self):
+        self._reader.close()
+
+
+EVALUATOR = RetrievalEvaluator
