@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 from flax.linen.recurrent import flip_sequences
 
+from sora_jax.config import check, one_of
+from sora_jax.kernels import onednn
 from sora_jax.models import melspec
 from sora_jax.models.bias import Dense
 from sora_jax.models.gru import gru_sequence
@@ -125,6 +127,22 @@ class AudioEncoder(nn.Module):
     unroll: int = 1
     lstm_backend: str = "auto"  # onednn.BACKENDS (lstm.py)
     dtype: jnp.dtype = jnp.float32
+
+    @staticmethod
+    def check_config(a, key: str) -> None:
+        """ConfigError naming the key of a setting (config.model.audio) that cannot work."""
+        one_of(a.cell, f"{key}.cell", CELLS)
+        for name in ("hidden", "layers", "num_mel_bins", "unroll"):
+            check(a[name] >= 1, f"{key}.{name}", "must be >= 1")
+        check(
+            len(a.spec_augment) == 4 and all(x >= 0 for x in a.spec_augment),
+            f"{key}.spec_augment",
+            "(time masks, max width, mel masks, max width), each >= 0",
+        )
+        one_of(a.lstm_backend, f"{key}.lstm_backend", onednn.BACKENDS)
+        if a.lstm_backend == "onednn":
+            why_not = onednn.unavailable_reason()
+            check(why_not is None, f"{key}.lstm_backend", f"'onednn' cannot run: {why_not}")
 
     @nn.compact
     def __call__(self, waveform, lengths, *, train: bool = False):

@@ -8,6 +8,8 @@ so one set of parameters serves audio-only, video-only and audio-visual inputs.
 import flax.linen as nn
 import jax.numpy as jnp
 
+from sora_jax.config import check, one_of
+
 FUSIONS = ("concat", "mean", "gated", "attention")
 
 
@@ -46,6 +48,18 @@ class FusionHead(nn.Module):
     embed_dim: int = 512
     num_classes: int = 10
     dtype: jnp.dtype = jnp.float32
+
+    @staticmethod
+    def check_config(f, key: str) -> None:
+        """ConfigError naming the key of a setting (config.model.fusion) that cannot work."""
+        one_of(f.kind, f"{key}.kind", FUSIONS)
+        check(f.dim >= 1 and f.heads >= 1, key, "dim and heads must be >= 1")
+        if f.kind == "attention":
+            check(
+                f.dim % f.heads == 0,
+                f"{key}.heads",
+                f"fusion.dim {f.dim} is not divisible by {f.heads} heads",
+            )
 
     @nn.compact
     def __call__(self, visual, audio, has_video, has_audio):

@@ -1,5 +1,6 @@
 """The Sora model: visual tower + audio branch + fusion head, built from a config."""
 
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -9,10 +10,9 @@ import ml_collections
 
 from sora_jax.config import check, one_of
 from sora_jax.inputs import InputSpec
-from sora_jax.kernels import onednn
-from sora_jax.models.audio import CELLS, AudioEncoder
-from sora_jax.models.fusion import FUSIONS, FusionHead
-from sora_jax.models.visual import NORMS, TEMPORAL_POOLS, VisualTower
+from sora_jax.models.audio import AudioEncoder
+from sora_jax.models.fusion import FusionHead
+from sora_jax.models.visual import VisualTower
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -35,6 +35,17 @@ class ContrastiveHeads(nn.Module):
     temperature: float = 0.07  # initial; learned
     min_temperature: float = 0.01  # clamp: a collapsing temperature blows up the logits
     dtype: jnp.dtype = jnp.float32
+
+    @staticmethod
+    def check_config(p: ml_collections.ConfigDict, key: str) -> None:
+        """ConfigError naming the key of a setting (config.model.projection) that cannot
+        work."""
+        check(p.dim >= 1, f"{key}.dim", "must be >= 1")
+        check(
+            0 < p.min_temperature <= p.temperature <= 1,
+            key,
+            f"need 0 < min_temperature ({p.min_temperature}) <= temperature ({p.temperature}) <= 1",
+        )
 
     @nn.compact
     def __call__(self, video: jax.Array, audio: jax.Array) -> tuple[jax.Array, ...]:
@@ -148,60 +159,35 @@ def param_part(path: tuple[str, ...]) -> str:
 
 
 def check_config(model_config: ml_collections.ConfigDict) -> None:
-    """Raise ConfigError, naming the key, for model settings this model cannot build."""
-    m, v, a, f = model_config, model_config.visual, model_config.audio, model_config.fusion
+    """Raise ConfigError, naming the key, for model settings this model cannot build: the
+    model's own keys here, each part's in its own module (visual.py, audio.py, fusion.py),
+    and any key no part has."""
+    m = model_config
     one_of(m.dtype, "model.dtype", DTYPES)
     check(m.num_classes >= 2, "model.num_classes", f"{m.num_classes} < 2")
     check(m.embed_dim >= 1, "model.embed_dim", "must be >= 1")
     check(0.0 <= m.modality_dropout < 1.0, "model.modality_dropout", "must be in [0, 1)")
-    one_of(v.norm, "model.visual.norm", NORMS)
-    one_of(v.temporal_pool, "model.visual.temporal_pool", TEMPORAL_POOLS)
-    check(
-        len(v.widths) == len(v.blocks) == len(v.strides) >= 1,
-        "model.visual",
-        f"widths {tuple(v.widths)}, blocks {tuple(v.blocks)} and strides "
-        f"{tuple(v.strides)} must have one entry per stage",
-    )
-    check(
-        all(x > 0 for x in (*v.widths, *v.blocks, *v.strides)),
-        "model.visual",
-        "widths, blocks and strides must be positive",
-    )
-    one_of(a.cell, "model.audio.cell", CELLS)
-    check(a.hidden >= 1, "model.audio.hidden", "must be >= 1")
-    check(a.layers >= 1, "model.audio.layers", "must be >= 1")
-    check(a.num_mel_bins >= 1, "model.audio.num_mel_bins", "must be >= 1")
-    check(a.unroll >= 1, "model.audio.unroll", "must be >= 1")
-    check(
-        len(a.spec_augment) == 4 and all(x >= 0 for x in a.spec_augment),
-        "model.audio.spec_augment",
-        "(time masks, max width, mel masks, max width), each >= 0",
-    )
-    p = m.projection
-    check(p.dim >= 1, "model.projection.dim", "must be >= 1")
-    check(
-        0 < p.min_temperature <= p.temperature <= 1,
-        "model.projection",
-        f"need 0 < min_temperature ({p.min_temperature}) <= temperature ({p.temperature}) <= 1",
-    )
-    one_of(f.kind, "model.fusion.kind", FUSIONS)
-    check(f.dim >= 1 and f.heads >= 1, "model.fusion", "dim and heads must be >= 1")
-    if f.kind == "attention":
-        check(
-            f.dim % f.heads == 0,
-            "model.fusion.heads",
-            f"fusion.dim {f.dim} is not divisible by {f.heads} heads",
-        )
-    for key, backend in (
-        ("model.visual.conv_backend", v.conv_backend),
-        ("model.audio.lstm_backend", a.lstm_backend),
-    ):
-        one_of(backend, key, onednn.BACKENDS)
-        if backend == "onednn":
-            why_not = onednn.unavailable_reason()
-            if why_not is None and key == "model.visual.conv_backend":
-                why_not = onednn.conv_unverified_reason()
-            check(why_not is None, key, f"'onednn' cannot run: {why_not}")
+    for module, key in SECTIONS.items():
+        _settings(module, m[key], f"model.{key}")  # every key a setting of the module
+        module.check_config(m[key], f"model.{key}")
+
+
+# Each part and its config section: the section's keys are the module's fields, by name.
+SECTIONS = {
+    VisualTower: "visual",
+    AudioEncoder: "audio",
+    FusionHead: "fusion",
+    ContrastiveHeads: "projection",
+}
+
+
+def _settings(module: type[nn.Module], section: ml_collections.ConfigDict, key: str) -> dict:
+    """The section as `module`'s keyword arguments (lists as tuples); ConfigError for a key
+    that is no field of it (a typo would otherwise be ignored)."""
+    fields = {f.name for f in dataclasses.fields(module)} - {"parent", "name"}
+    unknown = sorted(set(section) - fields)
+    check(not unknown, key, f"{unknown} are not settings of {module.__name__}")
+    return {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in section.items()}
 
 
 def build_model(
@@ -209,53 +195,21 @@ def build_model(
     contrastive: bool = False,
     heads: dict[str, nn.Module] | None = None,
 ) -> SoraModel:
-    """The model a config describes (configs/base.py documents every key); with
-    `contrastive`, with the projection heads of contrastive pretraining; with `heads`, the
-    objectives' own. (objectives.build_model(config) chooses both from the run's
-    objectives.)"""
+    """The model a config describes (configs/base.py documents every key), each part built
+    from its own section; with `contrastive`, with the projection heads of contrastive
+    pretraining; with `heads`, the objectives' own. (objectives.build_model(config)
+    chooses both from the run's objectives.)"""
     m = model_config
     dtype = DTYPES[m.dtype]
-    vis, aud, fus = m.visual, m.audio, m.fusion
+    part = lambda module, **shared: module(
+        **_settings(module, m[SECTIONS[module]], f"model.{SECTIONS[module]}"), **shared, dtype=dtype
+    )
     return SoraModel(
-        visual=VisualTower(
-            widths=tuple(vis.widths),
-            blocks=tuple(vis.blocks),
-            strides=tuple(vis.strides),
-            norm=vis.norm,
-            residual=vis.residual,
-            temporal_pool=vis.temporal_pool,
-            remat=vis.remat,
-            dtype=dtype,
-            conv_backend=vis.conv_backend,
-        ),
-        audio=AudioEncoder(
-            hidden=aud.hidden,
-            cell=aud.cell,
-            layers=aud.layers,
-            bidirectional=aud.bidirectional,
-            num_mel_bins=aud.num_mel_bins,
-            spec_augment=tuple(aud.spec_augment),
-            unroll=aud.unroll,
-            lstm_backend=aud.lstm_backend,
-            dtype=dtype,
-        ),
-        fusion=FusionHead(
-            kind=fus.kind,
-            dim=fus.dim,
-            heads=fus.heads,
-            embed_dim=m.embed_dim,
-            num_classes=m.num_classes,
-            dtype=dtype,
-        ),
+        visual=part(VisualTower),
+        audio=part(AudioEncoder),
+        fusion=part(FusionHead, embed_dim=m.embed_dim, num_classes=m.num_classes),
         modality_dropout=m.modality_dropout,
-        contrastive=ContrastiveHeads(
-            dim=m.projection.dim,
-            temperature=m.projection.temperature,
-            min_temperature=m.projection.min_temperature,
-            dtype=dtype,
-        )
-        if contrastive
-        else None,
+        contrastive=part(ContrastiveHeads) if contrastive else None,
         heads=heads or None,
     )
 

@@ -6,6 +6,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from sora_jax.config import check, one_of
+from sora_jax.kernels import onednn
 from sora_jax.models.conv import Conv
 
 # Pixels are normalised inside the model so that exported models take raw uint8 frames.
@@ -121,6 +123,27 @@ class VisualTower(nn.Module):
     remat: bool = False  # recompute stage activations in the backward pass to save memory
     dtype: jnp.dtype = jnp.float32
     conv_backend: str = "auto"  # onednn.BACKENDS: oneDNN kernels on the CPU, else XLA's
+
+    @staticmethod
+    def check_config(v, key: str) -> None:
+        """ConfigError naming the key of a setting (config.model.visual) that cannot work."""
+        one_of(v.norm, f"{key}.norm", NORMS)
+        one_of(v.temporal_pool, f"{key}.temporal_pool", TEMPORAL_POOLS)
+        check(
+            len(v.widths) == len(v.blocks) == len(v.strides) >= 1,
+            key,
+            f"widths {tuple(v.widths)}, blocks {tuple(v.blocks)} and strides "
+            f"{tuple(v.strides)} must have one entry per stage",
+        )
+        check(
+            all(x > 0 for x in (*v.widths, *v.blocks, *v.strides)),
+            key,
+            "widths, blocks and strides must be positive",
+        )
+        one_of(v.conv_backend, f"{key}.conv_backend", onednn.BACKENDS)
+        if v.conv_backend == "onednn":
+            why_not = onednn.unavailable_reason() or onednn.conv_unverified_reason()
+            check(why_not is None, f"{key}.conv_backend", f"'onednn' cannot run: {why_not}")
 
     @nn.compact
     def __call__(self, frames, frame_mask):  # frames: [B, T, H, W, 3], frame_mask: [B, T]
