@@ -237,6 +237,11 @@ def test_bad_configs_fail_before_compiling_and_name_the_key(demo_data, tmp_path)
         "config.data.fps",
         "config.data.eval_split",
     ]
+    # A key no part of the model has (a typo in a config file) is named, not ignored.
+    config = small_config(*demo_data)
+    config.model.visual.widht = (8, 16)
+    with pytest.raises(ConfigError, match=r"model\.visual: \['widht'\] are not settings of Vis"):
+        trainer.train(config, tmp_path / "w")
     no_data = small_config(*demo_data)
     no_data.data.dir = "/nowhere"
     with pytest.raises(FileNotFoundError, match="no prepared dataset 'demo_small' under"):
