@@ -69,7 +69,15 @@ def test_conv_equals_nn_conv_in_parameters_values_and_gradients(case, backend):
     )
 
 
-@pytest.mark.parametrize("backend", ["xla", pytest.param("onednn", marks=needs_onednn_conv)])
+needs_onednn_bfloat16 = pytest.mark.skipif(
+    onednn.bfloat16_unsupported_reason() is not None,
+    reason=str(onednn.bfloat16_unsupported_reason()),
+)
+
+
+@pytest.mark.parametrize(
+    "backend", ["xla", pytest.param("onednn", marks=[needs_onednn_conv, needs_onednn_bfloat16])]
+)
 def test_bfloat16_gradients_stay_close_to_float32(backend):
     x = normal(0, 4, 16, 16, 16)  # phase path
     f32 = Conv(16, 3, 2, backend=backend)

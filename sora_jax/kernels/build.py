@@ -27,6 +27,17 @@ HEADERS = (HERE / "onednn_common.h",)
 ONEDNN_RUNTIME = "onednn-cpu-gomp"  # libdnnl.so.3, CPU only, OpenMP threads
 ONEDNN_HEADERS = "onednn-devel-cpu-gomp"  # its headers (same version)
 FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-Wno-return-type")
+# SORA_JAX_SANITIZE=address builds the kernels with AddressSanitizer (`make asan`; the
+# process must preload libasan, as the Makefile does). A build of its own: other flags,
+# another cache entry.
+SANITIZE = {"address": ("-fsanitize=address", "-fno-omit-frame-pointer", "-g")}
+
+
+def flags() -> tuple[str, ...]:
+    sanitizer = os.environ.get("SORA_JAX_SANITIZE", "")
+    if sanitizer and sanitizer not in SANITIZE:
+        raise BuildError(f"SORA_JAX_SANITIZE={sanitizer!r}: only {sorted(SANITIZE)}")
+    return FLAGS + SANITIZE.get(sanitizer, ())
 
 
 class BuildError(RuntimeError):
@@ -64,7 +75,7 @@ def _inputs() -> tuple[pathlib.Path, pathlib.Path, str]:
             importlib.metadata.version("jaxlib"),
             importlib.metadata.version(ONEDNN_RUNTIME),
             importlib.metadata.version(ONEDNN_HEADERS),
-            " ".join(FLAGS),
+            " ".join(flags()),
         ]
     )
     return header.parents[2], library, versions
@@ -94,7 +105,7 @@ def build(verbose: bool = False) -> pathlib.Path:
             out = pathlib.Path(tmp) / target.name
             command = [
                 *shlex.split(compiler),
-                *FLAGS,
+                *flags(),
                 f"-I{jax.ffi.include_dir()}",
                 f"-I{include}",
                 *map(str, SOURCES),

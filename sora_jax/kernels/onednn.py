@@ -12,6 +12,7 @@ The library is built on first use (build.py); `available()` says whether it coul
 import ctypes
 import functools
 import logging
+import os
 import pathlib
 from collections.abc import Callable
 
@@ -59,22 +60,32 @@ def _cpu_flags() -> tuple[str, ...]:
 
 @functools.cache
 def conv_unverified_reason() -> str | None:
-    """None where the convolution kernels are verified (x86 CPUs with AVX-512, where they
-    were built, tested and benchmarked), else why not. On a 2-core AMD EPYC with AVX2 only
-    they corrupted the heap (`free(): invalid next size`) or hung in about half of short
-    training runs, single-threaded or not, while XLA's convolutions never did: there
-    `auto` uses XLA's and `onednn` is refused. The LSTM kernel is not affected."""
-    if "avx512f" not in _cpu_flags():
+    """None where the convolution kernels are verified (x86 CPUs with AVX2 or AVX-512),
+    else why not. They were once held to AVX-512: on an AVX2-only AMD EPYC training hung
+    or crashed (`free(): invalid next size`) in about half of short runs. The cause was
+    oneDNN's AVX2 weight gradient of a strided 1x1 convolution on few input channels,
+    which writes past its workspace (oneDNN issue 6035); models/conv.py no longer gives
+    oneDNN strided 1x1 convolutions. Checked with oneDNN held to AVX2
+    (ONEDNN_MAX_CPU_ISA=AVX2) under AddressSanitizer (`make asan`)."""
+    if "avx2" not in _cpu_flags():
         return (
-            "the oneDNN convolutions are verified only on CPUs with AVX-512 (on an AVX2-only "
-            "CPU they corrupted memory); XLA's convolutions run instead"
+            "the oneDNN convolutions are verified on x86 CPUs with AVX2 or AVX-512; this one "
+            "has neither: XLA's convolutions run instead"
         )
     return None
+
+
+def _isa_cap() -> str:
+    """oneDNN's ISA cap (ONEDNN_MAX_CPU_ISA, or DNNL_MAX_CPU_ISA), upper case; "" if none."""
+    return (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA", "")).upper()
 
 
 def bfloat16_unsupported_reason() -> str | None:
     """oneDNN 2023 builds no bfloat16 matmul or convolution without AVX-512 ("could not
     create a primitive descriptor"): there bfloat16 runs on XLA's operations."""
+    cap = _isa_cap()
+    if cap and not cap.startswith(("AVX512", "AVX10", "ALL", "DEFAULT")):
+        return f"oneDNN has no bfloat16 matmul or convolution below AVX-512 (held to {cap})"
     if "avx512f" in _cpu_flags():
         return None
     return "oneDNN has no bfloat16 matmul or convolution for this CPU (no AVX-512)"

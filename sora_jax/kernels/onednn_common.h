@@ -3,6 +3,7 @@
 #ifndef SORA_JAX_KERNELS_ONEDNN_COMMON_H_
 #define SORA_JAX_KERNELS_ONEDNN_COMMON_H_
 
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -34,20 +35,42 @@ inline ffi::ErrorOr<dnnl::memory::data_type> DnnlType(ffi::DataType type, const 
 }
 
 // Scratch memory reused by every call on a thread (oneDNN scratchpads, weights in
-// oneDNN's layouts): grown, never shrunk, so steady-state calls do not allocate.
+// oneDNN's layouts): grown, never shrunk, so steady-state calls do not allocate. Each
+// buffer ends in a guard of known bytes, checked after every call (Overrun): a kernel
+// writing past what it asked for fails that call, naming it, instead of corrupting the
+// heap to crash later somewhere else.
 class ThreadScratch {
  public:
+  static constexpr size_t kGuard = 256;
+  static constexpr unsigned char kCanary = 0xA5;
+
   char* Get(int slot, size_t bytes) {
-    if (buffers_.size() <= size_t(slot)) buffers_.resize(slot + 1);
-    if (buffers_[slot].size() < bytes) buffers_[slot].resize(bytes);
+    if (buffers_.size() <= size_t(slot)) {
+      buffers_.resize(slot + 1);
+      used_.resize(slot + 1, 0);
+    }
+    if (buffers_[slot].size() < bytes + kGuard) buffers_[slot].resize(bytes + kGuard);
+    std::memset(buffers_[slot].data() + bytes, kCanary, kGuard);
+    used_[slot] = bytes;
     return buffers_[slot].data();
   }
   dnnl::memory Memory(int slot, const dnnl::memory::desc& desc) {
     return dnnl::memory(desc, Engine(), Get(slot, desc.get_size()));
   }
+  // The first slot whose guard was written since its Get, or -1.
+  int Overrun() const {
+    for (size_t slot = 0; slot < buffers_.size(); ++slot) {
+      const char* guard = buffers_[slot].data() + used_[slot];
+      for (size_t i = 0; i < kGuard && !buffers_[slot].empty(); ++i) {
+        if (static_cast<unsigned char>(guard[i]) != kCanary) return int(slot);
+      }
+    }
+    return -1;
+  }
 
  private:
   std::vector<std::vector<char>> buffers_;
+  std::vector<size_t> used_;
 };
 
 inline ThreadScratch& Scratch() {

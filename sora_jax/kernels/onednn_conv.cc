@@ -147,6 +147,11 @@ ffi::Error Run(Kind kind, Geometry g, void* x, void* w, void* b, void* y) {
       plan.weights_reorder.execute(stream, weights, user_weights);
     }
     stream.wait();
+    if (int slot = sora::Scratch().Overrun(); slot >= 0) {
+      return ffi::Error::Internal("oneDNN convolution (kind " + std::to_string(int(kind)) +
+                                  ", shape " + g.Key(kind) + ") wrote past its scratch " +
+                                  (slot == 0 ? "pad" : "weights"));
+    }
   } catch (const std::exception& e) {  // dnnl::error, std::bad_alloc: back to XLA as an error
     return ffi::Error::Internal(std::string("oneDNN convolution: ") + e.what());
   }

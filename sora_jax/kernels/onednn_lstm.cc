@@ -240,6 +240,10 @@ ffi::Error Forward(ffi::AnyBuffer input_gates, ffi::AnyBuffer w_h,
   } catch (const std::exception& e) {
     return ffi::Error::Internal(std::string("oneDNN LSTM forward: ") + e.what());
   }
+  if (int slot = sora::Scratch().Overrun(); slot >= 0) {
+    return ffi::Error::Internal(std::string("oneDNN LSTM forward wrote past its scratch ") +
+                                (slot == 0 ? "pad" : "weights"));
+  }
   return ffi::Error::Success();
 }
 
@@ -274,6 +278,10 @@ ffi::Error Backward(ffi::AnyBuffer dh_out, ffi::AnyBuffer acts_in, ffi::AnyBuffe
     }
   } catch (const std::exception& e) {
     return ffi::Error::Internal(std::string("oneDNN LSTM backward: ") + e.what());
+  }
+  if (int slot = sora::Scratch().Overrun(); slot >= 0) {
+    return ffi::Error::Internal(std::string("oneDNN LSTM backward wrote past its scratch ") +
+                                (slot == 0 ? "pad" : "weights"));
   }
   return ffi::Error::Success();
 }

@@ -84,6 +84,14 @@ def conv2d(
     [N, ceil(H/s), ceil(W/s), O], then max(., 0) if `relu`. Equals `nn.Conv`'s (and
     `nn.relu`'s) whatever the backend; oneDNN applies the ReLU inside the kernel."""
     if onednn.resolve(backend, x, "conv") == "onednn":
+        if w.shape[:2] == (1, 1) and stride > 1:
+            # A strided 1x1 convolution (a residual shortcut) reads every s-th pixel:
+            # take them here and convolve with stride 1, the same numbers. oneDNN's own
+            # strided 1x1 weight gradient copies those pixels into a workspace and, with
+            # fewer input channels than its block (8 on AVX2, 16 on AVX-512; RGB frames
+            # have 3), writes past it (oneDNN issue 6035, open): on AVX2 hosts that
+            # overwrote its barrier (a hang) or the heap (`free(): invalid next size`).
+            x, stride = x[:, ::stride, ::stride, :], 1
         return _conv2d_onednn(x, w, b, stride, relu)
     y = _conv2d_xla(x, w, b, stride) if platform.for_cpu() else _conv(x, w, stride) + b
     return nn.relu(y) if relu else y  # XLA fuses it into the next operation itself
