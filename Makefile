@@ -66,7 +66,9 @@ test-ci: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n 2 --dist worksteal --durations=15 -m 'not bench and not long' tests
 
-# Every benchmark, results in bench/results/*.json (see BENCHMARKS.md); ~33 min on 2 cores (the av_sync pair ~6).
+# Every benchmark, results in bench/results/*.json (see BENCHMARKS.md), and the kill drill.
+# About 35 min on 2 cores, not measured whole: the run of 2026-11-25 took 9 min before the
+# seeds (~12), storage (~1), av_sync (~6) scripts and the drill (~3) joined it.
 bench: demo-data
 	$(UV) -e ".[test,bench]"
 	$(BIN)/python -m pytest -n 2 -m bench tests/test_bench.py  # bfloat16 variants, and the PyTorch peers
@@ -84,6 +86,7 @@ bench: demo-data
 	$(BIN)/python bench/seeds.py --out bench/results/seeds.json  # ~12 min: three seeds of four trainings
 	test -f $(DEMO_RUN)/export/model.jax || $(MAKE) demo
 	$(BIN)/python bench/timeline.py --out bench/results/timeline.json
+	$(MAKE) drill
 
 # SIGKILL a training run at random moments, rerun it each time, and check that nothing was
 # lost (same losses, no orphan processes, nothing stale, checkpoints intact); ~5 min.

@@ -68,15 +68,22 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+ISA_FLAGS = {
+    *("sse4_2", "avx", "avx2", "fma"),
+    *("avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile"),
+}
+
+
 def machine() -> dict:
     import jax  # late import: some scripts set XLA flags first
 
-    cpu = platform.processor() or platform.machine()
+    cpu, model, flags = platform.processor() or platform.machine(), "", set()
     try:
         for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+            if line.startswith("model name") and not model:
+                cpu = model = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
     return {
@@ -84,6 +91,10 @@ def machine() -> dict:
         "platform": jax.devices()[0].platform,
         "device_count": jax.device_count(),
         "cpu": cpu,
+        # The vector ISAs that decide which kernels run (oneDNN's, XLA's): results from
+        # hosts with other ones do not compare.
+        "isa": sorted(flags & ISA_FLAGS),
+        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
         "cores": os.cpu_count(),
         "jax": jax.__version__,
         "date": time.strftime("%Y-%m-%d"),
