@@ -169,6 +169,10 @@ def test_a_resume_with_another_config_is_refused_naming_every_change(demo_data, 
     longer = _config(demo_data)
     longer.total_steps = 8
     ownership.check_config_unchanged(longer, workdir)  # no error
+    # A new measure changes nothing learned: an evaluator may be added on resume.
+    measured = _config(demo_data)
+    measured.evals = {"cls": {"type": "classification", "split": "test"}}
+    ownership.check_config_unchanged(measured, workdir)  # no error
 
 
 def test_warmup_beyond_the_last_step_is_said(demo_data, tmp_path, caplog):

@@ -40,6 +40,7 @@ MAY_CHANGE_ON_RESUME = (
     "data.dir",
     "data.eval_batch_size",
     "distributed",
+    "evals",  # what is measured, never what is learned
 )
 
 
@@ -150,6 +151,10 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
+def _may_change(key: str) -> bool:
+    return any(key == k or key.startswith(f"{k}.") for k in MAY_CHANGE_ON_RESUME)
+
+
 def check_config_unchanged(
     config: ml_collections.ConfigDict, workdir: "str | os.PathLike[str]"
 ) -> None:
@@ -165,7 +170,7 @@ def check_config_unchanged(
     changed = [
         f"config.{key}: {shown(before, key)} in the run, {shown(now, key)} now"
         for key in sorted(before.keys() | now.keys())
-        if before.get(key) != now.get(key) and key not in MAY_CHANGE_ON_RESUME
+        if before.get(key) != now.get(key) and not _may_change(key)
     ]
     if changed:
         raise config_lib.ConfigError(
