@@ -273,6 +273,10 @@ def test_the_aligned_space_is_exported_and_retrieval_from_it_is_sora_evals(
     assert card["kind"] == "embedding" and card["class_names"] == []
     assert "logits" not in card["outputs"]  # an untrained classifier is not exported
     assert {"video_projection", "audio_projection"} <= set(card["outputs"])
+    assert card["objective"] == {"contrastive": 1.0}
+    markdown = (tmp_path / "export" / "model_card.md").read_text()
+    assert "Pretrained without labels (contrastive): the classifier is untrained" in markdown
+    assert "probe" in markdown  # the run's evaluators' measures, on the card too
     exported = tmp_path / "exported.npz"
     args = ["--export", str(tmp_path / "export"), "--split", "test", "--out", str(exported)]
     assert embed_lib.main(args) == 0

@@ -305,7 +305,7 @@ def card_markdown(card: dict, export_dir: "os.PathLike[str]") -> str:
     for name, spec in card["outputs"].items():
         lines.append(f"| `{name}` | {spec['shape']} | {spec['dtype']} | {spec['meaning']} |")
     lines += ["", "## Metrics", ""]
-    if card["objective"].get("supervised", 1.0) == 0:
+    if not card["objective"].get("supervised"):  # weights > 0 only (older cards: all)
         lines += [
             "Pretrained without labels (contrastive): the classifier is untrained. Use the "
             "embedding, or train a head on it (sora_jax configs/linear_probe.py).",
