@@ -17,8 +17,6 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from sora_jax import config as config_lib
 from sora_jax.evaluators.base import Evaluator, flatten_views
@@ -65,12 +63,8 @@ class AVSyncEvaluator(Evaluator):
     def __init__(self, name, settings, context):
         super().__init__(name, settings, context)
         self._reader = context.reader(settings.split)
-        self._step = jax.jit(
-            functools.partial(
-                self._scores, context.apply, settings.min_offset_s, settings.max_offset_s
-            ),
-            out_shardings=NamedSharding(context.mesh, P()),
-        )
+        low, high = settings.min_offset_s, settings.max_offset_s
+        self._step = context.jit(functools.partial(self._scores, context.apply, low, high))
 
     @staticmethod
     def _scores(apply, low, high, params, batch):

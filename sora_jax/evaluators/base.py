@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +37,11 @@ class Context:
     # the split's order, and the labels; .close(). `dataset`: (dir, name) of another
     # prepared dataset, prepared at the run's fps.
     reader: Callable[..., Any]
+
+    def jit(self, fn: Callable) -> Callable:
+        """`fn(params, batch)` compiled once, its per-clip outputs gathered whole on every
+        process (what a reader's run collects)."""
+        return jax.jit(fn, out_shardings=NamedSharding(self.mesh, PartitionSpec()))
 
 
 class Evaluator:

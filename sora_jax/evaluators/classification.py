@@ -8,8 +8,6 @@ Settings: none beyond type, split and every_steps.
 """
 
 import jax
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from sora_jax import config as config_lib
 from sora_jax.evaluators.base import Evaluator, flatten_views
@@ -35,7 +33,7 @@ class ClassificationEvaluator(Evaluator):
     def __init__(self, name, settings, context):
         super().__init__(name, settings, context)
         self._reader = context.reader(settings.split)
-        self._step = jax.jit(self._scores, out_shardings=NamedSharding(context.mesh, P()))
+        self._step = context.jit(self._scores)
 
     def _scores(self, params, batch):
         rows, B, V = flatten_views({k: batch[k] for k in MODEL_INPUTS})

@@ -9,10 +9,7 @@ Settings: bank_split ("train"), bank_size (50000), k (20). Needs single-label da
 
 from typing import ClassVar
 
-import jax
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from sora_jax import config as config_lib
 from sora_jax.evaluators.base import Evaluator, flatten_views
@@ -54,7 +51,7 @@ class KnnEvaluator(Evaluator):
         super().__init__(name, settings, context)
         self._reader = context.reader(settings.split)
         self._bank = context.reader(settings.bank_split, None, settings.bank_size)
-        self._step = jax.jit(self._embed, out_shardings=NamedSharding(context.mesh, P()))
+        self._step = context.jit(self._embed)
 
     def _embed(self, params, batch):
         rows, B, V = flatten_views({k: batch[k] for k in MODEL_INPUTS})

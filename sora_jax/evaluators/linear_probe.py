@@ -13,11 +13,8 @@ feature), max_train_clips (10000), dataset and data_dir ("": the run's).
 
 from typing import ClassVar
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from sora_jax import config as config_lib
 from sora_jax.evaluators.base import Evaluator, flatten_views
@@ -98,7 +95,7 @@ class LinearProbeEvaluator(Evaluator):
         self.classes = len(pipeline.dataset_summary(*where).class_names)
         self._train = context.reader(settings.train_split, where, settings.max_train_clips)
         self._test = context.reader(settings.split, where)
-        self._step = jax.jit(self._embed, out_shardings=NamedSharding(context.mesh, P()))
+        self._step = context.jit(self._embed)
 
     def _embed(self, params, batch):
         rows, B, V = flatten_views({k: batch[k] for k in MODEL_INPUTS})

@@ -7,11 +7,8 @@ another split or per slice (`slices`: a clip is then sought among its slice's cl
 Settings: none beyond type, split and every_steps. Needs the contrastive objective.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from sora_jax import config as config_lib
 from sora_jax.evaluators.base import Evaluator, flatten_views
@@ -47,7 +44,7 @@ class RetrievalEvaluator(Evaluator):
     def __init__(self, name, settings, context):
         super().__init__(name, settings, context)
         self._reader = context.reader(settings.split)
-        self._step = jax.jit(self._project, out_shardings=NamedSharding(context.mesh, P()))
+        self._step = context.jit(self._project)
 
     def _project(self, params, batch):
         rows, B, V = flatten_views({k: batch[k] for k in MODEL_INPUTS})
