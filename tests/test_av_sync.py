@@ -3,6 +3,7 @@ against answers worked out by hand; a run on real timing-set clips that trains, 
 and is ranked by its evaluator; the config mistakes they refuse; and (slow) the proof that
 the objective learns what the contrastive objective cannot: when a sound happens."""
 
+import functools
 import json
 import pathlib
 import sys
@@ -119,32 +120,34 @@ def test_a_sync_run_trains_is_evaluated_by_name_and_ranks_its_checkpoints(
     assert "v2a_r1" in brief["retrieval"]
 
 
-def test_sync_config_mistakes_fail_before_compiling_and_name_the_key(timing_data):
+def _no_sound_objective(c):
+    c.objectives.supervised.weight = 1.0
+    c.objectives.contrastive.weight = c.objectives.av_sync.weight = 0.0
+
+
+# (what is changed, as key=value or a function; which check must refuse it; the error)
+MISTAKES = [
+    ("data.num_frames", 4, "config", r"objectives\.av_sync\.min_offset_s: .* 0\.50 s"),
+    ("evals.sync.type", "lip_reading", "config", r"evals\.sync\.type: 'lip_reading' is not"),
+    ("evals.sync.max_offset", 2.0, "config", r"\['max_offset'\] are not av_sync settings"),
+    ("checkpoint.best_metric", "synch/accuracy", "config", r"no evaluator 'synch'"),
+    ("evals.sync.split", "validation", "data", r"evals\.sync\.split: no split 'validation'"),
+    (_no_sound_objective, None, "config", r"evals\.sync: scores a sound against a picture"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "check", "error"), MISTAKES)
+def test_sync_config_mistakes_fail_before_compiling_and_name_the_key(
+    timing_data, key, value, check, error
+):
     c = _config(timing_data)
-    c.data.num_frames = 4  # 0.5 s of sound: no shift of 0.5 s both ways
-    with pytest.raises(ConfigError, match=r"objectives\.av_sync\.min_offset_s: .* 0\.50 s"):
-        setup.check_config(c)
-    c = _config(timing_data)
-    c.evals.sync.type = "lip_reading"
-    with pytest.raises(ConfigError, match=r"evals\.sync\.type: 'lip_reading' is not one of"):
-        setup.check_config(c)
-    c = _config(timing_data)
-    c.evals.sync.max_offset = 2.0  # a typo of max_offset_s
-    with pytest.raises(ConfigError, match=r"\['max_offset'\] are not av_sync settings"):
-        setup.check_config(c)
-    c = _config(timing_data)
-    c.checkpoint.best_metric = "synch/accuracy"
-    with pytest.raises(ConfigError, match=r"best_metric: 'synch/accuracy': no evaluator 'synch'"):
-        setup.check_config(c)
-    c = _config(timing_data)
-    c.evals.sync.split = "validation"
-    with pytest.raises(ConfigError, match=r"config\.evals\.sync\.split: no split 'validation'"):
-        pipeline.check_dataset(c)
-    c = _config(timing_data)
-    c.objectives.update(supervised={"weight": 1.0}, av_sync={"weight": 0.0})
-    c.objectives.contrastive.weight = 0.0
-    with pytest.raises(ConfigError, match=r"evals\.sync: scores a sound against a picture"):
-        setup.check_config(c)
+    if callable(key):
+        key(c)
+    else:
+        *parents, leaf = key.split(".")
+        functools.reduce(getattr, parents, c)[leaf] = value  # a typo'd key is added too
+    with pytest.raises(ConfigError, match=error):
+        setup.check_config(c) if check == "config" else pipeline.check_dataset(c)
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sora_jax import config as config_lib
-from sora_jax.evaluators.base import Evaluator, flatten_views
+from sora_jax.evaluators.base import SliceableEvaluator, flatten_views
 from sora_jax.inputs import MODEL_INPUTS
 from sora_jax.objectives.av_sync import offsets, own_sync_scores, shift_audio
 
@@ -33,7 +33,7 @@ def fixed_offsets(audio_len: jax.Array, low: float, high: float) -> tuple[jax.Ar
     return offsets(fractions, audio_len, low, high)
 
 
-class AVSyncEvaluator(Evaluator):
+class AVSyncEvaluator(SliceableEvaluator):
     type = "av_sync"
     defaults: ClassVar[dict] = {"min_offset_s": 0.5, "max_offset_s": 2.0}
 

@@ -12,6 +12,7 @@ JSON (sora-eval's last line and WORKDIR/eval_SPLIT.json), and checkpoint.best_me
 name one as "NAME/METRIC". README "Extending" walks through one.
 """
 
+import abc
 import dataclasses
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -44,15 +45,12 @@ class Context:
         return jax.jit(fn, out_shardings=NamedSharding(self.mesh, PartitionSpec()))
 
 
-class Evaluator:
+class Evaluator(abc.ABC):
     """Subclasses set `type` and `defaults` (their settings beside type, split and
-    every_steps) and define either __call__, or `outputs` and `summarize`: then its
-    measures can also be taken per slice of the clips (the `slices` evaluator), and
-    `headline` names the measure slices are ranked by."""
+    every_steps) and define __call__; or derive from SliceableEvaluator."""
 
     type: str = ""
     defaults: ClassVar[dict[str, Any]] = {}
-    headline: str = ""  # the measure the slices evaluator ranks slices by (higher: better)
 
     def __init__(self, name: str, settings: ml_collections.ConfigDict, context: Context):
         self.name, self.settings, self.context = name, settings, context
@@ -60,6 +58,7 @@ class Evaluator:
     @classmethod
     def check(cls, key: str, settings: ml_collections.ConfigDict, config) -> None:
         """Raise config.ConfigError naming `key`.SETTING for settings that cannot work."""
+        return None  # by default: no settings of its own to check
 
     @classmethod
     def data_problems(cls, key: str, settings: ml_collections.ConfigDict, config) -> list[str]:
@@ -68,26 +67,38 @@ class Evaluator:
         every evaluator."""
         return []
 
+    @abc.abstractmethod
     def __call__(self, params: Any) -> dict[str, float]:
         """The measures of `params` (the run's inference parameters): name -> number."""
+
+    def close(self) -> None:
+        """Stop any data workers."""
+        return None  # by default: it keeps none
+
+
+class SliceableEvaluator(Evaluator):
+    """An evaluator whose measures come from per-clip outputs, so that they can also be
+    taken over any subset of the clips (the `slices` evaluator). `headline` names the
+    measure slices are ranked by (higher: better)."""
+
+    headline: str = ""
+
+    def __call__(self, params: Any) -> dict[str, float]:
         per_clip = self.outputs(params)
         return self.summarize(per_clip, np.ones(len(next(iter(per_clip.values()))), bool))
 
+    @abc.abstractmethod
     def outputs(self, params: Any) -> dict[str, np.ndarray]:
         """Per clip of its split, in the split's order: name -> [N, ...]."""
-        raise NotImplementedError(f"the {self.type} evaluator cannot be sliced")
 
+    @abc.abstractmethod
     def summarize(self, outputs: dict[str, np.ndarray], keep: np.ndarray) -> dict[str, float]:
         """The measures over the clips where `keep` [N] is True."""
-        raise NotImplementedError
 
     def dataset(self) -> tuple[str, str]:
         """(data dir, name) of the dataset whose `split` it measures."""
         d = self.context.config.data
         return d.dir, d.name
-
-    def close(self) -> None:
-        """Stop any data workers."""
 
 
 def flatten_views(batch: dict[str, jax.Array]) -> tuple[dict[str, jax.Array], int, int]:

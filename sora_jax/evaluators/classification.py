@@ -10,7 +10,7 @@ Settings: none beyond type, split and every_steps.
 import jax
 
 from sora_jax import config as config_lib
-from sora_jax.evaluators.base import Evaluator, flatten_views
+from sora_jax.evaluators.base import SliceableEvaluator, flatten_views
 from sora_jax.inputs import MODEL_INPUTS
 from sora_jax.train import metrics as metrics_lib
 from sora_jax.train.step import MODE_LOGITS
@@ -18,7 +18,7 @@ from sora_jax.train.step import MODE_LOGITS
 SENSE = {"full": None, "audio_only": "has_audio", "video_only": "has_video"}
 
 
-class ClassificationEvaluator(Evaluator):
+class ClassificationEvaluator(SliceableEvaluator):
     type = "classification"
     headline = "top1"
 

@@ -12,7 +12,7 @@ from typing import ClassVar
 import numpy as np
 
 from sora_jax import config as config_lib
-from sora_jax.evaluators.base import Evaluator, flatten_views
+from sora_jax.evaluators.base import SliceableEvaluator, flatten_views
 from sora_jax.evaluators.retrieval import sense_means
 from sora_jax.inputs import MODEL_INPUTS
 from sora_jax.train import representation
@@ -24,7 +24,7 @@ SPACES = {
 }
 
 
-class KnnEvaluator(Evaluator):
+class KnnEvaluator(SliceableEvaluator):
     type = "knn"
     headline = "top1"
     defaults: ClassVar[dict] = {"bank_split": "train", "bank_size": 50_000, "k": 20}

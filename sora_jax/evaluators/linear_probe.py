@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sora_jax import config as config_lib
-from sora_jax.evaluators.base import Evaluator, flatten_views
+from sora_jax.evaluators.base import SliceableEvaluator, flatten_views
 from sora_jax.inputs import MODEL_INPUTS
 from sora_jax.models.sora import unit
 from sora_jax.train.step import masked_view_mean
@@ -45,7 +45,7 @@ def probe_top1(weights: np.ndarray, x: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.argmax(scores, axis=1) == labels))
 
 
-class LinearProbeEvaluator(Evaluator):
+class LinearProbeEvaluator(SliceableEvaluator):
     type = "linear_probe"
     defaults: ClassVar[dict] = {
         "train_split": "train",

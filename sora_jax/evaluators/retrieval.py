@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sora_jax import config as config_lib
-from sora_jax.evaluators.base import Evaluator, flatten_views
+from sora_jax.evaluators.base import SliceableEvaluator, flatten_views
 from sora_jax.inputs import MODEL_INPUTS
 from sora_jax.models.sora import unit
 from sora_jax.train import representation
@@ -29,7 +29,7 @@ def sense_means(out: dict, batch: dict, keys: tuple[str, ...], B: int, V: int) -
     return means | {k: batch[k].any(axis=1) for k in ("has_video", "has_audio")}
 
 
-class RetrievalEvaluator(Evaluator):
+class RetrievalEvaluator(SliceableEvaluator):
     type = "retrieval"
     headline = "v2a_r1"
 

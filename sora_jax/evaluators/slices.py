@@ -20,7 +20,7 @@ from typing import ClassVar
 import numpy as np
 
 from sora_jax import config as config_lib
-from sora_jax.evaluators.base import Evaluator
+from sora_jax.evaluators.base import Evaluator, SliceableEvaluator
 
 
 class SlicesEvaluator(Evaluator):
@@ -39,7 +39,9 @@ class SlicesEvaluator(Evaluator):
         )
         target = evaluators.registry()[others[settings.of].type]
         config_lib.check(
-            bool(target.headline), f"{key}.of", f"the {target.type} evaluator cannot be sliced"
+            issubclass(target, SliceableEvaluator),
+            f"{key}.of",
+            f"the {target.type} evaluator cannot be sliced",
         )
         config_lib.check(bool(settings.column), f"{key}.column", "name a metadata column")
         config_lib.check(settings.min_clips >= 1, f"{key}.min_clips", "must be >= 1")

@@ -190,13 +190,13 @@ def export(
     # Written on the local disk first (beside OUTPUT when it is local) and then moved or
     # uploaded into place: a failed export leaves any previous one as it was, and nothing
     # this tool did not write is ever deleted.
-    scratch = None if storage.is_remote(output) else pathlib.Path(output).parent
+    scratch = None if storage.is_remote(output) else output.parent
     if scratch is not None:
         scratch.mkdir(parents=True, exist_ok=True)
         # The parameters twice (params/, the SavedModel's variables) and the artifacts:
         # refused before writing, rather than failing half way in orbax's threads.
         needed = 3 * sum(np.asarray(x).nbytes for x in jax.tree.leaves(params)) + (10 << 20)
-        free = storage.free_bytes(epath.Path(scratch))
+        free = storage.free_bytes(scratch)
         if free is not None and free < needed:
             raise OSError(
                 errno.ENOSPC, f"{scratch} has {free >> 20} MB free, an export needs ~{needed >> 20}"

@@ -8,6 +8,7 @@ the step, the state, transfer, evaluation and export learn from the chosen objec
 what exists. README "Extending" walks through one.
 """
 
+import abc
 from typing import Any, ClassVar
 
 import jax
@@ -21,7 +22,7 @@ from jax.sharding import Mesh
 NEEDS = ("modality_embeddings", "projections")
 
 
-class Objective:
+class Objective(abc.ABC):
     """One term of the loss. Subclasses set the class attributes and define `loss`."""
 
     name: str = ""
@@ -38,6 +39,7 @@ class Objective:
 
     def check(self, settings: ml_collections.ConfigDict, config: ml_collections.ConfigDict):
         """Raise config.ConfigError, naming the key, for settings that cannot work."""
+        return None  # by default: no settings of its own to check
 
     def head(self, settings: ml_collections.ConfigDict, config: ml_collections.ConfigDict):
         """A flax module the model applies to its features (its parameters are the part
@@ -55,6 +57,7 @@ class Objective:
         shifted soundtrack); {} by default."""
         return {}
 
+    @abc.abstractmethod
     def loss(
         self,
         out: dict[str, jax.Array],
@@ -65,4 +68,3 @@ class Objective:
         views: int,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """(loss [], metrics {name: []}) of one global batch of rows [B * views]."""
-        raise NotImplementedError
