@@ -76,6 +76,7 @@ def test_peers_pytorch():
     # No skip: this tier runs only in `make bench`, which installs PyTorch first; a
     # missing torch there is a failure, not a reason to pass.
     import torch  # noqa: F401
+
     result = _run(
         "peers.py", *TINY, "--steps", "2", "--warmup", "1", "--skip=keras", "--skip=keras_xla"
     )
