@@ -3,7 +3,7 @@
 
 import numpy as np
 
-from sora_jax.train import evaluate
+from sora_jax.train import evaluate, metrics
 
 CLASSES = ("a", "b", "c")
 
@@ -21,13 +21,13 @@ def test_each_sense_alone_is_scored_on_the_clips_that_have_it():
         "has_audio": has_audio,
         "has_video": np.ones(4, bool),
     }
-    reports = evaluate.classification_by_mode(outputs, labels, CLASSES, multi_label=False)
+    reports = metrics.classification_by_mode(outputs, labels, CLASSES, multi_label=False)
     assert reports["audio_only"]["top1"] == 1.0 and reports["audio_only"]["num_examples"] == 2
     assert reports["full"]["num_examples"] == reports["video_only"]["num_examples"] == 4
     assert reports["full"]["top1"] == reports["video_only"]["top1"] == 1.0
 
     outputs["has_audio"] = np.zeros(4, bool)  # a split without any sound
-    reports = evaluate.classification_by_mode(outputs, labels, CLASSES, multi_label=False)
+    reports = metrics.classification_by_mode(outputs, labels, CLASSES, multi_label=False)
     assert reports["audio_only"] == {"num_examples": 0}
     result = dict(reports["full"]) | {k: reports[k] for k in ("audio_only", "video_only")}
     assert "audio-only n/a" in evaluate.headline(result)

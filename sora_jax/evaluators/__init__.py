@@ -14,7 +14,17 @@ from sora_jax import config as config_lib
 from sora_jax import plugins
 from sora_jax.evaluators.base import Context, Evaluator
 
-__all__ = ["Context", "Evaluator", "build", "check", "due", "flatten", "registry", "settings_of"]
+__all__ = [
+    "Context",
+    "Evaluator",
+    "build",
+    "check",
+    "due",
+    "flatten",
+    "registry",
+    "schedule",
+    "settings_of",
+]
 
 COMMON = {"type": "", "split": "test", "every_steps": 0}
 # Keys of an evaluation's JSON that an evaluator's name would overwrite.
@@ -72,15 +82,17 @@ def data_problems(config: ml_collections.ConfigDict) -> list[str]:
     return problems
 
 
-def due(config: ml_collections.ConfigDict, step: int, evaluating: bool) -> list[str]:
+def schedule(config: ml_collections.ConfigDict) -> dict[str, int]:
+    """name -> every_steps of each evaluator (0: at every evaluation of the run); read once,
+    before the loop, which asks `due` at every step."""
+    evals = config.get("evals", {})
+    return {name: settings_of(section).every_steps for name, section in evals.items()}
+
+
+def due(every: dict[str, int], step: int, evaluating: bool) -> list[str]:
     """The evaluators to run after `step`: those with every_steps 0 when the run
     evaluates, and those whose every_steps divides the step."""
-    names = []
-    for name, section in config.get("evals", {}).items():
-        every = settings_of(section).every_steps
-        if (every == 0 and evaluating) or (every and step % every == 0):
-            names.append(name)
-    return names
+    return [n for n, k in every.items() if (k == 0 and evaluating) or (k and step % k == 0)]
 
 
 def flatten(metrics: dict, prefix: str = "") -> dict[str, float]:

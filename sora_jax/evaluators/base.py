@@ -22,6 +22,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from sora_jax.inputs import MODEL_INPUTS
+
 
 @dataclasses.dataclass(frozen=True)
 class Context:
@@ -38,6 +40,12 @@ class Context:
     # the split's order, and the labels; .close(). `dataset`: (dir, name) of another
     # prepared dataset, prepared at the run's fps.
     reader: Callable[..., Any]
+
+    def apply_views(self, params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """The model on every view of an evaluation batch [B, V, ...], as rows [B * V]:
+        the fused clip and each sense alone (modality_embeddings)."""
+        rows, _, _ = flatten_views({k: batch[k] for k in MODEL_INPUTS})
+        return self.apply({"params": params}, rows, modality_embeddings=True)
 
     def jit(self, fn: Callable) -> Callable:
         """`fn(params, batch)` compiled once, its per-clip outputs gathered whole on every

@@ -7,15 +7,12 @@ another split. Needs the supervised objective.
 Settings: none beyond type, split and every_steps.
 """
 
-import jax
-
 from sora_jax import config as config_lib
-from sora_jax.evaluators.base import SliceableEvaluator, flatten_views
-from sora_jax.inputs import MODEL_INPUTS
+from sora_jax.evaluators.base import SliceableEvaluator
 from sora_jax.train import metrics as metrics_lib
-from sora_jax.train.step import MODE_LOGITS
+from sora_jax.train.step import clip_scores, clip_senses
 
-SENSE = {"full": None, "audio_only": "has_audio", "video_only": "has_video"}
+HEADLINES = ("top1", "top5", "map", "num_examples")  # of a classification report
 
 
 class ClassificationEvaluator(SliceableEvaluator):
@@ -36,14 +33,9 @@ class ClassificationEvaluator(SliceableEvaluator):
         self._step = context.jit(self._scores)
 
     def _scores(self, params, batch):
-        rows, B, V = flatten_views({k: batch[k] for k in MODEL_INPUTS})
-        out = self.context.apply({"params": params}, rows, modality_embeddings=True)
+        out = self.context.apply_views(params, batch)
         multi = self.context.config.model.multi_label
-        scores = {}
-        for mode, key in MODE_LOGITS.items():
-            p = jax.nn.sigmoid(out[key]) if multi else jax.nn.softmax(out[key])
-            scores[mode] = p.reshape(B, V, -1).mean(axis=1)  # [B, C], over the views
-        return scores | {k: batch[k].any(axis=1) for k in ("has_video", "has_audio")}
+        return clip_scores(out, batch, multi) | clip_senses(batch)  # as the built-in step
 
     def outputs(self, params):
         outputs, labels = self._reader.run(self._step, params)
@@ -51,18 +43,12 @@ class ClassificationEvaluator(SliceableEvaluator):
 
     def summarize(self, outputs, keep):
         names, multi = self.context.class_names, self.context.config.model.multi_label
+        kept = {k: v[keep] for k, v in outputs.items()}
+        by_mode = metrics_lib.classification_by_mode(kept, kept["label"], names, multi)
         report = {}
-        for mode, sense in SENSE.items():
-            counted = keep if sense is None else keep & outputs[sense]
+        for mode, measured in by_mode.items():
             prefix = "" if mode == "full" else f"{mode}/"
-            if not counted.any():
-                report[f"{prefix}num_examples"] = 0
-                continue
-            full = metrics_lib.classification_report(
-                outputs[mode][counted], outputs["label"][counted], names, multi
-            )
-            kept = ("top1", "top5", "map", "num_examples")
-            report |= {f"{prefix}{k}": full[k] for k in kept if k in full}
+            report |= {f"{prefix}{k}": measured[k] for k in HEADLINES if k in measured}
         return report
 
     def close(self):

@@ -12,10 +12,9 @@ from typing import ClassVar
 import numpy as np
 
 from sora_jax import config as config_lib
-from sora_jax.evaluators.base import SliceableEvaluator, flatten_views
-from sora_jax.evaluators.retrieval import sense_means
-from sora_jax.inputs import MODEL_INPUTS
+from sora_jax.evaluators.base import SliceableEvaluator
 from sora_jax.train import representation
+from sora_jax.train.step import EMBEDDINGS, clip_senses, clip_vectors
 
 SPACES = {
     "top1": ("embedding", None),
@@ -54,9 +53,8 @@ class KnnEvaluator(SliceableEvaluator):
         self._step = context.jit(self._embed)
 
     def _embed(self, params, batch):
-        rows, B, V = flatten_views({k: batch[k] for k in MODEL_INPUTS})
-        out = self.context.apply({"params": params}, rows, modality_embeddings=True)
-        return sense_means(out, batch, tuple(key for key, _ in SPACES.values()), B, V)
+        out = self.context.apply_views(params, batch)
+        return clip_vectors(out, batch, EMBEDDINGS) | clip_senses(batch)
 
     def outputs(self, params):
         queries, labels = self._reader.run(self._step, params)

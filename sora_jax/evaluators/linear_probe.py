@@ -17,10 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sora_jax import config as config_lib
-from sora_jax.evaluators.base import SliceableEvaluator, flatten_views
-from sora_jax.inputs import MODEL_INPUTS
-from sora_jax.models.sora import unit
-from sora_jax.train.step import masked_view_mean
+from sora_jax.evaluators.base import SliceableEvaluator
+from sora_jax.train.step import clip_senses, clip_vectors
 
 EMBEDDINGS = {"embedding": None, "video_embedding": "has_video", "audio_embedding": "has_audio"}
 
@@ -98,13 +96,10 @@ class LinearProbeEvaluator(SliceableEvaluator):
         self._step = context.jit(self._embed)
 
     def _embed(self, params, batch):
-        rows, B, V = flatten_views({k: batch[k] for k in MODEL_INPUTS})
-        out = self.context.apply({"params": params}, rows, modality_embeddings=True)
+        out = self.context.apply_views(params, batch)
         key, sense = self.settings.embedding, EMBEDDINGS[self.settings.embedding]
-        x = out[key].reshape(B, V, -1)  # [B, V, E]
-        present = jnp.ones((B, V), bool) if sense is None else batch[sense]
-        has = present.any(axis=1)
-        return {"x": unit(masked_view_mean(x, present)), "has": has}
+        has = clip_senses(batch)[sense] if sense else jnp.ones(batch["frames"].shape[:1], bool)
+        return {"x": clip_vectors(out, batch, (key,))[key], "has": has}
 
     headline = "top1"
 
@@ -117,23 +112,21 @@ class LinearProbeEvaluator(SliceableEvaluator):
         weights = fit_ridge(train_x, train_y, self.classes, self.settings.l2)
         majority = np.bincount(train_y, minlength=self.classes).argmax()
         scores = np.concatenate([test["x"], np.ones((len(test["x"]), 1))], axis=1) @ weights
+        # What the fit itself scored: the same for every slice of the test clips.
+        self._fit = {"train_top1": probe_top1(weights, train_x, train_y), "num_train": len(train_y)}
         return {
             "right": np.argmax(scores, axis=1) == test_labels,
             "majority_right": test_labels == majority,
             "has": test["has"],
-            "train_top1": np.full(len(test_labels), probe_top1(weights, train_x, train_y)),
-            "num_train": np.full(len(test_labels), len(train_y)),
         }
 
     def summarize(self, outputs, keep):
         keep = keep & outputs["has"]
         if not keep.any():
             return {"num_examples": 0}
-        return {
+        return self._fit | {
             "top1": float(np.mean(outputs["right"][keep])),
-            "train_top1": float(outputs["train_top1"][0]),
             "majority_top1": float(np.mean(outputs["majority_right"][keep])),  # no embedding
-            "num_train": int(outputs["num_train"][0]),
             "num_examples": int(keep.sum()),
         }
 

@@ -7,26 +7,12 @@ another split or per slice (`slices`: a clip is then sought among its slice's cl
 Settings: none beyond type, split and every_steps. Needs the contrastive objective.
 """
 
-import jax.numpy as jnp
 import numpy as np
 
 from sora_jax import config as config_lib
-from sora_jax.evaluators.base import SliceableEvaluator, flatten_views
-from sora_jax.inputs import MODEL_INPUTS
-from sora_jax.models.sora import unit
+from sora_jax.evaluators.base import SliceableEvaluator
 from sora_jax.train import representation
-from sora_jax.train.step import masked_view_mean
-
-
-def sense_means(out: dict, batch: dict, keys: tuple[str, ...], B: int, V: int) -> dict:
-    """Per clip, each output in `keys` averaged over the views that have its sense, unit
-    length: {key: [B, D]}, and which senses the clip has."""
-    means = {}
-    for key in keys:
-        sense = key.split("_")[0]
-        present = batch[f"has_{sense}"] if sense in ("video", "audio") else jnp.ones((B, V), bool)
-        means[key] = unit(masked_view_mean(out[key].reshape(B, V, -1), present))
-    return means | {k: batch[k].any(axis=1) for k in ("has_video", "has_audio")}
+from sora_jax.train.step import PROJECTIONS, clip_senses, clip_vectors
 
 
 class RetrievalEvaluator(SliceableEvaluator):
@@ -47,9 +33,8 @@ class RetrievalEvaluator(SliceableEvaluator):
         self._step = context.jit(self._project)
 
     def _project(self, params, batch):
-        rows, B, V = flatten_views({k: batch[k] for k in MODEL_INPUTS})
-        out = self.context.apply({"params": params}, rows, modality_embeddings=True)
-        return sense_means(out, batch, ("video_projection", "audio_projection"), B, V)
+        out = self.context.apply_views(params, batch)
+        return clip_vectors(out, batch, PROJECTIONS) | clip_senses(batch)
 
     def outputs(self, params):
         return self._reader.run(self._step, params)[0]

@@ -146,7 +146,7 @@ class Evaluator:
         return summary
 
     def _classification(self, outputs, labels, out_dir, step) -> dict:
-        results = classification_by_mode(
+        results = metrics_lib.classification_by_mode(
             outputs, labels, self.class_names, self.config.model.multi_label
         )
         for mode, report in results.items():
@@ -225,30 +225,6 @@ def scores(result: dict) -> dict[str, float]:
     evaluator's metrics as NAME/METRIC."""
     flat = {k: result[k] for k in config_lib.METRICS if k in result}
     return flat | evaluators.flatten(result.get("evals", {}))
-
-
-def classification_by_mode(
-    outputs: dict[str, np.ndarray],
-    labels: np.ndarray,
-    class_names: Sequence[str],
-    multi_label: bool,
-) -> dict[str, dict]:
-    """Each mode's report over the clips it applies to: every clip for the fused scores,
-    the clips with a sound track for audio-only, those with frames for video-only (a clip
-    without that sense has nothing to be scored on; counted in, it read as a wrong answer).
-    `num_examples` says how many; a mode no clip applies to reports only that 0."""
-    applies = {"full": None, "audio_only": "has_audio", "video_only": "has_video"}
-    reports = {}
-    for mode, sense in applies.items():
-        keep = np.ones(len(labels), bool) if sense is None else np.asarray(outputs[sense], bool)
-        reports[mode] = (
-            metrics_lib.classification_report(
-                outputs[mode][keep], labels[keep], class_names, multi_label
-            )
-            if keep.any()
-            else {"num_examples": 0}
-        )
-    return reports
 
 
 def _top1(report: dict) -> str:

@@ -157,6 +157,37 @@ def masked_view_mean(x: jax.Array, present: jax.Array) -> jax.Array:
     return jnp.sum(x * weights[..., None], axis=1) / jnp.sum(weights, axis=1, keepdims=True)
 
 
+def clip_scores(embedded: dict, batch: dict, multi_label: bool) -> dict[str, jax.Array]:
+    """Class scores per clip [B, C] for full, audio-only and video-only inputs, from the
+    model's logits of B clips x V views, averaged over the views."""
+    B, V = batch["frames"].shape[:2]
+    scores = {}
+    for mode, key in MODE_LOGITS.items():
+        p = jax.nn.sigmoid(embedded[key]) if multi_label else jax.nn.softmax(embedded[key])
+        scores[mode] = p.reshape(B, V, -1).mean(axis=1)
+    return scores
+
+
+def clip_vectors(embedded: dict, batch: dict, keys: tuple[str, ...]) -> dict[str, jax.Array]:
+    """Unit vectors per clip [B, D] of the model's outputs `keys` (embeddings,
+    projections) for B clips x V views. A sense's own output is averaged over the views
+    that have that sense (a window past the end of a clip's sound has none); a clip
+    without it in any view is marked by clip_senses."""
+    B, V = batch["frames"].shape[:2]
+    has = {"video": batch["has_video"], "audio": batch["has_audio"]}  # [B, V] each
+    vectors = {}
+    for key in keys:
+        x = embedded[key].reshape(B, V, -1)
+        sense = key.split("_")[0]
+        vectors[key] = unit(masked_view_mean(x, has[sense]) if sense in has else x.mean(axis=1))
+    return vectors
+
+
+def clip_senses(batch: dict) -> dict[str, jax.Array]:
+    """Which senses each clip has in some view: has_video, has_audio [B] bool."""
+    return {k: batch[k].any(axis=1) for k in ("has_video", "has_audio")}
+
+
 def make_eval_step(
     model: SoraModel, config: ml_collections.ConfigDict, mesh: Mesh
 ) -> Callable[[dict, dict], dict]:
@@ -180,28 +211,11 @@ def make_eval_step(
         # One pass of the towers gives the clip fused and each sense alone (the fusion
         # head with the other sense absent, as if it were missing from the input).
         embedded = model.apply({"params": params}, flat, modality_embeddings=True)
-        per_clip = lambda x: x.reshape(B, V, -1).mean(axis=1)  # averaged over the views
-        out = {}
-        # A sense's own embedding and projection are averaged over the views that have
-        # that sense (a window past the end of a clip's sound has none); a clip without it
-        # in any view is marked by has_video/has_audio below.
-        has = {"video": batch["has_video"], "audio": batch["has_audio"]}  # [B, V] each
+        out = clip_senses(batch)
         if classify:
-            for mode, key in MODE_LOGITS.items():
-                logits = embedded[key]
-                out[mode] = per_clip(
-                    jax.nn.sigmoid(logits) if multi_label else jax.nn.softmax(logits)
-                )
+            out |= clip_scores(embedded, batch, multi_label)
         if represent:
-            for k in EMBEDDINGS + PROJECTIONS:
-                sense = k.split("_")[0]
-                if sense in has:
-                    x = masked_view_mean(embedded[k].reshape(B, V, -1), has[sense])
-                else:
-                    x = per_clip(embedded[k])
-                out[k] = unit(x)
-        for k in ("has_video", "has_audio"):  # which senses each clip has: [B] bool
-            out[k] = batch[k].any(axis=1)
+            out |= clip_vectors(embedded, batch, EMBEDDINGS + PROJECTIONS)
         return out
 
     return eval_step

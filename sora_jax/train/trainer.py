@@ -429,6 +429,7 @@ def _train(
     state, step = _restore_or_init(run, config, manager, batches, init_source, workdir)
     evaluator: evaluate.Evaluator | None = None  # made at the first evaluation, kept for the rest
     plugins: dict = {}  # config.evals, likewise
+    plugin_schedule = evaluators.schedule(config)
     logger = _Logger(workdir, config.total_steps, step, main_process)
     profile = _Profile(config.profile_steps, workdir.tensorboard, main_process)
     preemption = _Preemption(lock)
@@ -452,7 +453,7 @@ def _train(
                 logger.steps(step - len(window.pending) + 1, *window.summary(config.batch_size))
                 window = _LogWindow()
             evaluate_now = last or bool(config.eval_every and step % config.eval_every == 0)
-            plugins_due = evaluators.due(config, step, evaluate_now)
+            plugins_due = evaluators.due(plugin_schedule, step, evaluate_now)
             if last:  # the trained state is safe before the final evaluation can fail
                 _check_finite(state, manager)
                 logger.flush()
