@@ -83,6 +83,8 @@ bench: demo-data
 	$(BIN)/python bench/pretrain.py --out bench/results/pretrain.json
 	$(BIN)/python bench/storage.py --out bench/results/storage.json
 	$(BIN)/python bench/av_sync.py --seeds 0 1 --out bench/results/av_sync.json
+	$(BIN)/python bench/ann.py --out bench/results/ann.json
+	$(BIN)/python bench/curate.py --seeds 0 --out bench/results/curate.json  # ~17 min
 	$(BIN)/python bench/seeds.py --out bench/results/seeds.json  # ~12 min: three seeds of four trainings
 	test -f $(DEMO_RUN)/export/model.jax || $(MAKE) demo
 	$(BIN)/python bench/timeline.py --out bench/results/timeline.json

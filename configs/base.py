@@ -42,6 +42,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # in proportion to the weights; an unlabeled dataset's clips are left out of the
         # supervised loss. Evaluation reads dir and name above. (): dir and name alone.
         mixture=(),
+        # Cross-fitting (sora-curate): with folds=K > 0, train on every clip of the train
+        # split but those of fold holdout_fold (clip i is in fold i % K; sora-prep stores a
+        # split's clips in a shuffled order). K runs, each holding out one fold, score
+        # every clip with a model that never saw it.
+        folds=0,
+        holdout_fold=0,
     )
 
     c.model = dict(

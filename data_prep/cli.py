@@ -104,14 +104,16 @@ def _demo(argv: list[str]) -> int:
     p.add_argument("out")
     p.add_argument(
         "--set",
-        choices=("fusion", "small", "paired", "timing"),
+        choices=("fusion", "small", "paired", "timing", "faulty"),
         default="fusion",
         help="fusion: 4 classes that need both senses (make demo); small: 10 classes, each "
         "with a look and a sound of its own, the shape of a first small labelled set; "
         "paired: the small set with picture and sound also varying together within a class "
         "(hue with pitch, size with loudness), to pretrain on without its labels; timing: "
         "flashes and clicks at random moments, where only timing pairs a picture with its "
-        "sound (configs/av_sync.py)",
+        "sound (configs/av_sync.py); faulty: the paired set with faults planted in its train "
+        "split (swapped soundtracks, re-encoded copies, silence, frozen and black pictures; "
+        "OUT/clips.csv names them), to curate (sora-curate); prepare OUT/clips.csv",
     )
     p.add_argument("--train-per-class", type=int, help="default: 48 (fusion), 24 (others)")
     p.add_argument("--test-per-class", type=int, help="default: 16 (fusion), 8 (others)")
@@ -135,6 +137,7 @@ def _demo(argv: list[str]) -> int:
         "small": (synthetic.make_small_set, 24, 8),
         "paired": (synthetic.make_paired_set, 24, 8),
         "timing": (synthetic.make_timing_set, 160, 40),
+        "faulty": (synthetic.make_faulty_set, 24, 8),
     }[args.set]
     start = time.time()
     train = train if args.train_per_class is None else args.train_per_class

@@ -1,6 +1,7 @@
 """Writing real encoded videos with PyAV: the built-in demo dataset, and test fixtures."""
 
 import colorsys
+import csv
 import fractions
 import pathlib
 from collections.abc import Callable
@@ -20,6 +21,7 @@ def write_video(
     audio_layout: str | None = None,
     frame_times: np.ndarray | None = None,  # seconds; irregular times make a VFR video
     display_rotation: int = 0,  # counterclockwise degrees, as a phone's portrait video
+    bit_rate: int | None = None,  # video bits per second (None: the encoder's default)
 ) -> None:
     """Encode frames (and audio) into `path`; the container follows the file extension."""
     path = pathlib.Path(path)
@@ -28,6 +30,8 @@ def write_video(
         v = out.add_stream(video_codec, rate=rate)
         v.height, v.width = frames.shape[1:3]
         v.pix_fmt = "yuv420p"
+        if bit_rate:
+            v.bit_rate = bit_rate
         if display_rotation:
             v.set_display_rotation(display_rotation)
         if frame_times is not None:
@@ -308,3 +312,126 @@ def make_timing_set(
         test_per_class,
         seed,
     )
+
+
+def remux(source: str | pathlib.Path, target: str | pathlib.Path) -> None:
+    """Copy `source`'s streams into another container (the extension of `target`) without
+    decoding them: the same pictures and sound, other bytes (a re-upload's first form)."""
+    with av.open(str(source)) as src, av.open(str(target), "w") as out:
+        streams = {s.index: out.add_stream_from_template(s) for s in src.streams}
+        for packet in src.demux():
+            if packet.dts is not None:
+                packet.stream = streams[packet.stream.index]
+                out.mux(packet)
+
+
+# The faulty set: the paired set's clips, and in its train split the faults web video
+# brings to a pretraining corpus, planted where a test can count them (clips.csv says
+# which clip has which, in its `fault` and `original` columns; sora-curate never reads them):
+#   swapped    two clips trade soundtracks: each picture's sound is another's (dubbing,
+#              music laid over a video). The two differ in shape and in pitch band, each
+#              sense's main cue: another kind of scene's sound, not a classmate's or a near
+#              class's (class k and k + 5 share both, differing only in hue and timbre).
+#              `original` names the clip whose sound it got.
+#   duplicate  a clip again, re-encoded smaller and at a lower bitrate, some also trimmed
+#              or only re-muxed into another container (a re-upload)
+#   silent     a silent soundtrack, or none at all
+#   frozen     the first frame held for the whole clip (a still with sound)
+#   black      a black picture
+# The test split stays clean: the held-out clips every run is measured on.
+FAULTS = ("swapped", "duplicate", "silent", "frozen", "black")
+FAULT_SHARES = {"swapped": 0.2, "duplicate": 0.12, "silent": 0.08, "frozen": 0.06, "black": 0.04}
+
+
+def _resized(frames: np.ndarray, size: int) -> np.ndarray:
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.fromarray(f).resize((size, size))) for f in frames])
+
+
+def _kind(name: str) -> int:
+    """The shape and the pitch band of a small-set class (class_k: shape k % 5, band
+    3k % 5): two classes of one kind differ only in hue family and timbre."""
+    return SMALL_SET_CLASSES.index(name) % 5
+
+
+def make_faulty_set(
+    out_dir: str | pathlib.Path,
+    train_per_class: int = 24,
+    test_per_class: int = 8,
+    seed: int = 0,
+    shares: dict[str, float] | None = None,
+) -> pathlib.Path:
+    """Write the faulty set as OUT/<split>/<class>/<file> and OUT/clips.csv (columns path,
+    label, split, fault, original); returns the CSV, the source to prepare. `shares`: the
+    fraction of train clips given each fault (FAULT_SHARES), duplicates added on top."""
+    out = pathlib.Path(out_dir)
+    shares = FAULT_SHARES if shares is None else shares
+    rng = np.random.default_rng(seed)
+    classes = SMALL_SET_CLASSES
+    rows: list[tuple[str, str, str, str, str]] = []  # path, label, split, fault, original
+
+    def write(key: str, frames, audio, **kwargs) -> str:
+        (out / key).parent.mkdir(parents=True, exist_ok=True)
+        write_video(out / key, frames, 8.0, audio, 22_050, **kwargs)
+        return key
+
+    for split, count in (("test", test_per_class), ("train", train_per_class)):
+        clips = [
+            (name, f"{split}/{name}/{name}_{i:03d}.mp4", *small_set_clip(rng, k, paired=True))
+            for k, name in enumerate(classes)
+            for i in range(count)
+        ]
+        if split == "test":
+            rows += [(key, name, split, "clean", "") for name, key, f, a in clips]
+            for _, key, frames, audio in clips:
+                write(key, frames, audio)
+            continue
+        order = rng.permutation(len(clips))
+        planned, start = {}, 0
+        for fault in ("swapped", "silent", "frozen", "black"):
+            n = round(shares.get(fault, 0.0) * len(clips))
+            n += fault == "swapped" and n % 2  # swapped in pairs
+            planned |= {int(i): fault for i in order[start : start + n]}
+            start += n
+        swapped = [i for i in order if planned.get(int(i)) == "swapped"]
+        partner = {}
+        while swapped:  # pair clips of other kinds of scene; one left without is clean
+            a = int(swapped.pop())
+            b = next((int(j) for j in swapped if _kind(clips[j][0]) != _kind(clips[a][0])), None)
+            if b is None:
+                planned.pop(a)
+                continue
+            swapped.remove(b)
+            partner[a], partner[b] = b, a
+        for i, (name, key, frames, audio) in enumerate(clips):
+            fault = planned.get(i, "clean")
+            if fault == "swapped":
+                audio = clips[partner[i]][3]
+            elif fault == "silent":
+                audio = np.zeros_like(audio) if i % 2 else None  # silence, or no sound at all
+            elif fault == "frozen":
+                frames = np.repeat(frames[:1], len(frames), axis=0)
+            elif fault == "black":
+                frames = np.zeros_like(frames)
+            original = clips[partner[i]][1] if fault == "swapped" else ""
+            rows.append((write(key, frames, audio), name, split, fault, original))
+        # Duplicates of clean clips: another size and bitrate, a third also trimmed, a
+        # third only re-muxed into Matroska.
+        clean = [i for i in order if int(i) not in planned]
+        for n, i in enumerate(clean[: round(shares.get("duplicate", 0.0) * len(clips))]):
+            name, key, frames, audio = clips[i]
+            copy = key.replace(".mp4", "_copy.mkv")
+            if n % 3 == 2:
+                remux(out / key, out / copy)
+            else:
+                skip = 3 if n % 3 == 1 else 0  # frames trimmed off the start (3/8 s)
+                size = int(rng.choice([64, 96, 112]))
+                trimmed_audio = audio[round(skip / 8.0 * 22_050) :]
+                write(copy, _resized(frames[skip:], size), trimmed_audio, bit_rate=150_000)
+            rows.append((copy, name, split, "duplicate", key))
+    with (out / "clips.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(("path", "label", "split", "fault", "original"))
+        writer.writerows(sorted(rows))
+    return out / "clips.csv"

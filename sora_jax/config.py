@@ -74,6 +74,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             f"{part!r} is not a dict of dir, name and weight",
         )
         check(part["weight"] > 0, f"data.mixture[{i}].weight", "must be positive")
+    check(d.folds >= 0, "data.folds", "must be >= 0 (0: train on the whole split)")
+    if d.folds:
+        check(d.folds >= 2, "data.folds", "must be >= 2 to hold one out (0: none)")
+        check(0 <= d.holdout_fold < d.folds, "data.holdout_fold", f"must be in [0, {d.folds})")
+        check(not d.get("mixture", ()), "data.folds", "holds out clips of data.name alone")
     check(d.workers >= 0, "data.workers", "must be >= 0 (0: decode in the training process)")
     check(d.audio_samples >= 0, "data.audio_samples", "must be >= 0 (0: the frames' span)")
     check(
@@ -259,6 +264,8 @@ SAVED_BEFORE_KEY = {
     "eval.knn_k": 20,
     "eval.knn_bank_size": 50_000,
     "data.mixture": (),
+    "data.folds": 0,
+    "data.holdout_fold": 0,
     "evals": {},
 }
 

@@ -363,6 +363,8 @@ def train_dataset(config: ml_collections.ConfigDict, local_batch_size: int) -> g
     streams = []
     for i, (data_dir, name, weight) in enumerate(parts):
         source = data_source(config, config.data.train_split, (data_dir, name))
+        if config.data.folds:
+            source = _HeldOut(source, config.data.folds, config.data.holdout_fold)
         epochs = math.ceil(needed * weight / total / len(source)) + 1
         seed = config.seed + i  # the first dataset's order is a lone dataset's
         streams.append(grain.MapDataset.source(source).shuffle(seed=seed).repeat(epochs))
@@ -388,6 +390,28 @@ def train_dataset(config: ml_collections.ConfigDict, local_batch_size: int) -> g
             grain.MultiprocessingOptions(num_workers=config.data.workers), _workers_exit_with_us()
         )
     return it
+
+
+class _HeldOut:
+    """A data source without one fold: clip i is in fold i % folds (data.folds)."""
+
+    def __init__(self, source, folds: int, holdout: int):
+        self.source, self.folds, self.holdout = source, folds, holdout
+        self.length = len(source) - len(range(holdout, len(source), folds))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int):
+        # the i-th clip not in the held-out fold: each run of `folds` clips gives folds - 1
+        row, col = divmod(i, self.folds - 1)
+        return self.source[row * self.folds + col + (col >= self.holdout)]
+
+
+def in_training_fold(index: int, folds: int, holdout: int) -> bool:
+    """Did a run with data.folds=`folds`, data.holdout_fold=`holdout` train on clip `index`
+    of its train split?"""
+    return not folds or index % folds != holdout
 
 
 class _Prefix:

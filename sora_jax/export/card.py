@@ -192,7 +192,12 @@ def model_card(
         "objective": {k: float(v.weight) for k, v in config.objectives.items() if v.weight > 0},
         "platforms": list(platforms),
         "saved_model": _saved_model_wanted(config),
-        "training_data": {"dataset": d.name, "splits": summary.splits, "fps": summary.fps},
+        "training_data": {
+            "dataset": d.name,
+            "splits": summary.splits,
+            "fps": summary.fps,
+            "fingerprint": summary.fingerprint,  # which clips it learned (sora-curate asks)
+        },
         "metrics": metrics,
         "version": code_version(),
         "config": json.loads(config.to_json_best_effort()),

@@ -80,6 +80,7 @@ class Embedder:
             )
             self.class_names = tuple(predictor.card["class_names"])
             self.short_side, self.jpeg_quality = predictor.short_side, predictor.jpeg_quality
+            self.trained_on = predictor.card["training_data"].get("fingerprint", "")
             self._apply = lambda inputs: predictor.model.call(predictor.params, inputs)
         else:
             from sora_jax.train import setup
@@ -92,6 +93,7 @@ class Embedder:
             self.class_names = restored.dataset.class_names
             self.short_side = restored.dataset.short_side
             self.jpeg_quality = restored.dataset.jpeg_quality
+            self.trained_on = restored.dataset.fingerprint
             outputs = self.outputs
 
             @jax.jit
@@ -100,6 +102,22 @@ class Embedder:
                 return {k: out[k] for k in outputs}
 
             self._apply = lambda inputs: apply(params, inputs)
+
+    def trained_on_clip(self, dataset: str, fingerprint: str, split: str, index: int) -> bool:
+        """Did this model learn from clip `index` of `split` of the dataset prepared as
+        `fingerprint` (named `dataset`)? A model that did may have memorised the clip
+        (sora-curate's av_score asks). Unknown (an export from before cards kept the
+        fingerprint): yes if the names agree."""
+        from sora_jax.data.pipeline import in_training_fold
+
+        d = self.config.data
+        same = self.trained_on == fingerprint if self.trained_on else d.name == dataset
+        same |= dataset in {part["name"] for part in d.get("mixture", ())}
+        return (
+            same
+            and d.train_split == split
+            and in_training_fold(index, d.get("folds", 0), d.get("holdout_fold", 0))
+        )
 
     def embed(self, views: dict[str, np.ndarray], clips: int) -> dict[str, np.ndarray]:
         """views: [clips * V, ...], each clip's V views in a row -> {name: [clips, D]}. A
