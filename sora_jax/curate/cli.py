@@ -1,7 +1,8 @@
 """sora-curate: find the clips of a prepared dataset that would hurt a pretraining run, and
 write the dataset without them.
 
-  sora-curate --data-dir D --name N [--split S ...] [--workdir W | --export E] --out R.parquet
+  sora-curate --data-dir D --name N [--split S ...] [--workdir W ...] [--export E ...] \
+      --out R.parquet
   sora-curate apply R.parquet --data-dir D --name N --drop silent,duplicate,av_mismatch \\
       --out-name N2 [--out-dir D2]
 
@@ -14,11 +15,13 @@ score and its flag at a threshold (--threshold NAME=VALUE; sora_jax/curate/signa
   blank        blank_fraction >= blank_fraction   share of frames black, flat or frozen
   duplicate    duplicate_of != ""           the id of the copy kept: the same content hash,
                                             or fingerprints at >= duplicate_similarity
-  av_mismatch  av_score < av_score          with --workdir or --export of a run trained
+  av_mismatch  av_score < av_score          with --workdir or --export of runs trained
                                             with the contrastive objective: how far the
                                             clip's own sound beats other clips' for its
                                             picture, and the other way (curate/av.py);
-                                            never on a silent or blank clip
+                                            never on a silent or blank clip. Each clip is
+                                            scored by the first run that did not train on
+                                            it (av_run; av_seen if every run did)
 
 Without a run, av_score is left out (NaN, never flagged) and the last line says so. The
 last stdout line is one JSON object: clips read, counts per flag, thresholds, what was left
@@ -43,6 +46,7 @@ line saying which.
 import argparse
 import json
 import os
+import pathlib
 import resource
 import sys
 import time
@@ -144,6 +148,31 @@ def _projections(embedder, examples: list[dict], ids: list[str]) -> tuple[np.nda
     return out["video_projection"], out["audio_projection"]
 
 
+def _bank(embedder, sources: dict) -> tuple[np.ndarray, ...]:
+    """The bank's clips under one run: (video [M, P], audio [M, P], ids [M]), those with
+    both senses. The same clips in every process: scores do not depend on the shards."""
+    from sora_jax.curate import av
+
+    positions = av.bank_positions({split: len(source) for split, source in sources.items()})
+    examples = [sources[split][i] for split, i in positions]
+    ids = np.array([_clip_id(s, e) for (s, _), e in zip(positions, examples, strict=True)])
+    video, audio = _projections(embedder, examples, list(ids))
+    both = ~(np.isnan(video).any(axis=1) | np.isnan(audio).any(axis=1))
+    return video[both], audio[both], ids[both]
+
+
+def _score(rows: list[dict], examples: dict, embedder, bank: tuple) -> None:
+    """Sets each row's av_score under `embedder` (examples: id -> stored example)."""
+    from sora_jax.curate import av
+
+    if not rows:
+        return
+    ids = [row["id"] for row in rows]
+    video, audio = _projections(embedder, [examples[i] for i in ids], ids)
+    for row, score in zip(rows, av.av_scores(video, audio, np.array(ids), *bank), strict=True):
+        row["av_score"] = score
+
+
 def _scan(args, summary, splits, embedders: list, part: str) -> tuple[int, int]:
     """This process's share of every split -> its part file: (clips read, unreadable)."""
     import jax
@@ -151,19 +180,11 @@ def _scan(args, summary, splits, embedders: list, part: str) -> tuple[int, int]:
     import pyarrow.parquet as pq
 
     from sora_jax import storage
-    from sora_jax.curate import av, report, signals
+    from sora_jax.curate import report, signals
     from sora_jax.data import pipeline
 
     sources = {s: pipeline.data_source(None, s, where=(args.data_dir, args.name)) for s in splits}
-    banks = []  # per run; the same in every process: scores do not depend on the shards
-    if embedders:
-        positions = av.bank_positions({s: len(sources[s]) for s in splits})
-        examples = [sources[s][i] for s, i in positions]
-        ids = np.array([_clip_id(s, e) for (s, _), e in zip(positions, examples, strict=True)])
-    for embedder in embedders:
-        video, audio = _projections(embedder, examples, list(ids))
-        both = ~(np.isnan(video).any(axis=1) | np.isnan(audio).any(axis=1))
-        banks.append((video[both], audio[both], ids[both]))
+    banks = [_bank(embedder, sources) for embedder in embedders]
 
     def scorer(split: str, index: int) -> tuple[int, bool]:
         """The run that scores a clip: the first that did not train on it (it may have
@@ -179,7 +200,7 @@ def _scan(args, summary, splits, embedders: list, part: str) -> tuple[int, int]:
             n, p, count = len(sources[split]), jax.process_index(), jax.process_count()
             share = range(n * p // count, n * (p + 1) // count)
             for start in range(share.start, share.stop, CHUNK):
-                rows, examples = [], []
+                rows, examples = [], {}
                 for i in range(start, min(start + CHUNK, share.stop)):
                     try:
                         example = sources[split][i]
@@ -193,16 +214,9 @@ def _scan(args, summary, splits, embedders: list, part: str) -> tuple[int, int]:
                     if embedders:
                         row["av_run"], row["av_seen"] = scorer(split, i)
                     rows.append(row)
-                    examples.append(example)
-                for r, embedder in enumerate(embedders):
-                    mine = [k for k, row in enumerate(rows) if row["av_run"] == r]
-                    if not mine:
-                        continue
-                    ids = [rows[k]["id"] for k in mine]
-                    video, audio = _projections(embedder, [examples[k] for k in mine], ids)
-                    scores = av.av_scores(video, audio, np.array(ids), *banks[r])
-                    for k, score in zip(mine, scores, strict=True):
-                        rows[k]["av_score"] = score
+                    examples[row["id"]] = example
+                for r, (embedder, bank) in enumerate(zip(embedders, banks, strict=True)):
+                    _score([row for row in rows if row["av_run"] == r], examples, embedder, bank)
                 if not rows:
                     continue
                 for row in rows:
@@ -372,14 +386,25 @@ def _curate(args: argparse.Namespace) -> int:
                     "seconds": round(seconds, 2),
                     "clips_per_s": round(read / max(scanned, 1e-9), 1),  # process 0's
                     "cores": os.cpu_count(),
-                    "peak_rss_mib": round(
-                        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
-                    ),
+                    "peak_rss_mib": round(_peak_rss() / 2**20, 1),
                 }
             )
         )
     _barrier("sora-curate: report written")
     return 0
+
+
+def _peak_rss() -> int:
+    """Bytes: this process's peak resident memory. VmHWM, not getrusage's ru_maxrss, which
+    survives exec and so reports a large parent's size for a small child."""
+    try:
+        status = pathlib.Path("/proc/self/status").read_text()
+    except OSError:
+        status = ""
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
 def main(argv: list[str] | None = None) -> int:
