@@ -37,20 +37,13 @@ import pandas as pd
 
 from configs import pretrain_av
 from data_prep import builder, layouts
-from data_prep.synthetic import make_faulty_set, make_paired_set
+from data_prep.synthetic import FLAG_FINDS, make_faulty_set, make_paired_set
 from data_prep.worker import PrepSettings
 from sora_jax.train import trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SETTINGS = PrepSettings(fps=8.0, short_side=128)
 MODEL_FREE = "silent,static,blank,duplicate"
-FINDS = {  # the faults each flag should find (tests/test_curate.py)
-    "silent": {"silent"},
-    "static": {"frozen", "black"},
-    "blank": {"frozen", "black"},
-    "duplicate": {"duplicate"},
-    "av_mismatch": {"swapped"},
-}
 
 
 def _cli(*args: str) -> str:
@@ -88,7 +81,7 @@ def _flags(report: pathlib.Path, truth: dict, flags: list[str]) -> dict:
     table = pd.read_parquet(report)
     found = {}
     for flag in flags:
-        planted = np.array([truth[p] in FINDS[flag] for p in table["path"]])
+        planted = np.array([truth[p] in FLAG_FINDS[flag] for p in table["path"]])
         flagged = table[flag].to_numpy()
         hits = int(np.sum(planted & flagged))
         found[flag] = {

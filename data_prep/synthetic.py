@@ -340,6 +340,15 @@ def remux(source: str | pathlib.Path, target: str | pathlib.Path) -> None:
 #   black      a black picture
 # The test split stays clean: the held-out clips every run is measured on.
 FAULTS = ("swapped", "duplicate", "silent", "frozen", "black")
+# What each sora-curate flag should find of them: a frozen picture is both static and
+# blank (its frames repeat), a black one too (black frames do not move).
+FLAG_FINDS = {
+    "silent": {"silent"},
+    "static": {"frozen", "black"},
+    "blank": {"frozen", "black"},
+    "duplicate": {"duplicate"},
+    "av_mismatch": {"swapped"},
+}
 FAULT_SHARES = {"swapped": 0.2, "duplicate": 0.12, "silent": 0.08, "frozen": 0.06, "black": 0.04}
 
 

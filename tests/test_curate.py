@@ -20,7 +20,7 @@ import tensorflow_datasets as tfds
 
 from configs import pretrain_av
 from data_prep import builder, layouts
-from data_prep.synthetic import make_faulty_set
+from data_prep.synthetic import FLAG_FINDS, make_faulty_set
 from data_prep.worker import PrepSettings
 from sora_jax import config as config_lib
 from sora_jax.config import ConfigError
@@ -28,16 +28,6 @@ from sora_jax.data import pipeline
 from sora_jax.data.pipeline import _HeldOut, in_training_fold
 from tests.conftest import ROOT, built_once
 from tests.test_transfer import pretrained  # noqa: F401 (a fixture: a pretraining run)
-
-# What each flag should find: the faults planted (data_prep/synthetic.py). A frozen picture
-# is both static and blank (its frames repeat); a black one too (black frames do not move).
-FINDS = {
-    "silent": {"silent"},
-    "static": {"frozen", "black"},
-    "blank": {"frozen", "black"},
-    "duplicate": {"duplicate"},
-    "av_mismatch": {"swapped"},
-}
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +60,7 @@ def last_json(done: subprocess.CompletedProcess) -> dict:
 
 
 def precision_recall(report: pd.DataFrame, truth: dict, flag: str) -> tuple[float, float, int]:
-    planted = np.array([truth[p]["fault"] in FINDS[flag] for p in report["path"]])
+    planted = np.array([truth[p]["fault"] in FLAG_FINDS[flag] for p in report["path"]])
     flagged = report[flag].to_numpy()
     hits = int(np.sum(planted & flagged))
     return hits / max(flagged.sum(), 1), hits / max(planted.sum(), 1), int(planted.sum())

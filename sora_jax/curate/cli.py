@@ -89,15 +89,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _join_processes(args: argparse.Namespace) -> None:
-    if not (args.coordinator or args.num_processes == -1):
-        return
-    import jax
+    """As sora-train joins its processes (the same flags, setup.py's code)."""
+    import ml_collections
 
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    if args.coordinator:
-        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    else:
-        jax.distributed.initialize()
+    from configs import base
+    from sora_jax.train import setup
+
+    distributed = base.get_config().distributed
+    distributed.update(
+        coordinator=args.coordinator,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+    )
+    setup.maybe_initialize_distributed(ml_collections.ConfigDict({"distributed": distributed}))
 
 
 def _barrier(name: str) -> None:
