@@ -10,10 +10,11 @@ import re
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from configs import demo
-from sora_jax.aot import analysis, topology
+from sora_jax.aot import analysis, topology, traffic
 from sora_jax.kernels import onednn
 from sora_jax.train import setup, sharding
 from tests.conftest import ONE_DEVICE
@@ -80,6 +81,13 @@ def test_sora_compile_prints_the_contract_for_a_tpu_slice(tmp_path):
     assert result["step_time_bound_s"] == max(
         result["flops_per_step"] / chip["peak_bf16_flops_per_s"], hbm / chip["hbm_bytes_per_s"]
     )
+    # What the compiler expects: its kernels' cycles at the chip's clock. Not faster than
+    # the chip's peak allows, and the utilisation it leaves is a share of that peak.
+    cycles = sum(result["estimated_cycles_by_part"].values())
+    at_peak = result["flops_per_step"] / chip["peak_bf16_flops_per_s"]
+    assert result["expected_step_time_s"] == cycles / chip["clock_hz"]
+    assert result["expected_step_time_s"] == pytest.approx(at_peak / result["expected_mfu"])
+    assert 0 < result["expected_mfu"] <= 1 and result["remat"] is False
     # One compile for the search, at twice the batch: it fits, so the answer is a lower bound.
     assert result["largest_fitting_batch"] == {"batch_size": 16, "exact": False, "compiles": 1}
     # Each step compiled once (the train step once more, for the search's batch).
@@ -137,6 +145,21 @@ def test_parameters_are_shared_within_a_slice_not_across_slices():
         assert len({d.slice_index for d in row}) == 1
     with pytest.raises(ValueError, match=r"mesh\.fsdp=8 does not divide the 4 devices of each"):
         sharding.make_mesh(8, devices)
+
+
+@needs_libtpu
+@pytest.mark.parametrize("name", ["v4:2x2x1", "v5e:2x2", "v5p:2x2x1", "v6e:2x2"])
+def test_each_clock_puts_the_compilers_large_matmul_just_under_the_published_peak(name):
+    """The clock that turns XLA:TPU's cycles into an expected time (topology.Chip.clock_hz)
+    is the compiler's own: a [32768]^3 bfloat16 matmul, which keeps the MXUs busy, is
+    expected to take at least its FLOPs at the published peak, and at most 6% more."""
+    chip, _ = topology.parse(name)
+    on_chip = jax.sharding.SingleDeviceSharding(topology.tpu_devices(name)[0])
+    square = jax.ShapeDtypeStruct((32768, 32768), jax.numpy.bfloat16, sharding=on_chip)
+    compiled = jax.jit(jax.numpy.matmul).lower(square, square).compile()
+    cycles = sum(launch.cycles * launch.times for launch in traffic.launches(compiled.as_text()))
+    at_peak = 2 * 32768**3 / chip.peak_flops
+    assert 1.0 <= cycles / chip.clock_hz / at_peak <= 1.06, (cycles, chip.clock_hz)
 
 
 @needs_libtpu

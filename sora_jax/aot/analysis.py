@@ -31,6 +31,7 @@ class RunReport:
     eval: StepReport
     train_traffic: dict[str, dict[str, int]]  # traffic.bytes_by_part of the train step
     train_cycles: dict[str, int]  # traffic.cycles_by_part: XLA:TPU's estimate, by part
+    remat: bool  # model.visual.remat: the train step's FLOPs include the tower's recompute
 
     @property
     def hbm_bytes(self) -> int:
@@ -106,6 +107,7 @@ def compile_run(
         eval=evaluation,
         train_traffic=traffic.bytes_by_part(launched),
         train_cycles=traffic.cycles_by_part(launched),
+        remat=bool(config.model.visual.remat),
     )
 
 

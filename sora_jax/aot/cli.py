@@ -10,9 +10,11 @@ and prints a table, then one JSON object as the last line of stdout: per-chip by
 parameters, optimizer state, batch, temporaries and the total; whether the train and eval
 steps fit the chip's HBM and by what margin; FLOPs and HBM traffic per chip per step, and
 the lower bound on the step time they imply (topology.py says whose figures); where that
-traffic goes, by part of the model and pass (traffic.py); the collectives and custom calls
-of the train program; and the largest global batch that fits, found by compiling in as
-few compiles as the bytes allow (analysis.search_largest; --nosearch skips it).
+traffic goes, by part of the model and pass (traffic.py); the step time XLA:TPU's own cycle
+estimates add up to at the chip's clock, and the MFU that leaves; the collectives and
+custom calls of the train program; and the largest global batch that fits, found by
+compiling in as few compiles as the bytes allow (analysis.search_largest; --nosearch
+skips it).
 --dump_hlo=FILE keeps the compiled train step's HLO text. Exit 0 when it compiled, fitting
 or not; 2 for a config or topology that cannot compile.
 
@@ -74,6 +76,7 @@ def report_dict(
     memory = chip.hbm_bytes
     compute_s = train.flops / chip.peak_flops
     memory_s = run.hbm_bytes / chip.hbm_bytes_per_s
+    expected_s = sum(run.train_cycles.values()) / chip.clock_hz
     return {
         "topology": topology,
         "slices": slices,
@@ -98,16 +101,25 @@ def report_dict(
         "hbm_bytes_per_step": run.hbm_bytes,
         "bytes_by_part": run.train_traffic,
         "bytes_accessed_per_step": train.bytes_accessed,
-        # Shares of XLA:TPU's own cycle estimates by part (aot/traffic.py: undocumented,
-        # and without the asynchronous copies and collectives; not a step time).
+        # XLA:TPU's own estimate of each kernel's cycles, by part (aot/traffic.py; the
+        # field is undocumented). Asynchronous copies, collectives and scalar operations
+        # carry none: they count as free.
         "estimated_cycles_by_part": run.train_cycles,
         "flops_per_byte": train.flops / max(run.hbm_bytes, 1),
         "ridge_flops_per_byte": chip.ridge_flops_per_byte,
         "step_time_bound_s": max(compute_s, memory_s),
         "bound_by": "compute" if compute_s >= memory_s else "memory",
+        # What the compiler expects: its kernels one after another at the chip's clock,
+        # and the share of the chip's peak that leaves. The FLOPs are the program's, so
+        # with model.visual.remat on they include the recompute (a hardware utilisation).
+        "expected_step_time_s": expected_s,
+        "expected_mfu": compute_s / expected_s if expected_s else None,
+        "remat": bool(run.remat),
         "chip_figures": {
             "peak_bf16_flops_per_s": chip.peak_flops,
             "hbm_bytes_per_s": chip.hbm_bytes_per_s,
+            "clock_hz": chip.clock_hz,
+            "clock_source": chip.clock_source,
         },
         "collectives": train.collectives,
         "custom_calls": sorted(set(train.custom_calls) | set(run.eval.custom_calls)),
@@ -132,6 +144,7 @@ def print_table(r: dict) -> None:
         ("HBM traffic / chip / step", _size(r["hbm_bytes_per_step"])),
         ("FLOP per byte", f"{r['flops_per_byte']:.0f} (ridge {r['ridge_flops_per_byte']:.0f})"),
         ("step time >=", f"{r['step_time_bound_s'] * 1e3:.3g} ms ({r['bound_by']}-bound)"),
+        ("step time, the compiler's", _expected(r)),
         ("collectives", ", ".join(f"{k} {v}" for k, v in r["collectives"].items()) or "none"),
         ("custom calls", ", ".join(r["custom_calls"]) or "none"),
         ("compile", f"train {r['compile_s']['train']:.1f} s, eval {r['compile_s']['eval']:.1f} s"),
@@ -149,6 +162,13 @@ def print_table(r: dict) -> None:
     for part, c in r["estimated_cycles_by_part"].items():
         rows.append((f"compiler's cycles: {part}", f"{c / cycles:5.1%}"))
     _print_rows(rows)
+
+
+def _expected(r: dict) -> str:
+    if not r["expected_mfu"]:
+        return "no estimate in this program"
+    ms, clock = r["expected_step_time_s"] * 1e3, r["chip_figures"]["clock_hz"] / 1e9
+    return f"{ms:.3g} ms at {clock:.2f} GHz, MFU {r['expected_mfu']:.1%}"
 
 
 def _print_rows(rows: list[tuple[str, str]]) -> None:

@@ -8,7 +8,8 @@ gives the executable XLA would run on that slice, with its memory and cost analy
 The chips' figures are Google's published ones (Cloud TPU documentation, the system
 architecture page of each version: tpu/docs/v4, v5e, v5p, v6e): peak bfloat16 matmul
 throughput, HBM capacity and bandwidth, per chip. They bound a step's time from below;
-they do not predict it.
+they do not predict it. The clock turns XLA:TPU's own estimate of each kernel's cycles
+into the time it expects (`Chip.clock_hz`).
 """
 
 import dataclasses
@@ -30,6 +31,13 @@ class Chip:
     # v4 or v5p: libtpu's compile-only v4 topology otherwise has a device per core, each
     # with half the chip, and every per-chip figure here would be a core's.
     megacore: bool = False
+    # The clock XLA:TPU's `estimated_cycles` count in (aot/traffic.py), and where it comes
+    # from. Google publishes no clock for v5e, v5p or v6e; a peak is MXUs x MACs per MXU x
+    # 2 FLOP x clock, so a documented MXU count gives it. tests/test_aot.py checks each
+    # against the compiler: its estimate of a large bfloat16 matmul must come within a
+    # few percent of the published peak at this clock, and never beat it.
+    clock_hz: float = 0.0
+    clock_source: str = ""
 
     @property
     def ridge_flops_per_byte(self) -> float:
@@ -38,11 +46,51 @@ class Chip:
 
 
 GiB = 1 << 30
+_MXU_128 = 128 * 128 * 2  # FLOP per cycle of one 128x128 matrix unit
 CHIPS = {
-    "v4": Chip("v4", 32 * GiB, 275e12, 1200e9, megacore=True),
-    "v5e": Chip("v5e", 16 * GiB, 197e12, 819e9),
-    "v5p": Chip("v5p", 95 * GiB, 459e12, 2765e9, megacore=True),
-    "v6e": Chip("v6e", 32 * GiB, 918e12, 1638e9),
+    "v4": Chip(
+        "v4",
+        32 * GiB,
+        275e12,
+        1200e9,
+        megacore=True,
+        clock_hz=275e12 / (2 * 4 * _MXU_128),
+        clock_source="peak / (2 TensorCores x 4 MXUs of 128x128): 1.05 GHz, the clock of "
+        "the TPU v4 paper (Jouppi et al., ISCA 2023)",
+    ),
+    "v5e": Chip(
+        "v5e",
+        16 * GiB,
+        197e12,
+        819e9,
+        clock_hz=197e12 / (4 * _MXU_128),
+        clock_source="peak / (1 TensorCore x 4 MXUs of 128x128), as the v5e page has it",
+    ),
+    "v5p": Chip(
+        "v5p",
+        95 * GiB,
+        459e12,
+        2765e9,
+        megacore=True,
+        clock_hz=459e12 / (2 * 4 * _MXU_128),
+        clock_source="peak / (2 TensorCores x 4 MXUs of 128x128), as the v5p page has it",
+    ),
+    # The v6e page's two 256x256 MXUs would need 3.5 GHz for 918 TFLOP/s, and at 3.5 GHz
+    # XLA:TPU's own estimate of a matmul would beat the published peak: that reading is
+    # wrong somewhere. This is the compiler's: the clock at which its estimate of a
+    # [32768, 32768] x [32768, 32768] bfloat16 matmul runs at the peak (libtpu 0.0.42.1:
+    # 2.138 GHz, rounded down so that it never beats the peak).
+    # On the other chips that reading comes out 4.6-5.5% above the MXU-derived clock,
+    # so v6e's expected times may be as much too short.
+    "v6e": Chip(
+        "v6e",
+        32 * GiB,
+        918e12,
+        1638e9,
+        clock_hz=2.13e9,
+        clock_source="calibrated: XLA:TPU's cycle estimate of a 32768^3 bfloat16 matmul "
+        "at the published peak (the v6e page's MXUs do not add up to it)",
+    ),
 }
 
 
