@@ -74,6 +74,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             num_mel_bins=64,
             spec_augment=(2, 40, 2, 12),  # time masks, max width, mel masks, max width
             unroll=4,  # time steps per scan iteration (less loop overhead, same results)
+            time_stack=1,  # log-mel frames per recurrent step (k: the scan runs F/k steps)
             # auto: the LSTM loop as one oneDNN-backed call on the CPU, XLA's scan elsewhere.
             lstm_backend="auto",
         ),

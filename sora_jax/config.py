@@ -253,6 +253,7 @@ SAVED_BEFORE_KEY = {
     "model.visual.conv_backend": "auto",
     "model.audio.lstm_backend": "auto",
     "model.audio.unroll": 1,
+    "model.audio.time_stack": 1,
     "data.train_views": 1,
     "model.projection.dim": 128,
     "model.projection.temperature": 0.07,

@@ -13,6 +13,7 @@ from configs import demo
 from sora_jax.inputs import InputSpec
 from sora_jax.kernels import platform
 from sora_jax.models import AudioEncoder, build_model, dummy_inputs, melspec
+from sora_jax.models.audio import stack_frames
 from sora_jax.models.sora import unit
 from sora_jax.objectives import total as objective
 from tests.conftest import compiled, initialised, run_compiled
@@ -169,9 +170,13 @@ def test_scanned_cells_match_flax_cells_step_by_step(cell, bidirectional, unroll
         np.testing.assert_allclose(pooled[b], expected[b, :n].mean(0), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("cell,bidirectional", [("lstm", True), ("gru", False)])
-def test_audio_padding_past_the_length_changes_nothing(cell, bidirectional):
-    encoder = AudioEncoder(hidden=8, cell=cell, bidirectional=bidirectional, num_mel_bins=16)
+@pytest.mark.parametrize(
+    "cell,bidirectional,time_stack", [("lstm", True, 1), ("gru", False, 1), ("lstm", True, 3)]
+)
+def test_audio_padding_past_the_length_changes_nothing(cell, bidirectional, time_stack):
+    encoder = AudioEncoder(
+        hidden=8, cell=cell, bidirectional=bidirectional, num_mel_bins=16, time_stack=time_stack
+    )
     rng = np.random.default_rng(2)
     clip = rng.normal(0, 0.3, (1, 5000)).astype(np.float32)
     noise = rng.normal(0, 0.9, (1, 3000)).astype(np.float32)
@@ -183,6 +188,15 @@ def test_audio_padding_past_the_length_changes_nothing(cell, bidirectional):
     a, b = apply(short, lengths), apply(noisy, lengths)
     np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))
     np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
+
+
+def test_stacked_frames_are_consecutive_frames_side_by_side():
+    mel = jnp.arange(2 * 5 * 3, dtype=jnp.float32).reshape(2, 5, 3) + 1  # [B, F, M]
+    stacked, lengths = stack_frames(mel, jnp.array([5, 3]), 2)
+    assert stacked.shape == (2, 3, 6) and lengths.tolist() == [3, 2]
+    np.testing.assert_array_equal(stacked[0, 1], np.concatenate([mel[0, 2], mel[0, 3]]))
+    np.testing.assert_array_equal(stacked[0, 2, 3:], 0)  # the padding after frame 5
+    np.testing.assert_array_equal(stacked[1, 1], np.concatenate([mel[1, 2], np.zeros(3)]))
 
 
 def test_padded_frames_do_not_change_the_visual_feature():

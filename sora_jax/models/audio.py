@@ -108,8 +108,18 @@ def spec_augment(
     return jnp.where(keep, mel, 0.0)
 
 
+def stack_frames(mel: jax.Array, frame_lengths: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """[B, F, M] log-mel, [B] valid frames -> [B, ceil(F/k), k*M], [B] valid stacks: each k
+    consecutive frames side by side, and a stack valid when any of its frames is. Frames
+    past a clip's length are zeros, so what follows its end never reaches its last stack."""
+    B, F, M = mel.shape
+    mel = jnp.where(jnp.arange(F)[None, :, None] < frame_lengths[:, None, None], mel, 0)
+    mel = jnp.pad(mel, ((0, 0), (0, -F % k), (0, 0)))
+    return mel.reshape(B, -1, k * M), -(-frame_lengths // k)
+
+
 class AudioEncoder(nn.Module):
-    """Waveform [B, S] -> clip feature [B, D] and per-frame features [B, F, D].
+    """Waveform [B, S] -> clip feature [B, D] and per-step features [B, F / time_stack, D].
 
     `lengths` ([B], valid samples) masks padding: frames past a clip's end change neither
     the recurrent state seen by valid frames nor the pooled feature.
@@ -125,6 +135,10 @@ class AudioEncoder(nn.Module):
     # small per-step matmuls are dominated by per-iteration overhead (4: 5% faster CPU
     # reference step); same results, and the program still does not grow with the audio.
     unroll: int = 1
+    # Log-mel frames per recurrent step: k concatenates k consecutive 10 ms frames into one
+    # input of k x num_mel_bins, so the scan runs F/k steps. On a TPU each step is a small
+    # matmul that cannot fill the chip, one after another (BENCHMARKS.md section 7).
+    time_stack: int = 1
     lstm_backend: str = "auto"  # onednn.BACKENDS (lstm.py)
     dtype: jnp.dtype = jnp.float32
 
@@ -132,7 +146,7 @@ class AudioEncoder(nn.Module):
     def check_config(a, key: str) -> None:
         """ConfigError naming the key of a setting (config.model.audio) that cannot work."""
         one_of(a.cell, f"{key}.cell", CELLS)
-        for name in ("hidden", "layers", "num_mel_bins", "unroll"):
+        for name in ("hidden", "layers", "num_mel_bins", "unroll", "time_stack"):
             check(a[name] >= 1, f"{key}.{name}", "must be >= 1")
         check(
             len(a.spec_augment) == 4 and all(x >= 0 for x in a.spec_augment),
@@ -150,6 +164,8 @@ class AudioEncoder(nn.Module):
         if train and any(self.spec_augment):
             mel = spec_augment(self.make_rng("dropout"), mel, *self.spec_augment)
         frame_lengths = jnp.minimum(melspec.frame_lengths(lengths), mel.shape[1])  # [B]
+        if self.time_stack > 1:
+            mel, frame_lengths = stack_frames(mel, frame_lengths, self.time_stack)
         gates_per_unit = CELLS[self.cell]
         directions = (False, True) if self.bidirectional else (False,)
         # Time-major from here on: the scan steps over the leading axis, and transposing the
