@@ -67,9 +67,9 @@ test-ci: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist worksteal --durations=15 -m 'not bench and not long' tests
 
 # Every benchmark, results in bench/results/*.json (see BENCHMARKS.md), and the kill drill.
-# About an hour on 2 cores, not measured whole: the run of 2026-11-25 took 9 min before the
-# seeds (~12), storage (~1), av_sync (~6), ann (~6) and curate (~20) scripts and the drill
-# (~3) joined it.
+# About two and a half hours on 2 cores, not measured whole: the run of 2026-11-25 took
+# 9 min before the seeds (~12), storage (~1), av_sync (~6), ann (~6) and curate (~40)
+# scripts, the drill (~5) and the TPU compiles (~60: four production steps) joined it.
 bench: demo-data
 	$(UV) -e ".[test,bench]"
 	$(BIN)/python -m pytest -n 2 -m bench tests/test_bench.py  # bfloat16 variants, and the PyTorch peers
@@ -85,7 +85,8 @@ bench: demo-data
 	$(BIN)/python bench/storage.py --out bench/results/storage.json
 	$(BIN)/python bench/av_sync.py --seeds 0 1 --out bench/results/av_sync.json
 	$(BIN)/python bench/ann.py --out bench/results/ann.json
-	$(BIN)/python bench/curate.py --seeds 0 --out bench/results/curate.json  # ~20 min a seed
+	$(BIN)/python bench/curate.py --seeds 0 1 --out bench/results/curate.json  # ~20 min a seed
+	$(BIN)/python bench/tpu_compile.py --out bench/results/tpu_compile.json  # adds to the file
 	$(BIN)/python bench/seeds.py --out bench/results/seeds.json  # ~12 min: three seeds of four trainings
 	test -f $(DEMO_RUN)/export/model.jax || $(MAKE) demo
 	$(BIN)/python bench/timeline.py --out bench/results/timeline.json

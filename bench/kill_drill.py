@@ -224,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     if final.returncode != 0:
         sys.exit(f"the last rerun failed:\n{final.stderr[-3000:]}")
 
+    import common  # after the runs too: it imports jax
     import orbax.checkpoint as ocp  # after the runs: only this process's checks need it
 
     from sora_jax.train import checkpoint
@@ -235,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     problems = {s: checkpoint.problem_with(manager, s) for s in manager.all_steps()}
     result = {
         "benchmark": "kill_drill",
+        "machine": common.machine(),
         "kills": len(kills),
         "kill_moments": kills,
         "steps": args.steps,
