@@ -14,6 +14,7 @@ name, with --label for a variant), with the machine and date it was compiled on.
 
 import json
 import pathlib
+import shlex
 import subprocess
 import sys
 import time
@@ -46,7 +47,7 @@ def compile_case(config: str, topology: str, overrides: list[str], hlo: str | No
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
     command[0] = "sora-compile"
-    return {"command": " ".join(command), "wall_s": round(time.monotonic() - started), **result}
+    return {"command": shlex.join(command), "wall_s": round(time.monotonic() - started), **result}
 
 
 def main(argv=None) -> int:
