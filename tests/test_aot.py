@@ -148,6 +148,7 @@ def test_parameters_are_shared_within_a_slice_not_across_slices():
 
 
 @needs_libtpu
+@pytest.mark.slow  # four TPU compiles
 @pytest.mark.parametrize("name", ["v4:2x2x1", "v5e:2x2", "v5p:2x2x1", "v6e:2x2"])
 def test_each_clock_puts_the_compilers_large_matmul_just_under_the_published_peak(name):
     """The clock that turns XLA:TPU's cycles into an expected time (topology.Chip.clock_hz)
