@@ -157,6 +157,7 @@ def test_bad_input_is_one_line_and_exit_code_2(faulty, demo_data, short_run, tmp
     assert not pathlib.Path(data_dir, "curated2").exists()
 
 
+@pytest.mark.slow  # two processes: make test-slow and CI
 def test_two_processes_write_the_report_one_writes(faulty, tmp_path):
     """Each process reads half of each split; process 0 indexes every clip's fingerprint,
     so a copy in one half of its original's is found as in one process."""
@@ -232,6 +233,7 @@ def test_a_run_at_another_frame_rate_than_the_dataset_is_refused(demo_data, pret
     assert "reads clips at 8 fps, dataset demo_4fps was prepared at 4 fps" in done.stderr
 
 
+@pytest.mark.slow  # curate, apply and read back on the GCS server: make test-slow and CI
 def test_a_dataset_in_a_bucket_is_curated_and_applied_in_the_bucket(gcs, tmp_path):
     """Data, report and curated dataset all in a bucket (a real GCS server), as on a pod."""
     from etils import epath
