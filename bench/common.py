@@ -57,13 +57,16 @@ class _Parser(argparse.ArgumentParser):
         return parsed
 
 
-def parser(description: str) -> argparse.ArgumentParser:
+def parser(description: str, config: bool = True) -> argparse.ArgumentParser:
+    """The scripts' arguments: --config (unless the script names its own configs, config
+    False), --config.KEY=VALUE overrides and --out."""
     p = _Parser(
         description=description,
         epilog="Override any config value as sora-train does: --config.KEY=VALUE, e.g. "
         "--config.batch_size=8.",
     )
-    p.add_argument("--config", default="configs/bench_reference.py")
+    if config:
+        p.add_argument("--config", default="configs/bench_reference.py")
     p.add_argument("--out", default=None, help="also write the JSON result here")
     return p
 

@@ -51,7 +51,7 @@ def compile_case(config: str, topology: str, overrides: list[str], hlo: str | No
 
 
 def main(argv=None) -> int:
-    p = common.parser(__doc__)
+    p = common.parser(__doc__, config=False)  # each case names its config
     p.set_defaults(out=str(common.RESULTS / "tpu_compile.json"))
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     p.add_argument("--label", default="", help="a variant's name, stored as CASE, LABEL")

@@ -114,7 +114,7 @@ def report_dict(
         # with model.visual.remat on they include the recompute (a hardware utilisation).
         "expected_step_time_s": expected_s,
         "expected_mfu": compute_s / expected_s if expected_s else None,
-        "remat": bool(run.remat),
+        "remat": run.remat,
         "chip_figures": {
             "peak_bf16_flops_per_s": chip.peak_flops,
             "hbm_bytes_per_s": chip.hbm_bytes_per_s,
