@@ -81,6 +81,7 @@ def _flip_object(url: str) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow  # a drill: train, resume, fall back, export (make test-slow and CI)
 def test_a_bucket_work_dir_trains_resumes_falls_back_and_exports_in_the_bucket(
     gcs, demo_data, tmp_path, monkeypatch, caplog
 ):
