@@ -183,7 +183,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--steps", type=int, default=300, help="of each pretraining compared")
     p.add_argument("--bootstrap-steps", type=int, default=1000, help="of each bootstrap run")
-    p.add_argument("--per-class", type=int, default=48, help="train clips per class")
+    p.add_argument("--per-class", type=int, default=192, help="train clips per class")
     p.add_argument("--out", default=None, help="also write the JSON result here")
     args = p.parse_args()
     results = []
