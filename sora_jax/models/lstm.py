@@ -68,11 +68,8 @@ def _forward(input_gates, w_h, dtype, unroll, backend="xla"):
         i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
         c = f * c_prev + i * g
         h = o * jnp.tanh(c)
-        # What the backward pass keeps, in the compute dtype: with bfloat16 compute this
-        # halves the per-step writes and the backward's reads (h_prev feeds only the
-        # weight gradient's product, which rounds it to `dtype` anyway).
-        activations = jnp.concatenate([i, f, g, o], axis=-1).astype(dtype)
-        return (c, h), (h, activations, c, h_prev.astype(dtype))
+        activations = jnp.concatenate([i, f, g, o], axis=-1)
+        return (c, h), (h, activations, c, h_prev)
 
     zeros = jnp.zeros((batch, hidden), F32)
     _, (hs, activations, cs, h_prevs) = lax.scan(step, (zeros, zeros), input_gates, unroll=unroll)
@@ -114,7 +111,7 @@ def _scan_backward(dtype, unroll, activations, cs, w_h, dhs):
     def step(carry, xs):  # carry: dh, dc flowing back from step t+1
         dh_next, dc_next = carry
         dh_out, acts, c, c_prev = xs
-        i, f, g, o = _split(acts.astype(F32))
+        i, f, g, o = _split(acts)
         dh = dh_out + dh_next
         tanh_c = jnp.tanh(c)
         dc = dc_next + dh * o * (1 - tanh_c**2)
