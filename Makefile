@@ -87,6 +87,7 @@ bench: demo-data
 	$(BIN)/python bench/ann.py --out bench/results/ann.json
 	$(BIN)/python bench/curate.py --seeds 0 1 --out bench/results/curate.json  # ~20 min a seed
 	$(BIN)/python bench/tpu_compile.py --out bench/results/tpu_compile.json  # adds to the file
+	$(BIN)/python bench/tpu_branch.py --out bench/results/tpu_branch.json  # adds to the file
 	$(BIN)/python bench/seeds.py --out bench/results/seeds.json  # ~12 min: three seeds of four trainings
 	test -f $(DEMO_RUN)/export/model.jax || $(MAKE) demo
 	$(BIN)/python bench/timeline.py --out bench/results/timeline.json

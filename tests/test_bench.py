@@ -183,3 +183,21 @@ def test_storage_prints_the_contract(tmp_path):
         costs = result["checkpoint_demo"][where]
         assert costs["state_mb"] > 0 and costs["save_s"] > 0 and costs["restore_s"] > 0
         assert result["data_reads"][where]["clips_per_s"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (test extra)")
+def test_tpu_branch_compiles_each_branch_for_one_chip(tmp_path):
+    out = tmp_path / "tpu_branch.json"
+    one_clip_a_chip = ("--config.batch_size=4", "--config.data.eval_batch_size=4")
+    args = ("--topology", "v5e:2x2", "--out", str(out), *TINY, *one_clip_a_chip, "--label", "tiny")
+    runs = _run("tpu_branch.py", "--config", "configs/small.py", *args)["runs"]
+    audio, visual = (runs[f"{b} of configs/small.py@v5e:2x2, tiny"] for b in ("audio", "visual"))
+    for r in (audio, visual):
+        assert r["clips_per_chip"] == 1 and r["flops"] > 0 and r["expected_s"] > 0
+        assert 0 < r["expected_mfu"] <= 1
+    # The audio's scan is a loop of small kernels, one trip per (unrolled) step; the tower
+    # has none.
+    assert audio["loops"] and not visual["loops"]
+    assert all(loop["trips"] >= 1 and loop["kernels_per_trip"] >= 1 for loop in audio["loops"])
+    assert json.loads(out.read_text())["runs"] == runs  # the file holds what was printed

@@ -167,3 +167,10 @@ def test_the_compilers_cycle_estimates_are_summed_by_part_and_trip():
     assert traffic.cycles_by_part(TPU_LIKE_PROGRAM) == {"loss": 12 * 400, "optimizer": 50}
     x = jnp.zeros((256, 64), jnp.float32)
     assert traffic.cycles_by_part(jax.jit(jnp.tanh).lower(x).compile().as_text()) == {}
+
+
+def test_each_launch_says_which_loop_it_runs_in():
+    launched = list(traffic.launches(TPU_LIKE_PROGRAM))
+    in_loop = {launch.kernel.name: launch.loop for launch in launched if launch.times == 12}
+    assert in_loop == {"row": "body", "new": "body", "next": "body"}  # and the counter
+    assert all(launch.loop == "" for launch in launched if launch.times == 1)

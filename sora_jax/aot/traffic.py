@@ -304,6 +304,7 @@ class Launch(NamedTuple):
     times: int  # launches per run of the program (trips of the loops around it)
     hbm_bytes: int  # per launch (kernel_bytes)
     cycles: int  # per launch: XLA:TPU's estimate (cycles_by_part), 0 where it has none
+    loop: str = ""  # the innermost while loop's body it runs in ("": none)
 
 
 def launches(hlo_text: str) -> Iterator[Launch]:
@@ -312,7 +313,7 @@ def launches(hlo_text: str) -> Iterator[Launch]:
     each ran."""
     computations, entry = _parse(hlo_text)
 
-    def walk(name: str, times: int, seen: tuple[str, ...]) -> Iterator[Launch]:
+    def walk(name: str, times: int, seen: tuple[str, ...], loop: str = "") -> Iterator[Launch]:
         instructions = computations.get(name, [])
         shapes = {i.name: i.shape for i in instructions}
         for kernel in instructions:
@@ -320,12 +321,13 @@ def launches(hlo_text: str) -> Iterator[Launch]:
                 body = re.search(r"body=%([\w.\-]+)", kernel.attributes)
                 if body and body.group(1) not in seen:
                     trips = trip_count(kernel, computations)
-                    yield from walk(body.group(1), times * trips, (*seen, body.group(1)))
+                    body = body.group(1)
+                    yield from walk(body, times * trips, (*seen, body), body)
                 continue
             if kernel.opcode in ("call", "conditional"):
                 for called in _OPERAND.findall(kernel.attributes):
                     if called in computations and called not in seen:
-                        yield from walk(called, times, (*seen, called))
+                        yield from walk(called, times, (*seen, called), loop)
                 continue
             if kernel.opcode in _NO_TRAFFIC:
                 continue
@@ -337,7 +339,7 @@ def launches(hlo_text: str) -> Iterator[Launch]:
             moved = kernel_bytes(kernel, shapes, computations)
             estimate = _CYCLES.search(kernel.rest)
             cycles = int(estimate.group(1)) if estimate else 0
-            yield Launch(kernel, part, pass_of(op_name), times, moved, cycles)
+            yield Launch(kernel, part, pass_of(op_name), times, moved, cycles, loop)
 
     yield from walk(entry, 1, (entry,))
 
