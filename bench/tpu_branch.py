@@ -1,12 +1,13 @@
 """One branch of a production model (the audio branch or the visual tower) compiled alone
 for one TPU chip, forward and backward at the config's clips per chip: XLA:TPU's expected
-time for it in one to five minutes, where the whole step takes 10-35
-(bench/tpu_compile.py). For trying a change to one branch, and for seeing where a scan's
-time goes: each while loop's kernels per trip, with their cycles and HBM bytes.
+time for it in a few minutes, where the whole step takes 10-35 (bench/tpu_compile.py).
+For trying a change to one branch, and for seeing where a scan's time goes: each while
+loop's kernels per trip, with their cycles and HBM bytes.
 
 The figures are the compiler's (aot/traffic.py), as sora-compile's: estimated cycles at
 the chip's clock, the program's FLOPs at the published peak. The branch is the model's own
-module, built from the config; the loss is a plain sum of squares of its outputs.
+module, built from the config, applied as at evaluation (no SpecAugment); the loss is a
+plain sum of squares of its outputs.
 
   python bench/tpu_branch.py [--config configs/kinetics_sounds.py] [--topology v5e:4x4]
       [--branches audio visual] [--label NAME --config.KEY=VALUE ...]
