@@ -85,7 +85,7 @@ bench: demo-data
 	$(BIN)/python bench/storage.py --out bench/results/storage.json
 	$(BIN)/python bench/av_sync.py --seeds 0 1 --out bench/results/av_sync.json
 	$(BIN)/python bench/ann.py --out bench/results/ann.json
-	$(BIN)/python bench/curate.py --seeds 0 1 --out bench/results/curate.json  # ~20 min a seed
+	$(BIN)/python bench/curate.py --seeds 0 1 --out bench/results/curate.json  # ~25 min a seed
 	$(BIN)/python bench/tpu_compile.py --out bench/results/tpu_compile.json  # adds to the file
 	$(BIN)/python bench/tpu_branch.py --out bench/results/tpu_branch.json  # adds to the file
 	$(BIN)/python bench/seeds.py --out bench/results/seeds.json  # ~12 min: three seeds of four trainings

@@ -268,15 +268,15 @@ def test_a_dataset_in_a_bucket_is_curated_and_applied_in_the_bucket(gcs, tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.long  # bench/curate.py for one seed: ~20 min alone on 2 cores
+@pytest.mark.long  # bench/curate.py for one seed: ~25 min alone on 2 cores
 def test_two_rounds_find_the_planted_faults(tmp_path):
     """The README's two rounds, then the pretraining comparison, as bench/curate.py runs
-    them: no model first, then cross-fitted bootstrap runs for av_score. What needs no
-    model at precision and recall of at least 0.9. av_mismatch is held to what it reaches
-    (BENCHMARKS.md section 14: precision 0.66, recall 0.80, ROC AUC 0.93; below the 0.9 the
-    others reach), and every clip scored by a run that never saw it. Whether the curated
-    corpus pretrains better is printed, not asserted: one seed's difference is within the
-    run-to-run spread (section 14)."""
+    them: no model first, then cross-fitted bootstrap runs for av_score. Every flag at
+    precision and recall of at least 0.9, on the bench's faulty set (192 train clips a
+    class: the bootstrap is bound by its data, BENCHMARKS.md section 14), and every clip
+    scored by a run that never saw it. Whether the curated corpus pretrains better is
+    printed, not asserted: one seed's difference is within the run-to-run spread
+    (section 14)."""
     out = tmp_path / "curate.json"
     done = subprocess.run(
         [sys.executable, "bench/curate.py", "--seeds", "0", "--out", str(out)],
@@ -287,9 +287,7 @@ def test_two_rounds_find_the_planted_faults(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     (result,) = json.loads(out.read_text())["results"]
     print(json.dumps(result["runs"]))
-    for flag in ("silent", "static", "blank", "duplicate"):
+    for flag in ("silent", "static", "blank", "duplicate", "av_mismatch"):
         figures = result["flags"][flag]
         assert figures["precision"] >= 0.9 and figures["recall"] >= 0.9, (flag, figures)
-    av = result["flags"]["av_mismatch"]
-    assert av["roc_auc"] >= 0.9 and av["recall"] >= 0.75 and av["precision"] >= 0.6, av
     assert result["av_scored_by_a_run_that_trained_on_them"] == 0
