@@ -75,10 +75,10 @@ def loops(launched: list[traffic.Launch], clock_hz: float) -> list[dict]:
     return sorted(rows, key=lambda r: -r["expected_s"])
 
 
-def compile_branch(config, topology_name: str, branch: str) -> dict:
-    """One branch's forward and backward on one chip of the slice -> its figures."""
+def compile_branch(config, topology_name: str, devices: list, branch: str) -> dict:
+    """One branch's forward and backward on one chip of the slice (its `devices`) -> its
+    figures."""
     chip, _ = topology.parse(topology_name)
-    devices = topology.tpu_devices(topology_name)
     batch = config.batch_size // config.accum_steps // len(devices)  # as the step shards it
     model = build_model(config.model)
     loss, params, inputs = branch_loss(model, branch, InputSpec.from_config(config), batch)
@@ -120,13 +120,14 @@ def main(argv=None) -> int:
         p.error("--config overrides make a variant: name it with --label")
     config = common.load_config(args.config, args.set)
     # A bad override, or a batch the slice cannot split, fails here, naming its key.
-    config_lib.validate(config, len(topology.tpu_devices(args.topology)))
+    devices = topology.tpu_devices(args.topology)
+    config_lib.validate(config, len(devices))
     out = pathlib.Path(args.out)
     stored = json.loads(out.read_text()) if out.exists() else {"benchmark": "tpu_branch"}
     runs = stored.setdefault("runs", {})  # runs add to the file, as tpu_compile.py's
     table = []
     for branch in args.branches:
-        r = compile_branch(config, args.topology, branch)
+        r = compile_branch(config, args.topology, devices, branch)
         label = f"{branch} of {args.config}@{args.topology}"
         label += f", {args.label}" if args.label else ""
         runs[label] = {"machine": common.machine(), "overrides": args.set, **r}

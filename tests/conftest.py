@@ -11,6 +11,7 @@ has its own directory (made fresh and removed at exit), so no two workers write 
 import atexit
 import contextlib
 import fcntl
+import importlib.util
 import json
 import os
 import pathlib
@@ -47,6 +48,12 @@ if os.environ.get("SORA_JAX_TEST_CACHE_OF") != _worker:  # not inherited from th
 import jax  # noqa: E402  (after the environment above)
 
 from sora_jax import process  # noqa: E402
+
+# Tests that compile for a TPU topology need libtpu (the test extra installs it).
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason="compiling for a TPU needs the tpu extra: pip install -e '.[tpu]'",
+)
 
 process.configure()
 jax.devices()  # this process's backend starts now, with its eight devices ...

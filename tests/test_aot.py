@@ -17,13 +17,7 @@ from configs import demo
 from sora_jax.aot import analysis, topology, traffic
 from sora_jax.kernels import onednn
 from sora_jax.train import setup, sharding
-from tests.conftest import ONE_DEVICE
-
-# Only the tests that compile for a TPU need libtpu; the topology parser's do not.
-needs_libtpu = pytest.mark.skipif(
-    importlib.util.find_spec("libtpu") is None,
-    reason="sora-compile needs the tpu extra: pip install -e '.[tpu]'",
-)
+from tests.conftest import ONE_DEVICE, needs_libtpu  # the topology parser's tests need none
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OWN_KERNELS = ("SoraConv", "SoraLstm")  # this project's CPU custom calls (kernels/onednn.py)

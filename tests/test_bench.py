@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from sora_jax.kernels import onednn
+from tests.conftest import needs_libtpu
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = [
@@ -186,7 +187,7 @@ def test_storage_prints_the_contract(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (test extra)")
+@needs_libtpu
 def test_tpu_branch_compiles_each_branch_for_one_chip(tmp_path):
     out = tmp_path / "tpu_branch.json"
     one_clip_a_chip = ("--config.batch_size=4", "--config.data.eval_batch_size=4")
