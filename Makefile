@@ -67,8 +67,8 @@ test-ci: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist worksteal --durations=15 -m 'not bench and not long' tests
 
 # Every benchmark, results in bench/results/*.json (see BENCHMARKS.md), and the kill drill.
-# About two and a half hours on 2 cores, not measured whole: the run of 2026-11-25 took
-# 9 min before the seeds (~12), storage (~1), av_sync (~6), ann (~6) and curate (~40)
+# About three hours on 2 cores, not measured whole: the run of 2026-11-25 took
+# 9 min before the seeds (~12), storage (~1), av_sync (~6), ann (~6) and curate (~80)
 # scripts, the drill (~5) and the TPU compiles (~60: four production steps) joined it.
 bench: demo-data
 	$(UV) -e ".[test,bench]"
@@ -85,7 +85,7 @@ bench: demo-data
 	$(BIN)/python bench/storage.py --out bench/results/storage.json
 	$(BIN)/python bench/av_sync.py --seeds 0 1 --out bench/results/av_sync.json
 	$(BIN)/python bench/ann.py --out bench/results/ann.json
-	$(BIN)/python bench/curate.py --seeds 0 1 --out bench/results/curate.json  # ~25 min a seed
+	$(BIN)/python bench/curate.py --seeds 0 1 --out bench/results/curate.json  # ~40 min a seed
 	$(BIN)/python bench/tpu_compile.py --out bench/results/tpu_compile.json  # adds to the file
 	$(BIN)/python bench/tpu_branch.py --out bench/results/tpu_branch.json  # adds to the file
 	$(BIN)/python bench/seeds.py --out bench/results/seeds.json  # ~12 min: three seeds of four trainings

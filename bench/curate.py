@@ -9,16 +9,18 @@ For each seed:
      seed) for the probe.
   2. Round 1, no model: `sora-curate --split train`, then `apply --drop
      silent,static,blank,duplicate`.
-  3. Round 2: two bootstrap pretraining runs on round 1's corpus, each holding out half of
-     it (data.folds=2, holdout_fold 0 and 1); `sora-curate --workdir FOLD0 --workdir
-     FOLD1` scores each clip with the run that never saw it (a run that trained on a
-     swapped pair learns it: its av_score would vouch for it), then `apply --drop
-     av_mismatch`. Precision and recall of each flag against what was planted.
+  3. Round 2: K bootstrap pretraining runs on round 1's corpus (--folds, 4), each holding
+     out a K-th of it (data.folds=K, holdout_fold 0..K-1); `sora-curate --workdir FOLD0
+     ... --workdir FOLDK-1` scores each clip with the run that never saw it (a run that
+     trained on a swapped pair learns it: its av_score would vouch for it), then `apply
+     --drop av_mismatch`. Precision and recall of each flag against what was planted,
+     and for av_mismatch the same at other thresholds (how a threshold was chosen).
   4. `configs/pretrain_av.py:small` on the faulty corpus and on the curated one, the same
      steps and seed; retrieval on the (identical, clean) test split and a linear probe on
      the clean labelled set.
 
-  python bench/curate.py [--seeds 0 1] [--steps 300] [--bootstrap-steps 1000] [--out F]
+  python bench/curate.py [--seeds 0 1] [--steps 300] [--bootstrap-steps 1000] [--folds 4]
+                         [--out F]
 """
 
 import argparse
@@ -44,6 +46,7 @@ from sora_jax.train import trainer
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SETTINGS = PrepSettings(fps=8.0, short_side=128)
 MODEL_FREE = "silent,static,blank,duplicate"
+AV_THRESHOLDS = (0.8, 0.825, 0.85, 0.875, 0.9, 0.925, 0.95)  # the curve reported
 
 
 def _cli(*args: str) -> str:
@@ -83,13 +86,7 @@ def _flags(report: pathlib.Path, truth: dict, flags: list[str]) -> dict:
     for flag in flags:
         planted = np.array([truth[p] in FLAG_FINDS[flag] for p in table["path"]])
         flagged = table[flag].to_numpy()
-        hits = int(np.sum(planted & flagged))
-        found[flag] = {
-            "planted": int(planted.sum()),
-            "flagged": int(flagged.sum()),
-            "precision": round(hits / max(flagged.sum(), 1), 3),
-            "recall": round(hits / max(planted.sum(), 1), 3),
-        }
+        found[flag] = {"planted": int(planted.sum()), **_precision_recall(planted, flagged)}
         if flag == "av_mismatch":  # how the scores separate, whatever the threshold
             score = table["av_score"].to_numpy()
             bad, good = score[planted], score[~planted & ~np.isnan(score)]
@@ -97,11 +94,26 @@ def _flags(report: pathlib.Path, truth: dict, flags: list[str]) -> dict:
                 "roc_auc": round(float(np.mean(bad[:, None] < good[None, :])), 3),
                 "swapped_median_p90": [round(float(np.quantile(bad, q)), 3) for q in (0.5, 0.9)],
                 "others_p10_median": [round(float(np.quantile(good, q)), 3) for q in (0.1, 0.5)],
+                "at_threshold": {
+                    str(t): _precision_recall(planted, np.nan_to_num(score, nan=np.inf) < t)
+                    for t in AV_THRESHOLDS
+                },
             }
     return found
 
 
-def two_rounds(root: pathlib.Path, truth: dict, bootstrap_steps: int, seed: int) -> tuple:
+def _precision_recall(planted: np.ndarray, flagged: np.ndarray) -> dict:
+    hits = int(np.sum(planted & flagged))
+    return {
+        "flagged": int(flagged.sum()),
+        "precision": round(hits / max(flagged.sum(), 1), 3),
+        "recall": round(hits / max(planted.sum(), 1), 3),
+    }
+
+
+def two_rounds(
+    root: pathlib.Path, truth: dict, bootstrap_steps: int, seed: int, folds: int
+) -> tuple:
     """The README's two rounds on ROOT/data's `faulty` (its train split) -> each flag's
     precision and recall against `truth` (clip path -> fault), and each round's summary
     (sora-curate's last line). Leaves the dataset `curated` beside it."""
@@ -110,12 +122,14 @@ def two_rounds(root: pathlib.Path, truth: dict, bootstrap_steps: int, seed: int)
     first, second = root / "round1.parquet", root / "round2.parquet"
     round1 = _cli(*d, "--name", "faulty", "--split", "train", "--out", str(first))
     _cli("apply", str(first), *d, "--name", "faulty", "--drop", MODEL_FREE, "--out-name", "round1")
-    # Round 2: two bootstrap runs on round 1's corpus, each holding out half of it, score
+    # Round 2: K bootstrap runs on round 1's corpus, each holding out a K-th of it, score
     # each clip's picture against its sound with the run that never saw the clip.
-    for k in (0, 1):
-        _pretrain(data, "round1", root / f"fold{k}", bootstrap_steps, seed, folds=2, holdout_fold=k)
-    folds = ("--workdir", str(root / "fold0"), "--workdir", str(root / "fold1"))
-    round2 = _cli(*d, "--name", "round1", "--split", "train", *folds, "--out", str(second))
+    runs = []
+    for k in range(folds):
+        workdir = root / f"fold{k}"
+        _pretrain(data, "round1", workdir, bootstrap_steps, seed, folds=folds, holdout_fold=k)
+        runs += ["--workdir", str(workdir)]
+    round2 = _cli(*d, "--name", "round1", "--split", "train", *runs, "--out", str(second))
     _cli(
         "apply",
         str(second),
@@ -132,7 +146,7 @@ def two_rounds(root: pathlib.Path, truth: dict, bootstrap_steps: int, seed: int)
 
 
 def one_seed(
-    root: pathlib.Path, seed: int, steps: int, bootstrap_steps: int, per_class: int
+    root: pathlib.Path, seed: int, steps: int, bootstrap_steps: int, folds: int, per_class: int
 ) -> dict:
     data = root / "data"
     source = make_faulty_set(root / "faulty", per_class, 8, seed)
@@ -142,7 +156,7 @@ def one_seed(
     with source.open() as f:
         truth = {row["path"]: row["fault"] for row in csv.DictReader(f)}
     start = time.time()
-    found, rounds = two_rounds(root, truth, bootstrap_steps, seed)
+    found, rounds = two_rounds(root, truth, bootstrap_steps, seed, folds)
     curation_s = time.time() - start
     runs = {
         name: _pretrain(data, name, root / f"run_{name}", steps, seed)
@@ -161,7 +175,7 @@ def one_seed(
         ],
         "curate_throughput": {
             "model_free": {k: round1[k] for k in ("clips_per_s", "peak_rss_mib", "cores")},
-            "with_two_runs": {k: round2[k] for k in ("clips_per_s", "peak_rss_mib", "cores")},
+            "with_runs": {k: round2[k] for k in ("clips_per_s", "peak_rss_mib", "cores")},
         },
         "bootstrap_and_curation_s": round(curation_s, 1),
         "runs": runs,
@@ -183,6 +197,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--steps", type=int, default=300, help="of each pretraining compared")
     p.add_argument("--bootstrap-steps", type=int, default=1000, help="of each bootstrap run")
+    p.add_argument("--folds", type=int, default=4, help="bootstrap runs, each holding out 1/K")
     p.add_argument("--per-class", type=int, default=192, help="train clips per class")
     p.add_argument("--out", default=None, help="also write the JSON result here")
     args = p.parse_args()
@@ -190,7 +205,14 @@ def main() -> None:
     for seed in args.seeds:
         with tempfile.TemporaryDirectory(prefix="sora_curate_bench_") as root:
             results.append(
-                one_seed(pathlib.Path(root), seed, args.steps, args.bootstrap_steps, args.per_class)
+                one_seed(
+                    pathlib.Path(root),
+                    seed,
+                    args.steps,
+                    args.bootstrap_steps,
+                    args.folds,
+                    args.per_class,
+                )
             )
         print(json.dumps(results[-1]), flush=True)
     table = []
@@ -209,6 +231,7 @@ def main() -> None:
         "steps": args.steps,
         "config": "configs/pretrain_av.py:small",
         "bootstrap_steps": args.bootstrap_steps,
+        "bootstrap_folds": args.folds,
         "train_clips_per_class": args.per_class,
         "results": results,
     }

@@ -73,8 +73,8 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         help="a run trained with the contrastive objective (repeat: each clip is scored by "
-        "the first run that did not train on it, e.g. runs with data.folds=2 and "
-        "data.holdout_fold=0 and 1)",
+        "the first run that did not train on it, e.g. runs with data.folds=4 and "
+        "data.holdout_fold=0 to 3)",
     )
     p.add_argument("--export", action="append", default=[], help="an export of such a run")
     p.add_argument("--checkpoint", default=None, help="--workdir: a step, best or latest")
