@@ -11,10 +11,16 @@ LSTM, concat fusion, AdamW, softmax cross-entropy, in the config's compute dtype
 CPU autocast and Keras's `mixed_bfloat16` policy). Peers use their idiomatic fast paths
 (PyTorch channels-last; Keras with and without XLA, written the fastest of the ways
 tried, `--keras-variant all` times them all). Last line: JSON.
+
+Which kernels run depends on the host (oneDNN's AMX and AVX-512 paths, XLA's), so `--out`
+keeps one run per host kind (`host_kind`: the CPU model and its widest vector ISA) and
+replaces only this host kind's.
 """
 
 import functools
+import json
 import os
+import pathlib
 import sys
 import time
 
@@ -236,6 +242,24 @@ def keras_step(
     }
 
 
+# The widest vector ISA a host has, by its /proc/cpuinfo flag, widest first.
+WIDEST = {"amx_bf16": "AMX", "avx512_bf16": "AVX-512 BF16", "avx512f": "AVX-512", "avx2": "AVX2"}
+
+
+def host_kind(machine: dict) -> str:
+    """The CPU model and the widest vector ISA it has: what decides which kernels run."""
+    widest = next((name for flag, name in WIDEST.items() if flag in machine["isa"]), "no AVX2")
+    return f"{machine['cpu']}, {widest}"
+
+
+def write_host_run(path: pathlib.Path, result: dict) -> None:
+    """Put `result` in `path` under its host kind, keeping the other hosts' runs."""
+    hosts = json.loads(path.read_text())["hosts"] if path.exists() else {}
+    hosts[host_kind(result)] = result
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"benchmark": "peers", "hosts": hosts}, indent=1) + "\n")
+
+
 def main(argv=None) -> int:
     p = common.parser(__doc__)
     p.add_argument("--steps", type=int, default=20)
@@ -300,7 +324,9 @@ def main(argv=None) -> int:
         for r in ok
     ]
     table += [(r["framework"], r["error"]) for r in results if "error" in r]
-    common.emit(result, args.out, table)
+    if args.out:
+        write_host_run(pathlib.Path(args.out), result)
+    common.emit(result, None, table)
     return 0
 
 

@@ -21,8 +21,14 @@ QUOTED = {
         "step_ms", "clips_per_s", "flops_per_step", "achieved_flops_per_s",
         "peak_matmul_flops_per_s", "mfu",
     ],
-    "peers.json": ["results[].framework", "results[].step_ms", "results[].flax_speedup"],
-    "peers_bf16.json": ["results[].framework", "results[].step_ms", "results[].flax_speedup"],
+    "peers.json": [
+        "hosts{}.results[].framework", "hosts{}.results[].step_ms",
+        "hosts{}.results[].flax_speedup",
+    ],
+    "peers_bf16.json": [
+        "hosts{}.results[].framework", "hosts{}.results[].step_ms",
+        "hosts{}.results[].flax_speedup",
+    ],
     "peers_baseline.json": ["results[].framework", "results[].step_ms"],
     "conv_layers.json": ["layers", "totals"],
     "conv_layers_bf16.json": ["layers", "totals"],
@@ -41,6 +47,7 @@ QUOTED = {
     ],
     "curate.json": [
         "results[].flags.av_mismatch.precision", "results[].flags.av_mismatch.recall",
+        "results[].flags.av_mismatch.at_threshold", "bootstrap_folds",
         "results[].runs.faulty.retrieval_r1", "results[].runs.curated.retrieval_r1",
         "results[].runs.faulty.probe_top1", "results[].runs.curated.probe_top1",
         "results[].curate_throughput",
@@ -60,8 +67,10 @@ QUOTED = {
     ],
 }  # fmt: skip
 
-# The scripts whose runs add to their results file (a TPU compile takes minutes to hours).
-ADDED_TO = {"tpu_compile.json", "tpu_branch.json"}
+# The scripts whose runs add to their results file: a TPU compile takes minutes to hours;
+# the peers keep one run per host kind (the kernels that run depend on the CPU).
+ADDED_TO = {"tpu_compile.json": "runs", "tpu_branch.json": "runs"}
+ADDED_TO |= {"peers.json": "hosts", "peers_bf16.json": "hosts"}
 
 
 def _bench_recipe() -> str:
@@ -122,7 +131,7 @@ def test_each_results_file_holds_the_fields_quoted_and_its_machine(name):
         assert all(v is not None for v in _values(result, path)), f"{name}: {path} is null"
     machines = [result.get("machine", result)]  # older scripts put its fields at the top
     if name in ADDED_TO:  # each run was its own invocation, on its own machine and date
-        machines = [run["machine"] for run in result["runs"].values()]
+        machines = [run.get("machine", run) for run in result[ADDED_TO[name]].values()]
     for machine in machines:
         assert {"cpu", "date", "jax"} <= set(machine), f"{name} does not say where it was measured"
 
