@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from sora_jax import config as config_lib
-from sora_jax.aot import topology, traffic
+from sora_jax.aot import mosaic, topology, traffic
 from sora_jax.inputs import InputSpec
 from sora_jax.kernels import platform
 from sora_jax.models import build_model
@@ -90,7 +90,9 @@ def compile_branch(config, topology_name: str, devices: list, branch: str) -> di
         )
     compiled = lowered.compile()
     compile_s = time.monotonic() - started
-    launched = list(traffic.launches(compiled.as_text()))
+    launched = mosaic.with_pallas_cycles(
+        list(traffic.launches(compiled.as_text())), devices[0].device_kind
+    )
     cost = compiled.cost_analysis()
     flops = float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0))
     cycles = sum(k.cycles * k.times for k in launched)

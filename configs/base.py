@@ -75,7 +75,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             spec_augment=(2, 40, 2, 12),  # time masks, max width, mel masks, max width
             unroll=4,  # time steps per scan iteration (less loop overhead, same results)
             time_stack=1,  # log-mel frames per recurrent step (k: the scan runs F/k steps)
-            # auto: the LSTM loop as one oneDNN-backed call on the CPU, XLA's scan elsewhere.
+            # auto: each LSTM loop as one oneDNN-backed call on the CPU, one Pallas kernel on
+            # a TPU (hidden a multiple of 128), XLA's scan elsewhere; or xla, onednn, pallas.
             lstm_backend="auto",
         ),
         fusion=dict(kind="attention", dim=512, heads=8),  # concat | mean | gated | attention

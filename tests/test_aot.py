@@ -168,3 +168,63 @@ def test_a_slice_libtpu_was_seen_to_crash_on_is_warned_of():
 def test_an_unknown_topology_is_named():
     with pytest.raises(ValueError, match="v9:4x4"):
         topology.parse("v9:4x4")
+
+
+@needs_libtpu
+def test_the_lstm_loops_compile_as_pallas_kernels_and_their_cycles_are_counted():
+    """On a TPU, `auto` runs each LSTM loop as one Pallas kernel (kernels/pallas_lstm.py).
+    XLA's cost model writes no cycles for such a kernel; aot/mosaic.py counts them with
+    libtpu's static profile, and never below the kernel's own HBM traffic. At these shapes
+    the compiler expects the two kernels to take less than the scan's chain of kernels."""
+    from sora_jax.aot import mosaic
+    from sora_jax.kernels import platform
+    from sora_jax.models import lstm
+
+    chip, _ = topology.parse("v5e:2x2")
+    on_chip = jax.sharding.SingleDeviceSharding(topology.tpu_devices("v5e:2x2")[0])
+    bf16 = jax.numpy.bfloat16
+    gates = jax.ShapeDtypeStruct((64, 8, 4 * 128), bf16, sharding=on_chip)  # [T, B, 4H]
+    w_h = jax.ShapeDtypeStruct((128, 4 * 128), jax.numpy.float32, sharding=on_chip)
+
+    def launched(backend):
+        loss = lambda g, w: lstm.lstm_sequence(g, w, bf16, 4, backend).sum()
+        with platform.targeting("tpu"):
+            compiled = jax.jit(jax.grad(loss, (0, 1))).lower(gates, w_h).compile()
+        return list(traffic.launches(compiled.as_text())), compiled
+
+    scan, _ = launched("xla")
+    kernels, compiled = launched("auto")
+    pallas = [k for k in kernels if "tpu_custom_call" in k.kernel.rest]
+    assert len(pallas) == 2 and all(k.cycles == 0 for k in pallas)  # forward, backward
+    counted = mosaic.with_pallas_cycles(kernels, "TPU v5 lite")
+    for k in counted:
+        if "tpu_custom_call" in k.kernel.rest:
+            assert k.cycles > 0 and k.cycles >= k.hbm_bytes / chip.hbm_bytes_per_s * chip.clock_hz
+    total = lambda ks: sum(k.cycles * k.times for k in ks)
+    assert total(counted) < total(scan), (total(counted), total(scan))
+    # XLA's cost analysis counts the recurrent products the kernels do (their cost_estimate).
+    assert compiled.cost_analysis()["flops"] >= 2 * 2 * 64 * 8 * 128 * 4 * 128
+
+
+@needs_libtpu
+def test_pallas_kernels_on_a_v4_count_their_traffic_and_say_so():
+    """libtpu's profile has no DMA model for v4: the kernels' cycles are their HBM bytes at
+    the chip's bandwidth, a floor, and the reader is told."""
+    from sora_jax.aot import mosaic
+    from sora_jax.kernels import platform
+    from sora_jax.models import lstm
+
+    chip, _ = topology.parse("v4:2x2x1")
+    on_chip = jax.sharding.SingleDeviceSharding(topology.tpu_devices("v4:2x2x1")[0])
+    gates = jax.ShapeDtypeStruct((4096, 32, 4 * 128), jax.numpy.bfloat16, sharding=on_chip)
+    w_h = jax.ShapeDtypeStruct((128, 4 * 128), jax.numpy.float32, sharding=on_chip)
+    loss = lambda g, w: lstm.lstm_sequence(g, w, jax.numpy.bfloat16, 4, "pallas").sum()
+    with platform.targeting("tpu"):
+        compiled = jax.jit(jax.grad(loss, (0, 1))).lower(gates, w_h).compile()
+    with pytest.warns(UserWarning, match="cannot profile Pallas kernels for TPU v4"):
+        counted = mosaic.with_pallas_cycles(list(traffic.launches(compiled.as_text())), "TPU v4")
+    pallas = [k for k in counted if "tpu_custom_call" in k.kernel.rest]
+    assert len(pallas) == 2
+    for k in pallas:
+        assert k.hbm_bytes > 0  # arrays this large live in HBM, not in v4's 128 MiB of CMEM
+        assert k.cycles == round(k.hbm_bytes / chip.hbm_bytes_per_s * chip.clock_hz)

@@ -59,3 +59,40 @@ def test_bfloat16_compute_keeps_dtypes_and_stays_close():
     for a, e in zip(low, exact, strict=True):
         a = np.asarray(a, np.float32)
         assert np.linalg.norm(a - e) / np.linalg.norm(e) < 3e-2
+
+
+@pytest.mark.parametrize(
+    ("steps", "dtype", "tolerance"),
+    # 12 steps: two blocks of six (the state crosses a block boundary both ways); 11: eleven
+    # blocks of one (the first step of every block reads c from the block before).
+    [(12, jnp.float32, 1e-5), (11, jnp.float32, 1e-5), (12, jnp.bfloat16, 3e-2)],
+)
+def test_the_pallas_loops_equal_the_scan(steps, dtype, tolerance):
+    """The TPU kernels (kernels/pallas_lstm.py), run by Pallas's interpreter on the CPU:
+    the same outputs and gradients as the XLA scan. They accumulate the recurrent product
+    in float32 where the scan rounds it to the compute dtype: bfloat16 agrees to its
+    precision, float32 to float32's."""
+    b, h = 8, 128
+    gates, w_h = normal(4, steps, b, 4 * h), normal(5, h, 4 * h) / np.sqrt(h)
+    gates = jnp.asarray(gates).astype(dtype)
+
+    def out_and_grads(backend):
+        run = lambda g, w: lstm.lstm_sequence(g, w, dtype, 1, backend)
+        loss = lambda g, w: jnp.sum(jnp.sin(3 * run(g, w)))
+        return run_compiled(lambda g, w: (run(g, w), jax.grad(loss, (0, 1))(g, w)), gates, w_h)
+
+    got, want = out_and_grads("pallas"), out_and_grads("xla")
+    for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        a, e = np.asarray(a, np.float32), np.asarray(e, np.float32)
+        assert float(np.abs(e).max()) > 0.1  # each carries signal
+        assert np.linalg.norm(a - e) / np.linalg.norm(e) < tolerance
+
+
+def test_auto_takes_the_pallas_loops_on_a_tpu_when_the_hidden_size_fills_the_lanes():
+    from sora_jax.kernels import platform
+
+    with platform.targeting("tpu"):
+        assert lstm.resolve("auto", jnp.zeros((4, 8, 4 * 512))) == "pallas"
+        assert lstm.resolve("auto", jnp.zeros((4, 8, 4 * 64))) == "xla"
+        assert lstm.resolve("xla", jnp.zeros((4, 8, 4 * 512))) == "xla"
+    assert lstm.resolve("auto", jnp.zeros((4, 8, 4 * 512), jnp.float16)) == "xla"  # CPU

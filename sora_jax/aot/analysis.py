@@ -14,7 +14,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from sora_jax.aot import traffic
+from sora_jax.aot import mosaic, traffic
 from sora_jax.train import setup
 from sora_jax.train.fit import GiB, StepReport, compile_step
 from sora_jax.train.step import abstract_batch, make_eval_step, make_train_step
@@ -98,6 +98,8 @@ def compile_run(
     if dump_hlo:
         pathlib.Path(dump_hlo).write_text(hlo)
     launched = list(traffic.launches(hlo))  # read once, summed two ways
+    if devices[0].platform == "tpu":  # the Pallas kernels' cycles, which XLA leaves out
+        launched = mosaic.with_pallas_cycles(launched, devices[0].device_kind)
     _, evaluation = compile_step(run.eval_step, state.params, run.eval_batch)
     return RunReport(
         batch_size=config.batch_size,

@@ -10,6 +10,7 @@ from sora_jax.kernels import onednn
 from sora_jax.models import melspec
 from sora_jax.models.bias import Dense
 from sora_jax.models.gru import gru_sequence
+from sora_jax.models.lstm import BACKENDS as LSTM_BACKENDS
 from sora_jax.models.lstm import lstm_sequence
 
 # A fixed standardisation of log-mel values (about -14 for silence, +9 for a full-scale
@@ -53,7 +54,7 @@ class LSTMRecurrence(nn.Module):
     features: int
     unroll: int = 1
     dtype: jnp.dtype = jnp.float32
-    backend: str = "auto"  # onednn.BACKENDS: one custom call per loop on the CPU (lstm.py)
+    backend: str = "auto"  # lstm.BACKENDS: one kernel per loop on the CPU and TPU (lstm.py)
 
     @nn.compact
     def __call__(self, input_gates, seq_lengths, reverse: bool = False):  # [F, B, 4H], [B]
@@ -139,7 +140,7 @@ class AudioEncoder(nn.Module):
     # input of k x num_mel_bins, so the scan runs F/k steps. On a TPU each step is a small
     # matmul that cannot fill the chip, one after another (BENCHMARKS.md section 7).
     time_stack: int = 1
-    lstm_backend: str = "auto"  # onednn.BACKENDS (lstm.py)
+    lstm_backend: str = "auto"  # lstm.BACKENDS (lstm.py)
     dtype: jnp.dtype = jnp.float32
 
     @staticmethod
@@ -153,7 +154,7 @@ class AudioEncoder(nn.Module):
             f"{key}.spec_augment",
             "(time masks, max width, mel masks, max width), each >= 0",
         )
-        one_of(a.lstm_backend, f"{key}.lstm_backend", onednn.BACKENDS)
+        one_of(a.lstm_backend, f"{key}.lstm_backend", LSTM_BACKENDS)
         if a.lstm_backend == "onednn":
             why_not = onednn.unavailable_reason()
             check(why_not is None, f"{key}.lstm_backend", f"'onednn' cannot run: {why_not}")

@@ -17,6 +17,11 @@ Two backends run the loops over time (BENCHMARKS.md has the measurements):
   weights packed once, then the gate arithmetic in one vectorised pass. In bfloat16 oneDNN
   accumulates the recurrent product in float32 without rounding it to bfloat16 first,
   as XLA does: a rounding difference, not a different model.
+* `pallas` (the default on a TPU, `auto`, when the hidden size is a multiple of 128): each
+  loop is one Pallas kernel (sora_jax/kernels/pallas_lstm.py) keeping the state and the
+  recurrent weights in the core's VMEM across steps. XLA:TPU's scan runs each step as a
+  chain of small kernels whose launches, not their work, set its time (BENCHMARKS.md
+  section 7). Off the TPU it runs in Pallas's interpreter: for tests, not for speed.
 """
 
 from functools import partial
@@ -25,9 +30,22 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sora_jax.kernels import onednn
+from sora_jax.kernels import onednn, pallas_lstm, platform
 
 F32 = jnp.float32
+BACKENDS = (*onednn.BACKENDS, "pallas")
+
+
+def resolve(backend: str, input_gates: jax.Array) -> str:
+    """The `lstm_backend` setting -> the loops' backend for this program: `auto` is
+    `onednn` on the CPU where it can run, `pallas` on a TPU when the hidden size fills the
+    vector lanes (a multiple of 128), else `xla`."""
+    if backend == "auto" and platform.target_platform() == "tpu":
+        lanes_full = input_gates.shape[-1] % (4 * pallas_lstm.LANES) == 0
+        return "pallas" if lanes_full else "xla"
+    if backend == "pallas":
+        return "pallas"
+    return onednn.resolve(backend, input_gates, "lstm")
 
 
 def _split(gates: jax.Array) -> tuple[jax.Array, ...]:
@@ -42,8 +60,8 @@ def lstm_sequence(
     backend: str = "xla",
 ) -> jax.Array:
     """input_gates [T, B, 4H] (x_t @ W_x + b, time-major), w_h [H, 4H] -> h [T, B, H]
-    (float32), from a zero initial state. `backend`: one of onednn.BACKENDS."""
-    backend = onednn.resolve(backend, input_gates, "lstm")
+    (float32), from a zero initial state. `backend`: one of BACKENDS."""
+    backend = resolve(backend, input_gates)
     return _lstm(input_gates, w_h, jnp.dtype(dtype), unroll, backend)
 
 
@@ -54,10 +72,11 @@ def _per_device(fn, batched_in: tuple, batched_out: tuple, rows: int):
 def _forward(input_gates, w_h, dtype, unroll, backend="xla"):
     batch, hidden = input_gates.shape[1], w_h.shape[0]
     w = w_h.astype(dtype)
-    if backend == "onednn":
-        hs, activations, cs = _per_device(
-            onednn.lstm_forward, (True, False), (True, True, True), batch
-        )(input_gates, w)
+    if backend in ("onednn", "pallas"):
+        loop = onednn.lstm_forward if backend == "onednn" else pallas_lstm.lstm_forward
+        hs, activations, cs = _per_device(loop, (True, False), (True, True, True), batch)(
+            input_gates, w
+        )
         h_prevs = jnp.concatenate([jnp.zeros_like(hs[:1]), hs[:-1]])
         return hs, (activations, cs, h_prevs)
 
@@ -89,8 +108,9 @@ def _lstm_fwd(input_gates, w_h, dtype, unroll, backend):
 
 def _lstm_bwd(dtype, unroll, backend, residuals, dhs):
     activations, cs, h_prevs, w_h, dtype_of_gates = residuals
-    if backend == "onednn":
-        backward = lambda *args: (onednn.lstm_backward(*args),)
+    if backend in ("onednn", "pallas"):
+        loop = onednn.lstm_backward if backend == "onednn" else pallas_lstm.lstm_backward
+        backward = lambda *args: (loop(*args),)
         (d_gates,) = _per_device(backward, (True, True, True, False), (True,), dhs.shape[1])(
             dhs.astype(F32), activations, cs, w_h.astype(dtype)
         )
