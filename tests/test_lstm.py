@@ -62,17 +62,28 @@ def test_bfloat16_compute_keeps_dtypes_and_stays_close():
 
 
 @pytest.mark.parametrize(
-    ("steps", "dtype", "tolerance"),
+    ("steps", "b", "dtype", "tolerance", "vmem"),
     # 12 steps: two blocks of six (the state crosses a block boundary both ways); 11: eleven
-    # blocks of one (the first step of every block reads c from the block before).
-    [(12, jnp.float32, 1e-5), (11, jnp.float32, 1e-5), (12, jnp.bfloat16, 3e-2)],
+    # blocks of one (the first step of every block reads c from the block before); 16 clips
+    # in 56 KiB of VMEM: two blocks of 8 clips, one step each.
+    [
+        (12, 8, jnp.float32, 1e-5, None),
+        (11, 8, jnp.float32, 1e-5, None),
+        (12, 8, jnp.bfloat16, 3e-2, None),
+        (5, 16, jnp.float32, 1e-5, 56 << 10),
+    ],
 )
-def test_the_pallas_loops_equal_the_scan(steps, dtype, tolerance):
+def test_the_pallas_loops_equal_the_scan(steps, b, dtype, tolerance, vmem, monkeypatch):
     """The TPU kernels (kernels/pallas_lstm.py), run by Pallas's interpreter on the CPU:
     the same outputs and gradients as the XLA scan. They accumulate the recurrent product
     in float32 where the scan rounds it to the compute dtype: bfloat16 agrees to its
     precision, float32 to float32's."""
-    b, h = 8, 128
+    from sora_jax.kernels import pallas_lstm
+
+    h = 128
+    if vmem:
+        monkeypatch.setattr(pallas_lstm, "VMEM_BUDGET", vmem)
+        assert pallas_lstm.block_shape(steps, b, 11 * h * 4, 4 * h * h * 4) == (8, 1)
     gates, w_h = normal(4, steps, b, 4 * h), normal(5, h, 4 * h) / np.sqrt(h)
     gates = jnp.asarray(gates).astype(dtype)
 

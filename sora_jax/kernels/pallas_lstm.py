@@ -31,18 +31,22 @@ F32 = jnp.float32
 LANES = 128  # a TPU vector register's minor dimension: gate slices are cut at multiples
 MAX_STEPS_PER_BLOCK = 8  # time steps per grid step: fewer grid steps, each ~0.35 us
 # What a kernel's blocks may take of a core's VMEM: Pallas double-buffers each, and Mosaic's
-# default scoped limit is 16 MiB on v5e (of 128), the smallest of the chips here.
-VMEM_BUDGET = 12 << 20
+# default scoped limit is 16 MiB; the rest is for a step's own values (256 clips' gates
+# alone are 2 MiB). Blocks of 15.7 MiB failed to compile (16.14 MiB in all).
+VMEM_BUDGET = 10 << 20
 
 
-def steps_per_block(length: int, bytes_per_step: int, fixed_bytes: int) -> int:
-    """The most time steps, up to MAX_STEPS_PER_BLOCK, that divide `length` evenly and
-    whose blocks (`bytes_per_step` each step, in and out) fit VMEM_BUDGET beside the
-    `fixed_bytes` of the weights, all double-buffered."""
-    fits = lambda k: 2 * (k * bytes_per_step + fixed_bytes) <= VMEM_BUDGET
-    return max(
-        k for k in range(1, MAX_STEPS_PER_BLOCK + 1) if length % k == 0 and (fits(k) or k == 1)
-    )
+def block_shape(length: int, batch: int, row_step_bytes: int, fixed_bytes: int) -> tuple[int, int]:
+    """(clips, steps) of a block: the most time steps, up to MAX_STEPS_PER_BLOCK, that divide
+    `length`, and the most clips (all, or a multiple of 8 dividing `batch`) whose blocks
+    (`row_step_bytes` a clip and step, in and out) fit VMEM_BUDGET beside the `fixed_bytes`
+    of the weights, all double-buffered. Clips are cut first: a block of fewer steps costs
+    grid steps, one of fewer clips only splits the same work."""
+    fits = lambda rows, k: 2 * (rows * k * row_step_bytes + fixed_bytes) <= VMEM_BUDGET
+    row_options = [batch] + [r for r in range(batch - 8, 0, -8) if batch % r == 0]
+    rows = next((r for r in row_options if fits(r, 1)), row_options[-1])
+    steps = [k for k in range(1, MAX_STEPS_PER_BLOCK + 1) if length % k == 0 and fits(rows, k)]
+    return rows, max(steps, default=1)
 
 
 def _gates(pre: jax.Array, hidden: int) -> tuple[jax.Array, ...]:
@@ -53,10 +57,11 @@ def _gates(pre: jax.Array, hidden: int) -> tuple[jax.Array, ...]:
 
 
 def _forward_kernel(gx_ref, w_ref, h_ref, acts_ref, c_ref, h_state, c_state, *, dtype):
-    # gx [K, B, 4H] block, w [H, 4H]; out h, c [K, B, H], acts [K, B, 4H]; state [B, H]
+    # gx [K, b, 4H] block (b of the B clips), w [H, 4H]; out h, c [K, b, H], acts
+    # [K, b, 4H]; state [b, H]. Grid: (blocks of clips, blocks of time).
     steps, _, hidden = h_ref.shape
 
-    @pl.when(pl.program_id(0) == 0)
+    @pl.when(pl.program_id(1) == 0)  # a block of clips starts
     def _():
         h_state[...] = jnp.zeros_like(h_state)
         c_state[...] = jnp.zeros_like(c_state)
@@ -82,9 +87,9 @@ def _backward_kernel(
     # Blocks run last to first. dh, c [K, B, H], acts [K, B, 4H]; c_before: the block
     # before (its last row is this block's first c_prev); w_t [4H, H]; out d_gates [K, B, 4H]
     steps, _, hidden = dh_ref.shape
-    first_block = pl.program_id(0) == pl.num_programs(0) - 1  # holds time step 0
+    first_block = pl.program_id(1) == pl.num_programs(1) - 1  # holds time step 0
 
-    @pl.when(pl.program_id(0) == 0)
+    @pl.when(pl.program_id(1) == 0)  # a block of clips starts, at its last time steps
     def _():
         dh_state[...] = jnp.zeros_like(dh_state)
         dc_state[...] = jnp.zeros_like(dc_state)
@@ -130,8 +135,9 @@ def _cost(length: int, batch: int, hidden: int, transcendentals: int, arrays) ->
 
 
 def _params() -> pltpu.CompilerParams:
-    # The grid walks time: each block needs the state the one before left ("arbitrary").
-    return pltpu.CompilerParams(dimension_semantics=("arbitrary",))
+    # Blocks of clips are independent ("parallel": a megacore chip's two cores split them);
+    # in time each needs the state the one before left ("arbitrary").
+    return pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"))
 
 
 def lstm_forward(input_gates: jax.Array, w: jax.Array) -> tuple[jax.Array, ...]:
@@ -140,16 +146,16 @@ def lstm_forward(input_gates: jax.Array, w: jax.Array) -> tuple[jax.Array, ...]:
     length, batch, gates = input_gates.shape
     hidden = gates // 4
     # A step's blocks: its gate inputs in, h, c and the four activations out (float32).
-    step_bytes = batch * (gates * input_gates.dtype.itemsize + 6 * hidden * 4)
-    k = steps_per_block(length, step_bytes, w.size * w.dtype.itemsize)
-    block = lambda width: pl.BlockSpec((k, batch, width), lambda t: (t, 0, 0))
-    state = pltpu.VMEM((batch, hidden), F32)
+    row_bytes = gates * input_gates.dtype.itemsize + 6 * hidden * 4
+    rows, k = block_shape(length, batch, row_bytes, w.size * w.dtype.itemsize)
+    block = lambda width: pl.BlockSpec((k, rows, width), lambda b, t: (t, b, 0))
+    state = pltpu.VMEM((rows, hidden), F32)
     out = lambda width: jax.ShapeDtypeStruct((length, batch, width), F32)
     outs = [out(hidden), out(gates), out(hidden)]
     return pl.pallas_call(
         functools.partial(_forward_kernel, dtype=w.dtype),
-        grid=(length // k,),
-        in_specs=[block(gates), pl.BlockSpec((hidden, gates), lambda t: (0, 0))],
+        grid=(batch // rows, length // k),
+        in_specs=[block(gates), pl.BlockSpec((hidden, gates), lambda b, t: (0, 0))],
         out_specs=[block(hidden), block(gates), block(hidden)],
         out_shape=outs,
         scratch_shapes=[state, state],
@@ -166,24 +172,23 @@ def lstm_backward(dhs: jax.Array, activations: jax.Array, cs: jax.Array, w: jax.
     length, batch, hidden = dhs.shape
     gates = 4 * hidden
     # A step's blocks: dh, c twice, the activations and their gradients (float32).
-    step_bytes = batch * (3 * hidden + 2 * gates) * 4
-    k = steps_per_block(length, step_bytes, w.size * w.dtype.itemsize)
+    rows, k = block_shape(length, batch, (3 * hidden + 2 * gates) * 4, w.size * w.dtype.itemsize)
     blocks = length // k
-    last_first = lambda t: (blocks - 1 - t, 0, 0)
-    before = lambda t: (jnp.maximum(blocks - 2 - t, 0), 0, 0)
-    state = pltpu.VMEM((batch, hidden), F32)
+    last_first = lambda b, t: (blocks - 1 - t, b, 0)
+    before = lambda b, t: (jnp.maximum(blocks - 2 - t, 0), b, 0)
+    state = pltpu.VMEM((rows, hidden), F32)
     d_gates = jax.ShapeDtypeStruct((length, batch, gates), F32)
     return pl.pallas_call(
         functools.partial(_backward_kernel, dtype=w.dtype),
-        grid=(blocks,),
+        grid=(batch // rows, blocks),
         in_specs=[
-            pl.BlockSpec((k, batch, hidden), last_first),
-            pl.BlockSpec((k, batch, gates), last_first),
-            pl.BlockSpec((k, batch, hidden), last_first),
-            pl.BlockSpec((k, batch, hidden), before),
-            pl.BlockSpec((gates, hidden), lambda t: (0, 0)),
+            pl.BlockSpec((k, rows, hidden), last_first),
+            pl.BlockSpec((k, rows, gates), last_first),
+            pl.BlockSpec((k, rows, hidden), last_first),
+            pl.BlockSpec((k, rows, hidden), before),
+            pl.BlockSpec((gates, hidden), lambda b, t: (0, 0)),
         ],
-        out_specs=pl.BlockSpec((k, batch, gates), last_first),
+        out_specs=pl.BlockSpec((k, rows, gates), last_first),
         out_shape=d_gates,
         scratch_shapes=[state, state],
         compiler_params=_params(),
