@@ -1,8 +1,8 @@
 """One branch of a production model (the audio branch or the visual tower) compiled alone
 for one TPU chip, forward and backward at the config's clips per chip: XLA:TPU's expected
 time for it in a few minutes, where the whole step takes 10-35 (bench/tpu_compile.py).
-For trying a change to one branch, and for seeing where a scan's time goes: each while
-loop's kernels per trip, with their cycles and HBM bytes.
+For trying a change to one branch, and for seeing where its time goes: each layer's
+expected time and HBM bytes per pass, and each while loop's kernels per trip.
 
 The figures are the compiler's (aot/traffic.py), as sora-compile's: estimated cycles at
 the chip's clock, the program's FLOPs at the published peak. The branch is the model's own
@@ -48,6 +48,28 @@ def branch_loss(model, branch: str, spec: InputSpec, batch: int):
         return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in (pooled, steps))
 
     return loss, params, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), inputs)
+
+
+def layer_of(launch: traffic.Launch) -> str:
+    """A kernel's layer: the first two module scopes its op_name names inside the branch,
+    e.g. "stage0_block1/conv_a" (the transformations' scopes, "jvp(...)", left out)."""
+    op_name = traffic._OP_NAME.search(launch.kernel.rest)
+    scopes = [s for s in (op_name.group(1) if op_name else "").split("/") if "(" not in s]
+    return "/".join(scopes[:2]) or "(unnamed)"
+
+
+def layers(launched: list[traffic.Launch], clock_hz: float) -> list[dict]:
+    """Expected time and HBM bytes per layer and pass, the costliest first: which layer to
+    change, before compiling the whole step."""
+    cycles, hbm = collections.Counter(), collections.Counter()
+    for launch in launched:
+        key = (layer_of(launch), launch.direction)
+        cycles[key] += launch.cycles * launch.times
+        hbm[key] += launch.hbm_bytes * launch.times
+    return [
+        {"layer": layer, "pass": pass_, "expected_s": c / clock_hz, "hbm_bytes": hbm[layer, pass_]}
+        for (layer, pass_), c in cycles.most_common()
+    ]
 
 
 def loops(launched: list[traffic.Launch], clock_hz: float) -> list[dict]:
@@ -107,6 +129,7 @@ def compile_branch(config, topology_name: str, devices: list, branch: str) -> di
         "expected_s": expected_s,
         "expected_mfu": flops / chip.peak_flops / expected_s if expected_s else None,
         "loops": loops(launched, chip.clock_hz),
+        "layers": layers(launched, chip.clock_hz),
         "compile_s": round(compile_s, 1),
     }
 

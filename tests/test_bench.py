@@ -209,4 +209,8 @@ def test_tpu_branch_compiles_each_branch_for_one_chip(tmp_path):
     # has none.
     assert audio["loops"] and not visual["loops"]
     assert all(loop["trips"] >= 1 and loop["kernels_per_trip"] >= 1 for loop in audio["loops"])
+    # Each layer's share: the tower's time is spread over its stages' convolutions.
+    names = {row["layer"] for row in visual["layers"]}
+    assert any(n.startswith("stage0_block0/conv") for n in names), names
+    assert sum(row["expected_s"] for row in visual["layers"]) <= visual["expected_s"] * 1.0001
     assert json.loads(out.read_text())["runs"] == runs  # the file holds what was printed

@@ -63,7 +63,8 @@ QUOTED = {
     ],
     "tpu_branch.json": [
         "runs{}.clips_per_chip", "runs{}.flops_per_byte", "runs{}.hbm_bytes",
-        "runs{}.expected_s", "runs{}.expected_mfu", "runs{}.loops", "runs{}.machine.date",
+        "runs{}.expected_s", "runs{}.expected_mfu", "runs{}.loops", "runs{}.layers",
+        "runs{}.machine.date",
     ],
 }  # fmt: skip
 
