@@ -23,5 +23,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.fusion.update(kind="gated", dim=1024)
     c.batch_size, c.total_steps = 2048, 250_000
     c.mesh.fsdp = 8
+    # Compiled for v5e:4x4 (128 clips per chip) and v5p:2x2x2 (256), keeping the tower's
+    # activations takes 8.0 of 16 and 15.7 of 95 GiB per chip, and the compiler expects a
+    # step 22% and 17% shorter than recomputing them (BENCHMARKS.md section 7). With more
+    # clips per chip, `sora-train`'s fit check says when to turn remat back on.
+    c.model.visual.remat = False
     c.checkpoint.best_metric = "map"
     return base.apply_preset(c, arg)

@@ -16,7 +16,8 @@ import pytest
 from configs import demo
 from sora_jax.aot import analysis, topology, traffic
 from sora_jax.kernels import onednn
-from sora_jax.train import setup, sharding
+from sora_jax.train import fit, setup, sharding
+from sora_jax.train import step as step_lib
 from tests.conftest import ONE_DEVICE, needs_libtpu  # the topology parser's tests need none
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -168,6 +169,31 @@ def test_a_slice_libtpu_was_seen_to_crash_on_is_warned_of():
 def test_an_unknown_topology_is_named():
     with pytest.raises(ValueError, match="v9:4x4"):
         topology.parse("v9:4x4")
+
+
+@needs_libtpu
+@pytest.mark.slow  # two TPU compiles
+def test_fsdp_over_every_chip_gathers_the_weights_instead_of_windowing_the_convs(monkeypatch):
+    """With fsdp over all of a slice's chips (one data row), XLA:TPU would run each conv
+    whose weight is split along its output features as a windowed einsum: weight pieces
+    passed around the ring (collective-permutes) in a loop that re-reads the activations
+    for each piece. For audioset on v5p:2x2x2 that was a step 4.4x slower than with the
+    weights gathered (BENCHMARKS.md section 7). The train step gathers them."""
+    config = demo.get_config("runlocal")
+    config.mesh.fsdp, config.batch_size = 8, 32  # 4 clips a chip: enough for XLA to window
+    config.model.visual.widths = (64, 128)  # weights large enough to be split (MIN_SHARDED_SIZE)
+    devices = topology.tpu_devices("v5p:2x2x2")
+
+    def collectives() -> dict[str, int]:
+        run = analysis.abstract_run(config, devices)
+        state = run.built.abstract_state
+        return fit.compile_step(run.train_step, state, run.train_batch)[1].collectives
+
+    gathered = collectives()
+    assert "collective-permute" not in gathered and gathered.get("all-gather", 0) > 0, gathered
+    # The control: without the gather, the same program windows its convolutions.
+    monkeypatch.setattr(step_lib, "gathered", lambda params, mesh: params)
+    assert collectives().get("collective-permute", 0) > 0
 
 
 @needs_libtpu

@@ -23,6 +23,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sora_jax.inputs import MODEL_INPUTS
+from sora_jax.train.sharding import gathered
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,9 +44,10 @@ class Context:
 
     def apply_views(self, params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         """The model on every view of an evaluation batch [B, V, ...], as rows [B * V]:
-        the fused clip and each sense alone (modality_embeddings)."""
+        the fused clip and each sense alone (modality_embeddings). The parameters are
+        gathered whole first, as in the train and eval steps (train/sharding.gathered)."""
         rows, _, _ = flatten_views({k: batch[k] for k in MODEL_INPUTS})
-        return self.apply({"params": params}, rows, modality_embeddings=True)
+        return self.apply({"params": gathered(params, self.mesh)}, rows, modality_embeddings=True)
 
     def jit(self, fn: Callable) -> Callable:
         """`fn(params, batch)` compiled once, its per-clip outputs gathered whole on every

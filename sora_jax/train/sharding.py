@@ -59,3 +59,20 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def gathered(params: Any, mesh: Mesh) -> Any:
+    """The parameters whole on every device for a step's compute (one all-gather each,
+    which XLA overlaps with the layers before); their gradients are summed back into the
+    fsdp shards.
+
+    Left to itself, XLA:TPU may run a convolution whose weight is split along its output
+    features as a windowed einsum: a loop that passes weight pieces around the ring and
+    re-reads the whole activation for each piece, with outputs 8 channels wide. For
+    audioset on v5p:2x2x2 (fsdp over all 8 chips) the tower's convolutions then moved
+    614 GiB a step and the step was 4.4x slower (BENCHMARKS.md section 7). These models'
+    parameters are tens of MB; holding them whole through a step cost 0.6-0.8 GiB of a
+    chip where XLA had not windowed (kinetics_sounds), against gathering each conv's
+    weight at its layer, which left some windowing in place (also section 7).
+    """
+    return jax.lax.with_sharding_constraint(params, replicated(mesh))

@@ -15,7 +15,7 @@ from sora_jax import objectives
 from sora_jax.inputs import MODEL_INPUTS, InputSpec, label_shape
 from sora_jax.models import SoraModel
 from sora_jax.models.sora import unit
-from sora_jax.train.sharding import BATCH_AXES
+from sora_jax.train.sharding import BATCH_AXES, gathered
 from sora_jax.train.state import TrainState, learning_rate_schedule, stop_frozen_gradients
 
 
@@ -60,7 +60,7 @@ def make_train_step(
     micro_sharding = NamedSharding(mesh, P(None, BATCH_AXES))
 
     def loss_fn(params, batch, rng):
-        params = stop_frozen_gradients(params, config)
+        params = gathered(stop_frozen_gradients(params, config), mesh)
         if views > 1:  # [B, V, ...] -> [B * V, ...], a clip's windows side by side
             batch = {k: flatten_views(v, k == "label") for k, v in batch.items()}
         inputs = {k: batch[k] for k in MODEL_INPUTS}
@@ -210,7 +210,7 @@ def make_eval_step(
         flat = {k: batch[k].reshape(B * V, *batch[k].shape[2:]) for k in MODEL_INPUTS}
         # One pass of the towers gives the clip fused and each sense alone (the fusion
         # head with the other sense absent, as if it were missing from the input).
-        embedded = model.apply({"params": params}, flat, modality_embeddings=True)
+        embedded = model.apply({"params": gathered(params, mesh)}, flat, modality_embeddings=True)
         out = clip_senses(batch)
         if classify:
             out |= clip_scores(embedded, batch, multi_label)
