@@ -53,8 +53,7 @@ def branch_loss(model, branch: str, spec: InputSpec, batch: int):
 def layer_of(launch: traffic.Launch) -> str:
     """A kernel's layer: the first two module scopes its op_name names inside the branch,
     e.g. "stage0_block1/conv_a" (the transformations' scopes, "jvp(...)", left out)."""
-    op_name = traffic._OP_NAME.search(launch.kernel.rest)
-    scopes = [s for s in (op_name.group(1) if op_name else "").split("/") if "(" not in s]
+    scopes = [s for s in launch.kernel.op_name.split("/") if "(" not in s]
     return "/".join(scopes[:2]) or "(unnamed)"
 
 

@@ -62,10 +62,7 @@ def _pallas_kernel(launch: traffic.Launch) -> tuple[str, list] | None:
     name, operands = _PALLAS_NAME.search(k.rest), _OPERANDS.search(k.rest)
     if not name or not operands:  # a figure without it would be silently short
         raise ValueError(f"a Pallas kernel whose name or operands are not known: {k.name}")
-    shapes = [
-        [dtype, [int(d) for d in dims.split(",") if d]]
-        for dtype, dims, _ in traffic._ARRAY.findall(operands.group(1))
-    ]
+    shapes = [[dtype, dims] for dtype, dims in traffic.arrays(operands.group(1))]
     return name.group(1), shapes
 
 

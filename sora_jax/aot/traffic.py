@@ -95,6 +95,20 @@ class Instruction(NamedTuple):
         called = _CALLS.search(self.attributes)
         return called.group(1) if called else ""
 
+    @property
+    def op_name(self) -> str:
+        """The JAX name stack its metadata gives (flax modules, named scopes), or ""."""
+        found = _OP_NAME.search(self.rest)
+        return found.group(1) if found else ""
+
+
+def arrays(shape: str) -> list[tuple[str, list[int]]]:
+    """(dtype, dims) of every array in an HLO shape, e.g. `(f32[8,16]{1,0}, s32[])` ->
+    [("f32", [8, 16]), ("s32", [])]."""
+    return [
+        (dtype, [int(d) for d in dims.split(",") if d]) for dtype, dims, _ in _ARRAY.findall(shape)
+    ]
+
 
 def array_bytes(shape: str, hbm_only: bool = False) -> int:
     """Bytes of every array in an HLO shape, e.g. `(f32[8,16]{1,0}, s32[])` -> 516; with
@@ -331,8 +345,7 @@ def launches(hlo_text: str) -> Iterator[Launch]:
                 continue
             if kernel.opcode in _NO_TRAFFIC:
                 continue
-            op_name = _OP_NAME.search(kernel.rest)
-            op_name = op_name.group(1) if op_name else ""
+            op_name = kernel.op_name
             part = part_of(op_name)
             if part == "other" and kernel.opcode in _PREFETCHES:
                 part = "prefetch and evict"  # XLA's own copies between HBM and VMEM
