@@ -71,8 +71,8 @@ def gathered(params: Any, mesh: Mesh) -> Any:
     re-reads the whole activation for each piece, with outputs 8 channels wide. For
     audioset on v5p:2x2x2 (fsdp over all 8 chips) the tower's convolutions then moved
     614 GiB a step and the step was 4.4x slower (BENCHMARKS.md section 7). These models'
-    parameters are tens of MB; holding them whole through a step cost 0.6-0.8 GiB of a
-    chip where XLA had not windowed (kinetics_sounds), against gathering each conv's
-    weight at its layer, which left some windowing in place (also section 7).
+    parameters are about 92 MB. Holding them whole through the step costs 0.6-0.8 GiB a
+    chip where XLA had not windowed (kinetics_sounds). Gathering only each conv's weight,
+    at its layer, cost nothing there but left the matmuls windowed (also section 7).
     """
     return jax.lax.with_sharding_constraint(params, replicated(mesh))
