@@ -73,6 +73,6 @@ def gathered(params: Any, mesh: Mesh) -> Any:
     614 GiB a step and the step was 4.4x slower (BENCHMARKS.md section 7). These models'
     parameters are about 92 MB. Holding them whole through the step costs 0.6-0.8 GiB a
     chip where XLA had not windowed (kinetics_sounds). Gathering only each conv's weight,
-    at its layer, cost nothing there but left the matmuls windowed (also section 7).
+    at its layer, cost nothing there but left other ops windowed (also section 7).
     """
     return jax.lax.with_sharding_constraint(params, replicated(mesh))
