@@ -56,6 +56,19 @@ needs_libtpu = pytest.mark.skipif(
 )
 
 process.configure()
+
+from sora_jax.kernels import onednn  # noqa: E402  (after process.configure)
+
+# The oneDNN convolutions run only where they are verified, and bfloat16 only where the
+# CPU has it (kernels/onednn.py): each reason is the library's own.
+needs_onednn_conv = pytest.mark.skipif(
+    onednn.conv_unverified_reason() is not None, reason=str(onednn.conv_unverified_reason())
+)
+needs_onednn_bfloat16 = pytest.mark.skipif(
+    onednn.bfloat16_unsupported_reason() is not None,
+    reason=str(onednn.bfloat16_unsupported_reason()),
+)
+
 jax.devices()  # this process's backend starts now, with its eight devices ...
 # ... and the runs tests start (the commands, resume after a kill) compute on one CPU device,
 # as users' runs here do: eight virtual devices on two cores take ~1.8x as long (a 40-step

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 
 from sora_jax import process
-from sora_jax.kernels import onednn
 from sora_jax.models.conv import Conv
-from tests.conftest import initialised, normal
+from tests.conftest import initialised, needs_onednn_bfloat16, needs_onednn_conv, normal
 
 CASES = [  # (N, H, W, in, out, kernel, stride)
     (2, 8, 8, 16, 5, 3, 2),  # phase path: even sizes, 3x3, stride 2, >= 16 channels in
@@ -34,12 +33,6 @@ def _grads(module, params, x):
     """d loss / d (params, x), compiled as one program: run eagerly, each of its ops
     compiled on its own (~50 per case, most of this file's time)."""
     return jax.jit(jax.grad(_loss(module), argnums=(0, 1)))(params, x)
-
-
-# The oneDNN convolutions run only where they are verified (kernels/onednn.py).
-needs_onednn_conv = pytest.mark.skipif(
-    onednn.conv_unverified_reason() is not None, reason=str(onednn.conv_unverified_reason())
-)
 
 
 @pytest.mark.parametrize("backend", ["xla", pytest.param("onednn", marks=needs_onednn_conv)])
@@ -67,12 +60,6 @@ def test_conv_equals_nn_conv_in_parameters_values_and_gradients(case, backend):
         ours_grads,
         flax_grads,
     )
-
-
-needs_onednn_bfloat16 = pytest.mark.skipif(
-    onednn.bfloat16_unsupported_reason() is not None,
-    reason=str(onednn.bfloat16_unsupported_reason()),
-)
 
 
 @pytest.mark.parametrize(

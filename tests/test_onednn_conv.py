@@ -18,15 +18,9 @@ from sora_jax import models
 from sora_jax.kernels import build, onednn
 from sora_jax.models.conv import conv2d
 from sora_jax.train.sharding import BATCH_AXES, make_mesh
-from tests.conftest import normal
+from tests.conftest import needs_onednn_bfloat16, needs_onednn_conv, normal
 
 TARGETS = ("SoraConvForward", "SoraConvBackwardData", "SoraConvBackwardWeights")
-
-
-# The oneDNN convolutions run only where they are verified (kernels/onednn.py).
-needs_onednn_conv = pytest.mark.skipif(
-    onednn.conv_unverified_reason() is not None, reason=str(onednn.conv_unverified_reason())
-)
 
 
 def _inputs(n=16, h=8, w=8, cin=16, cout=8, k=3, dtype=jnp.float32):
@@ -97,10 +91,7 @@ def test_sharded_over_the_mesh_equals_one_device(stride):
 
 
 @needs_onednn_conv
-@pytest.mark.skipif(
-    onednn.bfloat16_unsupported_reason() is not None,
-    reason=str(onednn.bfloat16_unsupported_reason()),
-)
+@needs_onednn_bfloat16
 def test_bfloat16_runs_in_bfloat16_close_to_float32():
     x, w, b = _inputs()
     exact = _value_and_grads("onednn", 2)(x, w, b)

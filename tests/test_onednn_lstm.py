@@ -11,16 +11,10 @@ from jax.sharding import PartitionSpec as P
 
 from sora_jax import config as config_lib
 from sora_jax import models
-from sora_jax.kernels import onednn
 from sora_jax.models import lstm
 from sora_jax.models.audio import AudioEncoder
 from sora_jax.train.sharding import BATCH_AXES, make_mesh
-from tests.conftest import initialised, normal
-
-needs_onednn_bfloat16 = pytest.mark.skipif(
-    onednn.bfloat16_unsupported_reason() is not None,
-    reason=str(onednn.bfloat16_unsupported_reason()),
-)
+from tests.conftest import initialised, needs_onednn_bfloat16, normal
 
 
 def _inputs(t=7, b=4, h=8, dtype=jnp.float32):
