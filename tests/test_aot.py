@@ -55,6 +55,12 @@ def test_sora_compile_prints_the_contract_for_a_tpu_slice(tmp_path):
     # Four chips, two data-parallel groups of two: gradients are summed across chips.
     collectives = result["collectives"]
     assert collectives.get("all-reduce", 0) + collectives.get("reduce-scatter", 0) > 0
+    # What each chip sends in them (aot/collectives.py): at least its shard of the
+    # float32 gradients. The least time that takes is at the chip's ICI bandwidth one way.
+    sent = result["collective_bytes_per_step"]
+    assert sent.get("all-reduce", 0) + sent.get("reduce-scatter", 0) >= b["params"] > 0
+    ici = result["chip_figures"]["ici_bidirectional_bytes_per_s"]
+    assert result["collective_time_bound_s"] == sum(sent.values()) / (ici / 2) > 0
     # Neither program calls this project's CPU kernels: they are chosen by the devices a
     # program is compiled for, not by this CPU host (kernels/platform.py).
     assert not [t for t in result["custom_calls"] if t.startswith(OWN_KERNELS)]

@@ -14,7 +14,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from sora_jax.aot import mosaic, traffic
+from sora_jax.aot import collectives, mosaic, traffic
 from sora_jax.train import setup
 from sora_jax.train.fit import GiB, StepReport, compile_step
 from sora_jax.train.step import abstract_batch, make_eval_step, make_train_step
@@ -31,6 +31,7 @@ class RunReport:
     eval: StepReport
     train_traffic: dict[str, dict[str, int]]  # traffic.bytes_by_part of the train step
     train_cycles: dict[str, int]  # traffic.cycles_by_part: XLA:TPU's estimate, by part
+    collective_bytes: dict[str, int]  # collectives.sent_bytes: what one chip sends a step
     remat: bool  # model.visual.remat: the train step's FLOPs include the tower's recompute
 
     @property
@@ -109,6 +110,7 @@ def compile_run(
         eval=evaluation,
         train_traffic=traffic.bytes_by_part(launched),
         train_cycles=traffic.cycles_by_part(launched),
+        collective_bytes=collectives.sent_bytes(launched, len(devices)),
         remat=bool(config.model.visual.remat),
     )
 

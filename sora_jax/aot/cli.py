@@ -11,10 +11,11 @@ parameters, optimizer state, batch, temporaries and the total; whether the train
 steps fit the chip's HBM and by what margin; FLOPs and HBM traffic per chip per step, and
 the lower bound on the step time they imply (topology.py says whose figures); where that
 traffic goes, by part of the model and pass (traffic.py); the step time XLA:TPU's own cycle
-estimates add up to at the chip's clock, and the MFU that leaves; the collectives and
-custom calls of the train program; and the largest global batch that fits, found by
-compiling in as few compiles as the bytes allow (analysis.search_largest; --nosearch
-skips it).
+estimates add up to at the chip's clock, and the MFU that leaves; the collectives of the
+train program, the bytes each chip sends in them and the least time that takes on the
+slice's interconnect (collectives.py); its custom calls; and the largest global batch that
+fits, found by compiling in as few compiles as the bytes allow (analysis.search_largest;
+--nosearch skips it).
 --dump_hlo=FILE keeps the compiled train step's HLO text. Exit 0 when it compiled, fitting
 or not; 2 for a config or topology that cannot compile.
 
@@ -70,7 +71,7 @@ def report_dict(
     topology: str, slices: int, chip: "Chip", run: "RunReport", search: dict | None
 ) -> dict:
     """The command's JSON: the figures of one compiled run on one slice."""
-    from sora_jax.aot import analysis
+    from sora_jax.aot import analysis, collectives
 
     train = run.train
     memory = chip.hbm_bytes
@@ -120,8 +121,15 @@ def report_dict(
             "hbm_bytes_per_s": chip.hbm_bytes_per_s,
             "clock_hz": chip.clock_hz,
             "clock_source": chip.clock_source,
+            "ici_bidirectional_bytes_per_s": chip.ici_bytes_per_s or None,
         },
         "collectives": train.collectives,
+        # What one chip sends to the others a step, by collective (aot/collectives.py),
+        # and the least time that takes: all of it at the chip's ICI bandwidth one way
+        # (null across slices, or for a chip whose ICI bandwidth is not published). Not
+        # in the expected step time: XLA overlaps collectives with compute where it can.
+        "collective_bytes_per_step": run.collective_bytes,
+        "collective_time_bound_s": collectives.time_bound(run.collective_bytes, chip, slices),
         "custom_calls": sorted(set(train.custom_calls) | set(run.eval.custom_calls)),
         "compile_s": {"train": train.compile_s, "eval": run.eval.compile_s},
         "largest_fitting_batch": search,
@@ -146,6 +154,7 @@ def print_table(r: dict) -> None:
         ("step time >=", f"{r['step_time_bound_s'] * 1e3:.3g} ms ({r['bound_by']}-bound)"),
         ("step time, the compiler's", _expected(r)),
         ("collectives", ", ".join(f"{k} {v}" for k, v in r["collectives"].items()) or "none"),
+        ("sent to other chips / step", _sent(r)),
         ("custom calls", ", ".join(r["custom_calls"]) or "none"),
         ("compile", f"train {r['compile_s']['train']:.1f} s, eval {r['compile_s']['eval']:.1f} s"),
     ]
@@ -169,6 +178,13 @@ def _expected(r: dict) -> str:
         return "no estimate in this program"
     ms, clock = r["expected_step_time_s"] * 1e3, r["chip_figures"]["clock_hz"] / 1e9
     return f"{ms:.3g} ms at {clock:.2f} GHz, MFU {r['expected_mfu']:.1%}"
+
+
+def _sent(r: dict) -> str:
+    sent = _size(sum(r["collective_bytes_per_step"].values()))
+    if r["collective_time_bound_s"] is None:
+        return f"{sent} (no ICI bound: several slices, or no published ICI bandwidth)"
+    return f"{sent}, >= {r['collective_time_bound_s'] * 1e3:.3g} ms on the ICI"
 
 
 def _print_rows(rows: list[tuple[str, str]]) -> None:

@@ -38,6 +38,9 @@ class Chip:
     # few percent of the published peak at this clock, and never beat it.
     clock_hz: float = 0.0
     clock_source: str = ""
+    # Bidirectional inter-chip interconnect (ICI) bandwidth per chip, over all its links,
+    # as each version's page has it; 0 where the page gives none (v4).
+    ici_bytes_per_s: float = 0.0
 
     @property
     def ridge_flops_per_byte(self) -> float:
@@ -65,6 +68,7 @@ CHIPS = {
         819e9,
         clock_hz=197e12 / (4 * _MXU_128),
         clock_source="peak / (1 TensorCore x 4 MXUs of 128x128), as the v5e page has it",
+        ici_bytes_per_s=400e9,
     ),
     "v5p": Chip(
         "v5p",
@@ -74,6 +78,7 @@ CHIPS = {
         megacore=True,
         clock_hz=459e12 / (2 * 4 * _MXU_128),
         clock_source="peak / (2 TensorCores x 4 MXUs of 128x128), as the v5p page has it",
+        ici_bytes_per_s=1200e9,
     ),
     # The v6e page's two 256x256 MXUs would need 3.5 GHz for 918 TFLOP/s, and at 3.5 GHz
     # XLA:TPU's own estimate of a matmul would beat the published peak: that reading is
@@ -90,6 +95,7 @@ CHIPS = {
         clock_hz=2.13e9,
         clock_source="calibrated: XLA:TPU's cycle estimate of a 32768^3 bfloat16 matmul "
         "at the published peak (the v6e page's MXUs do not add up to it)",
+        ici_bytes_per_s=800e9,
     ),
 }
 

@@ -319,6 +319,7 @@ class Launch(NamedTuple):
     hbm_bytes: int  # per launch (kernel_bytes)
     cycles: int  # per launch: XLA:TPU's estimate (cycles_by_part), 0 where it has none
     loop: str = ""  # the innermost while loop's body it runs in ("": none)
+    operand_bytes: int = 0  # its operands, whole, in any memory (what a collective sends)
 
 
 def launches(hlo_text: str) -> Iterator[Launch]:
@@ -352,7 +353,8 @@ def launches(hlo_text: str) -> Iterator[Launch]:
             moved = kernel_bytes(kernel, shapes, computations)
             estimate = _CYCLES.search(kernel.rest)
             cycles = int(estimate.group(1)) if estimate else 0
-            yield Launch(kernel, part, pass_of(op_name), times, moved, cycles, loop)
+            operands = sum(array_bytes(shapes.get(o, "")) for o in kernel.operands)
+            yield Launch(kernel, part, pass_of(op_name), times, moved, cycles, loop, operands)
 
     yield from walk(entry, 1, (entry,))
 
