@@ -9,11 +9,16 @@ with the seeds the README's commands use.
      (configs/linear_probe.py:small) and its control (the same probe of a random encoder).
 
   python bench/seeds.py [--seeds 0 1 2] [--out bench/results/seeds.json]
+  python bench/seeds.py --demo-only --config.model.visual.widths='(32, 32, 64)'
+
+--config.KEY=VALUE overrides the demo's config (a model choice's cost in accuracy at the
+demo's size, against the same seeds without it); --demo-only skips the chain (2.).
 """
 
 import pathlib
 import sys
 import tempfile
+from collections.abc import Callable
 
 import common
 import jax
@@ -38,9 +43,26 @@ def _spread(values: list[float]) -> dict:
     }
 
 
+def _pretrain_then_transfer(root: pathlib.Path, seed: int, one: list, add: Callable) -> None:
+    """The README's chain on the paired set: pretraining's retrieval, then the linear probe
+    of the pretrained encoder and of a random one (the control)."""
+    c = pretrain_av.get_config("small")
+    c.data.update(dir=str(root / "data"), name="paired_unlabeled")
+    c.seed = seed
+    r = trainer.train(c, root / f"pretrain_{seed}", one)["retrieval"]
+    add("pretrain_v2a_r1", r["v2a_r1"])
+    add("pretrain_a2v_r1", r["a2v_r1"])
+    for name, init_from in (("probe", root / f"pretrain_{seed}"), ("control", "")):
+        c = linear_probe.get_config("small")
+        c.data.update(dir=str(root / "data"), name="paired")
+        c.model.num_classes, c.seed, c.init_from = 10, seed, str(init_from)
+        add(f"{name}_top1", trainer.train(c, root / f"{name}_{seed}", one)["top1"])
+
+
 def main(argv=None) -> int:
-    p = common.parser(__doc__)
+    p = common.parser(__doc__, config=False)  # the demo's config, with any overrides
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--demo-only", action="store_true", help="only the demo's training")
     args = p.parse_args(argv)
     one = jax.devices()[:1]  # as the README's commands run here
     figures: dict[str, list[float]] = {}
@@ -50,36 +72,27 @@ def main(argv=None) -> int:
         # The data of `make demo` (sora-prep demo, then sora-prep --fps 8 --short-side 40).
         raw = make_demo_dataset(root / "demo_raw", 48, 16, 0)
         builder.prepare(layouts.discover(raw), root / "data", "sora_demo", PrepSettings(8.0, 40))
-        # The paired set of the README's pretraining section.
-        paired = make_paired_set(root / "paired_raw", 24, 8, 0)
-        unlabeled = layouts.discover(paired / "train", "unlabeled", seed=0, test_fraction=0.2)
-        settings = PrepSettings(fps=8.0, short_side=128)
-        builder.prepare(unlabeled, root / "data", "paired_unlabeled", settings, workers=2)
-        builder.prepare(layouts.discover(paired), root / "data", "paired", settings, workers=2)
+        if not args.demo_only:  # the paired set of the README's pretraining section
+            paired = make_paired_set(root / "paired_raw", 24, 8, 0)
+            unlabeled = layouts.discover(paired / "train", "unlabeled", seed=0, test_fraction=0.2)
+            settings = PrepSettings(fps=8.0, short_side=128)
+            builder.prepare(unlabeled, root / "data", "paired_unlabeled", settings, workers=2)
+            builder.prepare(layouts.discover(paired), root / "data", "paired", settings, workers=2)
         for seed in args.seeds:
-            c = demo.get_config()
+            c = common.load_config(demo.__file__, args.set)
             c.data.update(dir=str(root / "data"), name="sora_demo")
             c.seed = seed
             r = trainer.train(c, root / f"demo_{seed}", one)
             add("demo_top1", r["top1"])
             add("demo_audio_only_top1", r["audio_only"]["top1"])
             add("demo_video_only_top1", r["video_only"]["top1"])
-
-            c = pretrain_av.get_config("small")
-            c.data.update(dir=str(root / "data"), name="paired_unlabeled")
-            c.seed = seed
-            r = trainer.train(c, root / f"pretrain_{seed}", one)["retrieval"]
-            add("pretrain_v2a_r1", r["v2a_r1"])
-            add("pretrain_a2v_r1", r["a2v_r1"])
-            for name, init_from in (("probe", root / f"pretrain_{seed}"), ("control", "")):
-                c = linear_probe.get_config("small")
-                c.data.update(dir=str(root / "data"), name="paired")
-                c.model.num_classes, c.seed, c.init_from = 10, seed, str(init_from)
-                add(f"{name}_top1", trainer.train(c, root / f"{name}_{seed}", one)["top1"])
+            if not args.demo_only:
+                _pretrain_then_transfer(root, seed, one, add)
             print(f"seed {seed}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in figures.items()))
     result = {
         "machine": common.machine(),
         "seeds": args.seeds,
+        "demo_overrides": args.set,
         **{k: _spread(v) for k, v in figures.items()},
     }
     table = [

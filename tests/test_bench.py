@@ -214,3 +214,17 @@ def test_tpu_branch_compiles_each_branch_for_one_chip(tmp_path):
     assert any(n.startswith("stage0_block0/conv") for n in names), names
     assert sum(row["expected_s"] for row in visual["layers"]) <= visual["expected_s"] * 1.0001
     assert json.loads(out.read_text())["runs"] == runs  # the file holds what was printed
+
+
+@pytest.mark.slow
+def test_seeds_measures_a_model_choice_on_the_demo(tmp_path):
+    """--demo-only with an override: the accuracy a model choice costs at the demo's size."""
+    out = tmp_path / "seeds.json"
+    wider = "--config.model.visual.widths=(32,32,64)"
+    args = ("--demo-only", "--seeds", "3", wider, "--config.total_steps=4", "--out", str(out))
+    result = _run("seeds.py", *args)
+    assert json.loads(out.read_text()) == result
+    assert result["seeds"] == [3] and result["demo_overrides"] == [wider[9:], "total_steps=4"]
+    for key in ("demo_top1", "demo_audio_only_top1", "demo_video_only_top1"):
+        assert len(result[key]["values"]) == 1 and 0 <= result[key]["min"] <= 1
+    assert "pretrain_v2a_r1" not in result  # the chain was skipped
