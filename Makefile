@@ -68,8 +68,9 @@ test-ci: $(STAMP)
 
 # Every benchmark, results in bench/results/*.json (see BENCHMARKS.md), and the kill drill.
 # About three hours on 2 cores, not measured whole: the run of 2026-11-25 took
-# 9 min before the seeds (~12), storage (~1), av_sync (~6), ann (~6) and curate (~80)
-# scripts, the drill (~5) and the TPU compiles (~60: four production steps) joined it.
+# 9 min before the seeds (~12, and ~10 for the demo's with and without the wide preset),
+# storage (~1), av_sync (~6), ann (~6) and curate (~80) scripts, the drill (~5) and the TPU
+# compiles (~60: four production steps) joined it.
 bench: demo-data
 	$(UV) -e ".[test,bench]"
 	$(BIN)/python -m pytest -n 2 -m bench tests/test_bench.py  # bfloat16 variants, and the PyTorch peers
@@ -89,6 +90,8 @@ bench: demo-data
 	$(BIN)/python bench/tpu_compile.py --out bench/results/tpu_compile.json  # adds to the file
 	$(BIN)/python bench/tpu_branch.py --out bench/results/tpu_branch.json  # adds to the file
 	$(BIN)/python bench/seeds.py --out bench/results/seeds.json  # ~12 min: three seeds of four trainings
+	$(BIN)/python bench/seeds.py --demo-only --out bench/results/seeds_demo.json  # ~5 min each
+	$(BIN)/python bench/seeds.py --demo-only --preset wide --out bench/results/seeds_demo_wide.json
 	test -f $(DEMO_RUN)/export/model.jax || $(MAKE) demo
 	$(BIN)/python bench/timeline.py --out bench/results/timeline.json
 	$(MAKE) drill

@@ -9,10 +9,11 @@ with the seeds the README's commands use.
      (configs/linear_probe.py:small) and its control (the same probe of a random encoder).
 
   python bench/seeds.py [--seeds 0 1 2] [--out bench/results/seeds.json]
-  python bench/seeds.py --demo-only --config.model.visual.widths='(32, 32, 64)'
+  python bench/seeds.py --demo-only --preset wide [--config.KEY=VALUE ...]
 
---config.KEY=VALUE overrides the demo's config (a model choice's cost in accuracy at the
-demo's size, against the same seeds without it); --demo-only skips the chain (2.).
+--preset and --config.KEY=VALUE change the demo's config: a model choice's cost in
+accuracy at the demo's size, against the same seeds without it. --demo-only skips the
+chain (2.).
 """
 
 import pathlib
@@ -63,6 +64,7 @@ def main(argv=None) -> int:
     p = common.parser(__doc__, config=False)  # the demo's config, with any overrides
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--demo-only", action="store_true", help="only the demo's training")
+    p.add_argument("--preset", default="", help="a preset of configs/demo.py, e.g. wide")
     args = p.parse_args(argv)
     one = jax.devices()[:1]  # as the README's commands run here
     figures: dict[str, list[float]] = {}
@@ -79,7 +81,7 @@ def main(argv=None) -> int:
             builder.prepare(unlabeled, root / "data", "paired_unlabeled", settings, workers=2)
             builder.prepare(layouts.discover(paired), root / "data", "paired", settings, workers=2)
         for seed in args.seeds:
-            c = common.load_config(demo.__file__, args.set)
+            c = common.load_config(f"{demo.__file__}:{args.preset}", args.set)
             c.data.update(dir=str(root / "data"), name="sora_demo")
             c.seed = seed
             r = trainer.train(c, root / f"demo_{seed}", one)
@@ -92,6 +94,7 @@ def main(argv=None) -> int:
     result = {
         "machine": common.machine(),
         "seeds": args.seeds,
+        "demo_preset": args.preset,
         "demo_overrides": args.set,
         **{k: _spread(v) for k, v in figures.items()},
     }

@@ -157,11 +157,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 def apply_preset(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
     """`None`: the config as written. `runlocal`: the same run, shrunk to a laptop CPU
     minute (a tiny model, a few steps, decoding in-process); point it at your data with
-    --config.data.dir/name."""
+    --config.data.dir/name. `wide`: the visual tower's first stage as wide as its second
+    (64 -> 128 channels in the production configs), a larger model that suits a TPU."""
     if arg in (None, ""):
         return c
+    if arg == "wide":
+        # A TPU's matrix units are 128 lanes wide: 64-channel convolutions run at about a
+        # third of the rate of 128-channel ones. Compiled for v5e:4x4, kinetics_sounds then
+        # does 1.67x the FLOPs in 1.40x the expected step, and is compute-bound; the demo's
+        # accuracy with and without it: BENCHMARKS.md section 7.
+        widths = tuple(c.model.visual.widths)
+        c.model.visual.widths = widths[1:2] + widths[1:] if len(widths) > 1 else widths
+        return c
     if arg != "runlocal":
-        raise ValueError(f"unknown preset {arg!r}: the presets are 'runlocal'")
+        raise ValueError(f"unknown preset {arg!r}: the presets are 'runlocal' and 'wide'")
     c.data.update(
         num_frames=min(c.data.num_frames, 4),
         crop_size=32,

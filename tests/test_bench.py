@@ -218,13 +218,13 @@ def test_tpu_branch_compiles_each_branch_for_one_chip(tmp_path):
 
 @pytest.mark.slow
 def test_seeds_measures_a_model_choice_on_the_demo(tmp_path):
-    """--demo-only with an override: the accuracy a model choice costs at the demo's size."""
+    """--demo-only with a preset: the accuracy a model choice costs at the demo's size."""
     out = tmp_path / "seeds.json"
-    wider = "--config.model.visual.widths=(32,32,64)"
-    args = ("--demo-only", "--seeds", "3", wider, "--config.total_steps=4", "--out", str(out))
-    result = _run("seeds.py", *args)
+    args = ("--demo-only", "--preset", "wide", "--seeds", "3", "--config.total_steps=4")
+    result = _run("seeds.py", *args, "--out", str(out))
     assert json.loads(out.read_text()) == result
-    assert result["seeds"] == [3] and result["demo_overrides"] == [wider[9:], "total_steps=4"]
+    assert result["seeds"] == [3] and result["demo_preset"] == "wide"
+    assert result["demo_overrides"] == ["total_steps=4"]
     for key in ("demo_top1", "demo_audio_only_top1", "demo_video_only_top1"):
         assert len(result[key]["values"]) == 1 and 0 <= result[key]["min"] <= 1
     assert "pretrain_v2a_r1" not in result  # the chain was skipped

@@ -53,6 +53,10 @@ QUOTED = {
         "results[].curate_throughput",
     ],
     "seeds.json": ["demo_top1", "pretrain_v2a_r1", "probe_top1", "control_top1"],
+    "seeds_demo.json": ["demo_top1", "demo_audio_only_top1", "demo_video_only_top1"],
+    "seeds_demo_wide.json": [
+        "demo_preset", "demo_top1", "demo_audio_only_top1", "demo_video_only_top1",
+    ],
     "timeline.json": ["ffmpeg_decode_fps", "realistic"],
     "kill_drill.json": ["kills", "same_losses", "checkpoints_intact", "orphan_processes", "ok"],
     "tpu_compile.json": [

@@ -49,6 +49,14 @@ def test_runlocal_shrinks_any_config_to_a_laptop_run():
         _load("demo", "tiny")
 
 
+def test_wide_widens_the_first_stage_to_the_second_and_changes_nothing_else():
+    wide, plain = _load("kinetics_sounds", "wide"), _load("kinetics_sounds", None)
+    assert tuple(wide.model.visual.widths) == (128, 128, 256, 512)
+    wide.model.visual.widths = plain.model.visual.widths
+    assert wide.to_dict() == plain.to_dict()
+    assert tuple(_load("demo", "wide").model.visual.widths) == (32, 32, 64)
+
+
 # Keys no other check would catch before they crash or silently misbehave: each with a
 # bad value, and the text the error must hold besides the key.
 BAD_VALUES = [

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 from sora_jax.aot import topology, traffic
 
-# (n - 1)-fold factors of the operand's bytes that one chip sends, by collective.
+# What one chip sends in a group of n chips, as a multiple of its operand's bytes.
 _SENT = {
     "all-gather": lambda n: n - 1,
     "reduce-scatter": lambda n: (n - 1) / n,
