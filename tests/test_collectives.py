@@ -8,6 +8,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from sora_jax.aot import collectives, topology, traffic
+from sora_jax.train import fit
 
 KiB = 1024
 
@@ -45,6 +46,10 @@ def test_each_collective_sends_what_its_ring_algorithm_sends(mesh):
         "all-to-all": 4 * KiB * 3 // 4,  # all but its own quarter
         "collective-permute": 4 * KiB,
     }
+
+
+def test_every_collective_a_step_report_counts_has_its_bytes():
+    assert list(collectives.SENT) == list(fit.COLLECTIVES)
 
 
 def test_a_collective_in_a_loop_counts_once_per_trip(mesh):

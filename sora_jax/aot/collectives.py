@@ -26,16 +26,17 @@ import re
 from collections.abc import Sequence
 
 from sora_jax.aot import topology, traffic
+from sora_jax.train.fit import COLLECTIVES  # the kinds a step report counts
 
-# What one chip sends in a group of n chips, as a multiple of its operand's bytes.
-_SENT = {
+# What one chip sends in a group of n chips, as a multiple of its operand's bytes: one
+# entry for each of COLLECTIVES (tests/test_collectives.py holds the two together).
+SENT = {
+    "all-reduce": lambda n: 2 * (n - 1) / n,
     "all-gather": lambda n: n - 1,
     "reduce-scatter": lambda n: (n - 1) / n,
-    "all-reduce": lambda n: 2 * (n - 1) / n,
     "all-to-all": lambda n: (n - 1) / n,
     "collective-permute": lambda n: 1,
 }
-KINDS = tuple(_SENT)
 
 # How XLA writes a collective's groups of devices:
 _EXPLICIT = re.compile(r"replica_groups=\{\{([\d,]*)\}")  # {{0,1,2,3},{4,5,6,7}}
@@ -63,7 +64,7 @@ def group_size(kernel: traffic.Instruction, devices: int) -> int:
 def kind_of(opcode: str) -> str | None:
     """The collective an opcode is (its -start counts; its -done moves nothing more)."""
     kind = opcode.removesuffix("-start")
-    return kind if kind in _SENT else None
+    return kind if kind in SENT else None
 
 
 def sent_bytes(program: str | Sequence[traffic.Launch], devices: int) -> dict[str, int]:
@@ -77,8 +78,8 @@ def sent_bytes(program: str | Sequence[traffic.Launch], devices: int) -> dict[st
         if kind is None:
             continue
         n = group_size(kernel, devices)
-        sent[kind] += launch.operand_bytes * _SENT[kind](n) * launch.times
-    return {kind: int(sent[kind]) for kind in KINDS if sent[kind]}
+        sent[kind] += launch.operand_bytes * SENT[kind](n) * launch.times
+    return {kind: int(sent[kind]) for kind in COLLECTIVES if sent[kind]}
 
 
 def time_bound(sent: dict[str, int], chip: topology.Chip, slices: int = 1) -> float | None:
