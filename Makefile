@@ -69,14 +69,15 @@ test-ci: $(STAMP)
 # Every benchmark, results in bench/results/*.json (see BENCHMARKS.md), and the kill drill.
 # About three hours on 2 cores, not measured whole: the run of 2026-11-25 took
 # 9 min before the seeds (~12, and ~10 for the demo's with and without the wide preset),
-# storage (~1), av_sync (~6), ann (~6) and curate (~80) scripts, the drill (~5) and the TPU
-# compiles (~60: four production steps) joined it.
+# storage (~1), av_sync (~6), ann (~6) and curate (~80) scripts, the peers held to AVX2
+# (~4), the drill (~5) and the TPU compiles (~60: four production steps) joined it.
 bench: demo-data
 	$(UV) -e ".[test,bench]"
 	$(BIN)/python -m pytest -n 2 -m bench tests/test_bench.py  # bfloat16 variants, and the PyTorch peers
 	$(BIN)/python bench/train_step.py --out bench/results/train_step.json
 	$(BIN)/python bench/peers.py --out bench/results/peers.json
 	$(BIN)/python bench/peers.py --config.model.dtype=bfloat16 --out bench/results/peers_bf16.json
+	$(BIN)/python bench/peers.py --max-isa AVX2 --out bench/results/peers.json  # as an AVX2 host
 	$(BIN)/python bench/conv_layers.py --out bench/results/conv_layers.json
 	$(BIN)/python bench/conv_layers.py --dtype bfloat16 --out bench/results/conv_layers_bf16.json
 	$(BIN)/python bench/input_pipeline.py --train-steps 300 --out bench/results/input_pipeline.json

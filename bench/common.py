@@ -71,6 +71,30 @@ def parser(description: str, config: bool = True) -> argparse.ArgumentParser:
     return p
 
 
+# What holds each framework's CPU kernels to one vector ISA, so that one host can stand in
+# for an older one. YNNPACK (XLA's dots) and TensorFlow's Eigen kernels have no such
+# switch: they keep the host's ISA.
+ISA_CAPS = {
+    "AVX2": {
+        "ONEDNN_MAX_CPU_ISA": "AVX2",  # oneDNN: this project's kernels, PyTorch's, TensorFlow's
+        "ATEN_CPU_CAPABILITY": "avx2",  # PyTorch's own kernels and torch.compile's code
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",  # PyTorch's BLAS
+    }
+}
+XLA_ISA_FLAG = "--xla_cpu_max_isa"  # XLA's generated code (JAX and Keras with XLA)
+
+
+def hold_to_isa(isa: str) -> None:
+    """Hold every framework's CPU kernels to `isa` (a key of ISA_CAPS) in this process.
+
+    Call it before JAX, PyTorch or TensorFlow starts: each reads its setting once."""
+    for name, value in ISA_CAPS[isa].items():
+        os.environ[name] = value
+    flags = os.environ.get("XLA_FLAGS", "")
+    if XLA_ISA_FLAG not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {XLA_ISA_FLAG}={isa}".strip()
+
+
 ISA_FLAGS = {
     *("sse4_2", "avx", "avx2", "fma"),
     *("avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile"),

@@ -14,7 +14,8 @@ tried, `--keras-variant all` times them all). Last line: JSON.
 
 Which kernels run depends on the host (oneDNN's AMX and AVX-512 paths, XLA's), so `--out`
 keeps one run per host kind (`host_kind`: the CPU model and its widest vector ISA) and
-replaces only this host kind's.
+replaces only this host kind's. `--max-isa AVX2` holds every framework to AVX2, so an
+AVX-512 host stands in for an AVX2 one (its own host kind, "held to AVX2").
 """
 
 import functools
@@ -125,6 +126,7 @@ def torch_step(config, batch, compiled: bool, steps: int, warmup: int) -> dict:
     return {
         "framework": "pytorch_compile" if compiled else "pytorch_eager",
         "version": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # its kernels' ISA
         "device": "gpu" if on_gpu else "cpu",
         "dtype": config.model.dtype,
         "step_ms": step_s * 1e3,
@@ -247,9 +249,11 @@ WIDEST = {"amx_bf16": "AMX", "avx512_bf16": "AVX-512 BF16", "avx512f": "AVX-512"
 
 
 def host_kind(machine: dict) -> str:
-    """The CPU model and the widest vector ISA it has: what decides which kernels run."""
+    """The CPU model and the widest vector ISA it has (or was held to, `--max-isa`): what
+    decides which kernels run."""
     widest = next((name for flag, name in WIDEST.items() if flag in machine["isa"]), "no AVX2")
-    return f"{machine['cpu']}, {widest}"
+    held = machine.get("held_to_isa")
+    return f"{machine['cpu']}, {widest}" + (f", held to {held}" if held else "")
 
 
 def write_host_run(path: pathlib.Path, result: dict) -> None:
@@ -277,7 +281,16 @@ def main(argv=None) -> int:
         help="how the Keras peer is written (default: the fastest measured, with and "
         "without XLA); 'all' times every way",
     )
+    p.add_argument(
+        "--max-isa",
+        choices=sorted(common.ISA_CAPS),
+        default=None,
+        help="hold every framework's CPU kernels to this vector ISA, to stand in for an "
+        "older host (YNNPACK's dots and TensorFlow's Eigen kernels keep this host's)",
+    )
     args = p.parse_args(argv)
+    if args.max_isa:
+        common.hold_to_isa(args.max_isa)
     config = common.load_config(args.config, args.set)
     batch = random_batch(config, config.batch_size)
     flax = {
@@ -307,19 +320,28 @@ def main(argv=None) -> int:
     ok = [r for r in results if "step_ms" in r]
     for r in ok:
         r["flax_speedup"] = r["step_ms"] / flax["step_ms"]  # >1: Flax is faster
+    # How close each framework comes to the machine: the model's FLOPs (the same for all)
+    # per second over the float32 matmul rate XLA reaches here in this run, train_step.py's
+    # MFU denominator. Float32 only.
+    peak = common.matmul_peak_flops() if config.model.dtype == "float32" else None
+    for r in ok if peak else ():
+        r["fraction_of_peak"] = flax["flops_per_step"] / (r["step_ms"] / 1e3) / peak
     result = {
         "benchmark": "peers",
         "config": args.config,
         "overrides": args.set,
         "batch": config.batch_size,
         "results": results,
+        **({"peak_matmul_flops_per_s": peak} if peak else {}),
         **common.machine(),
+        **({"held_to_isa": args.max_isa} if args.max_isa else {}),
     }
     table = [
         (
             f"{r['framework']} ({r['device']}){' ' + r['variant'] if 'variant' in r else ''}",
             f"{r['step_ms']:8.1f} ms  {r['clips_per_s']:6.1f} clips/s  "
-            f"flax is {r['flax_speedup']:.2f}x",
+            f"flax is {r['flax_speedup']:.2f}x"
+            + (f"  {r['fraction_of_peak']:.0%} of the matmul peak" if peak else ""),
         )
         for r in ok
     ]

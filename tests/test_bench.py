@@ -76,8 +76,28 @@ def test_peers_runs_every_installed_framework(tmp_path):
     assert frameworks["keras"]["variant"] == "tower+tf_function"
     assert frameworks["keras_xla"]["variant"] == "tower+train_on_batch"
     assert all(r["step_ms"] > 0 for r in frameworks.values())
+    # Float32: each framework's model FLOP/s against the matmul peak measured in the run.
+    flax, peak = frameworks["flax"], result["peak_matmul_flops_per_s"]
+    assert flax["fraction_of_peak"] == pytest.approx(flax["achieved_flops_per_s"] / peak)
+    for r in frameworks.values():  # the same FLOPs for all: the fractions rank as the times
+        assert flax["fraction_of_peak"] / r["fraction_of_peak"] == pytest.approx(r["flax_speedup"])
     # Each peer says where it ran; here every one runs where Flax does, on the CPU.
     assert {r["device"] for r in frameworks.values()} == {"cpu"}
+
+
+@pytest.mark.slow
+def test_peers_held_to_avx2_is_a_host_kind_of_its_own(tmp_path):
+    out = tmp_path / "peers.json"
+    skip = [*_skip_missing_torch(), "--skip=pytorch_compile", "--skip=keras", "--skip=keras_xla"]
+    args = [*TINY, "--steps", "1", "--warmup", "1", *skip, "--out", str(out)]
+    result = _run("peers.py", *args, "--max-isa", "AVX2")
+    ((kind, run),) = json.loads(out.read_text())["hosts"].items()
+    assert run == result and kind.endswith(", held to AVX2") and result["held_to_isa"] == "AVX2"
+    assert result["onednn_max_cpu_isa"] == "AVX2"
+    frameworks = {r["framework"]: r for r in result["results"]}
+    assert not [r for r in frameworks.values() if "error" in r], frameworks
+    if "pytorch_eager" in frameworks:  # PyTorch's own report of the ISA its kernels use
+        assert frameworks["pytorch_eager"]["cpu_capability"] == "AVX2"
 
 
 @pytest.mark.bench  # make bench installs PyTorch (the bench extra), then runs it

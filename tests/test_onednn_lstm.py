@@ -2,6 +2,8 @@
 backward, whole and sharded over the mesh, in the full audio encoder, and refused with a
 clear error where they cannot run."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from sora_jax import config as config_lib
 from sora_jax import models
+from sora_jax.kernels import build
 from sora_jax.models import lstm
 from sora_jax.models.audio import AudioEncoder
 from sora_jax.train.sharding import BATCH_AXES, make_mesh
@@ -123,3 +126,19 @@ def test_unsupported_inputs_and_bad_config_are_refused():
     config.model.audio.lstm_backend = "cudnn"
     with pytest.raises(config_lib.ConfigError, match=r"model\.audio\.lstm_backend.*'cudnn'"):
         models.check_config(config.model)
+
+
+@pytest.mark.slow  # builds a second kernel library (~15 s)
+def test_held_to_avx2_the_gate_loops_leave_out_avx512(tmp_path, monkeypatch):
+    # An AVX-512 host held to AVX2 (`make asan`, `peers.py --max-isa AVX2`) must run what an
+    # AVX2 host runs: oneDNN obeys its cap, and our own gate loops follow it.
+    def gate_clones(library) -> set[str]:
+        names = re.findall(rb"Gates\w*\.(\w+)", library.read_bytes())
+        return {name.decode() for name in names}
+
+    assert {"avx2", "avx512f"} <= gate_clones(build.build())
+    monkeypatch.setenv("SORA_JAX_CACHE", str(tmp_path))
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    held = build.build()
+    assert held.parent == tmp_path / "kernels"
+    assert "avx2" in gate_clones(held) and "avx512f" not in gate_clones(held)

@@ -33,11 +33,26 @@ FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-Wno-return-type")
 SANITIZE = {"address": ("-fsanitize=address", "-fno-omit-frame-pointer", "-g")}
 
 
+# oneDNN's ISA caps that allow AVX-512; any other cap (AVX2, SSE41...) leaves it out.
+AVX512_CAPS = ("AVX512", "AVX10", "ALL", "DEFAULT")
+
+
+def isa_cap() -> str:
+    """oneDNN's ISA cap (ONEDNN_MAX_CPU_ISA, or DNNL_MAX_CPU_ISA), upper case; "" if none."""
+    return (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA", "")).upper()
+
+
 def flags() -> tuple[str, ...]:
     sanitizer = os.environ.get("SORA_JAX_SANITIZE", "")
     if sanitizer and sanitizer not in SANITIZE:
         raise BuildError(f"SORA_JAX_SANITIZE={sanitizer!r}: only {sorted(SANITIZE)}")
-    return FLAGS + SANITIZE.get(sanitizer, ())
+    # Our own vector code follows oneDNN's cap too (`make asan`, `peers.py --max-isa`).
+    held_below_avx512 = isa_cap() and not isa_cap().startswith(AVX512_CAPS)
+    return (
+        FLAGS
+        + SANITIZE.get(sanitizer, ())
+        + (("-DSORA_JAX_MAX_ISA_AVX2",) if held_below_avx512 else ())
+    )
 
 
 class BuildError(RuntimeError):

@@ -12,7 +12,6 @@ The library is built on first use (build.py); `available()` says whether it coul
 import ctypes
 import functools
 import logging
-import os
 import pathlib
 from collections.abc import Callable
 
@@ -75,16 +74,11 @@ def conv_unverified_reason() -> str | None:
     return None
 
 
-def _isa_cap() -> str:
-    """oneDNN's ISA cap (ONEDNN_MAX_CPU_ISA, or DNNL_MAX_CPU_ISA), upper case; "" if none."""
-    return (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA", "")).upper()
-
-
 def bfloat16_unsupported_reason() -> str | None:
     """oneDNN 2023 builds no bfloat16 matmul or convolution without AVX-512 ("could not
     create a primitive descriptor"): there bfloat16 runs on XLA's operations."""
-    cap = _isa_cap()
-    if cap and not cap.startswith(("AVX512", "AVX10", "ALL", "DEFAULT")):
+    cap = build.isa_cap()
+    if cap and not cap.startswith(build.AVX512_CAPS):
         return f"oneDNN has no bfloat16 matmul or convolution below AVX-512 (held to {cap})"
     if "avx512f" in _cpu_flags():
         return None

@@ -91,8 +91,17 @@ inline float Exp(float x) {
 inline float Sigmoid(float x) { return 1.f / (1.f + Exp(-x)); }
 inline float Tanh(float x) { return 1.f - 2.f / (Exp(2.f * x) + 1.f); }
 
+// The gate loops' vector versions, chosen at load time by the CPU. Held to AVX2
+// (ONEDNN_MAX_CPU_ISA=AVX2, which build.py passes on as SORA_JAX_MAX_ISA_AVX2) they leave
+// out AVX-512 as oneDNN does, so that an AVX-512 host runs what an AVX2 host would.
+#ifdef SORA_JAX_MAX_ISA_AVX2
+#define GATE_CLONES __attribute__((target_clones("default", "avx2")))
+#else
+#define GATE_CLONES __attribute__((target_clones("default", "avx2", "avx512f")))
+#endif
+
 // One step's gate arithmetic over the batch: a [B, 4H] pre-activations in, activations out.
-__attribute__((target_clones("default", "avx2", "avx512f")))
+GATE_CLONES
 void ForwardGates(int64_t batch, int64_t hidden, float* __restrict a,
                   const float* __restrict c_prev, float* __restrict c, float* __restrict h) {
   for (int64_t b = 0; b < batch; ++b) {
@@ -110,7 +119,7 @@ void ForwardGates(int64_t batch, int64_t hidden, float* __restrict a,
 
 // One step back: dh (this step's output gradient plus the recurrent one) and dc in,
 // gate gradients out, dc carried to the previous step.
-__attribute__((target_clones("default", "avx2", "avx512f")))
+GATE_CLONES
 void BackwardGates(int64_t batch, int64_t hidden, const float* __restrict a,
                    const float* __restrict c, const float* __restrict c_prev,
                    const float* __restrict dh, float* __restrict dc, float* __restrict d_gates) {
