@@ -93,6 +93,8 @@ bench: demo-data
 	$(BIN)/python bench/seeds.py --out bench/results/seeds.json  # ~12 min: three seeds of four trainings
 	$(BIN)/python bench/seeds.py --demo-only --out bench/results/seeds_demo.json  # ~5 min each
 	$(BIN)/python bench/seeds.py --demo-only --preset wide --out bench/results/seeds_demo_wide.json
+	$(BIN)/python bench/seeds.py --demo-only --config.model.visual.conv_bias_before_norm=False \
+	  --out bench/results/seeds_demo_no_conv_bias.json
 	test -f $(DEMO_RUN)/export/model.jax || $(MAKE) demo
 	$(BIN)/python bench/timeline.py --out bench/results/timeline.json
 	$(MAKE) drill

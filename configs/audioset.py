@@ -28,5 +28,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # step 22% and 17% shorter than recomputing them (BENCHMARKS.md section 7). With more
     # clips per chip, `sora-train`'s fit check says when to turn remat back on.
     c.model.visual.remat = False
+    # No bias on the convs a norm follows (the norm's shift stands in for it). Compiled for
+    # v5e:4x4 the step then moves 8% fewer HBM bytes and is expected 9% shorter; with the
+    # `wide` preset it is compute-bound (BENCHMARKS.md section 7). Runs of this config
+    # from before 2026-12-03 had those biases.
+    c.model.visual.conv_bias_before_norm = False
     c.checkpoint.best_metric = "map"
     return base.apply_preset(c, arg)

@@ -65,6 +65,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             remat=True,  # recompute the tower's activations in the backward pass
             # auto: oneDNN's convolution kernels on the CPU, XLA's elsewhere; or xla, onednn.
             conv_backend="auto",
+            # A bias on each conv a norm follows. The norm's own shift makes it nearly
+            # redundant, and on a TPU its gradient costs passes over the activations: the
+            # production configs leave it out (BENCHMARKS.md section 7).
+            conv_bias_before_norm=True,
         ),
         audio=dict(
             cell="lstm",  # lstm | gru

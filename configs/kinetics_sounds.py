@@ -20,4 +20,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # of XLA's estimated cycles. On a slice with more clips per chip, `sora-train`'s fit
     # check says when to turn remat back on.
     c.model.visual.remat = False
+    # No bias on the convs a norm follows (the norm's shift stands in for it). Compiled for
+    # v5e:4x4 the step then moves 7% fewer HBM bytes, is compute-bound (242 FLOP per byte)
+    # and expected 10% shorter (BENCHMARKS.md section 7). Runs of this config from before
+    # 2026-12-03 had those biases.
+    c.model.visual.conv_bias_before_norm = False
     return base.apply_preset(c, arg)

@@ -251,6 +251,7 @@ SAVED_BEFORE_KEY = {
     "profile_steps": (),
     "cpu_fast_compile": False,
     "model.visual.conv_backend": "auto",
+    "model.visual.conv_bias_before_norm": True,
     "model.audio.lstm_backend": "auto",
     "model.audio.unroll": 1,
     "model.audio.time_stack": 1,

@@ -54,6 +54,9 @@ QUOTED = {
     ],
     "seeds.json": ["demo_top1", "pretrain_v2a_r1", "probe_top1", "control_top1"],
     "seeds_demo.json": ["demo_top1", "demo_audio_only_top1", "demo_video_only_top1"],
+    "seeds_demo_no_conv_bias.json": [
+        "demo_overrides", "demo_top1", "demo_audio_only_top1", "demo_video_only_top1",
+    ],
     "seeds_demo_wide.json": [
         "demo_preset", "demo_top1", "demo_audio_only_top1", "demo_video_only_top1",
     ],

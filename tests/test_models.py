@@ -2,6 +2,7 @@
 
 import itertools
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,7 @@ from sora_jax.inputs import InputSpec
 from sora_jax.kernels import platform
 from sora_jax.models import AudioEncoder, build_model, dummy_inputs, melspec
 from sora_jax.models.audio import stack_frames
+from sora_jax.models.conv import conv2d
 from sora_jax.models.sora import unit
 from sora_jax.objectives import total as objective
 from tests.conftest import compiled, initialised, run_compiled
@@ -50,6 +52,7 @@ OPTIONS = {
     "visual.norm": ("none", "group", "layer"),
     "visual.temporal_pool": ("mean", "max", "attention"),
     "visual.residual": (False, True),
+    "visual.conv_bias_before_norm": (False, True),
     "audio.bidirectional": (False, True),
     "dtype": ("float32", "bfloat16"),
 }
@@ -105,6 +108,59 @@ def test_jit_runs_and_gives_finite_outputs(fusion, cell):
     out = run_compiled(lambda p, x: model.apply({"params": p}, x), params, inputs)
     assert np.isfinite(np.asarray(out["logits"])).all()
     assert out["logits"].shape == (B, 5)
+
+
+def _conv_biases(params) -> set[str]:
+    """The visual tower's conv biases, by path (the norms' own shifts left out)."""
+    paths = flax.traverse_util.flatten_dict(params["visual"])
+    return {"/".join(p[:-1]) for p in paths if p[-1] == "bias" and p[-2].startswith(_CONVS)}
+
+
+_CONVS = ("conv_", "shortcut_proj")
+
+
+def _with_zero_conv_biases(params):
+    """A bias-less model's parameters with a zero bias on each of its convs."""
+
+    def walk(tree):
+        if tree.keys() >= {"kernel"} and tree["kernel"].ndim == 4:
+            return {**tree, "bias": jnp.zeros(tree["kernel"].shape[-1:], tree["kernel"].dtype)}
+        return {k: walk(v) if isinstance(v, dict) else v for k, v in tree.items()}
+
+    return walk(params)
+
+
+@pytest.mark.parametrize("backend", ["auto", "xla"])  # oneDNN's kernels here, and XLA's
+def test_convs_a_norm_follows_have_no_bias_and_the_same_mathematics(backend):
+    inputs = random_inputs(3)
+    # runlocal's tower: two residual blocks with group norms, the second with a shortcut.
+    settings = {"visual.conv_backend": backend}
+    without = tiny_config(**settings, **{"visual.conv_bias_before_norm": False})
+    without = build_model(without.model)
+    with_bias = build_model(tiny_config(**settings).model)  # the default, as before it
+    params = init_params(without, inputs)
+    assert _conv_biases(params) == set()
+    assert _conv_biases(init_params(with_bias, inputs)) == {
+        f"stage{s}_block0/{conv}" for s in (0, 1) for conv in ("conv_a", "conv_b", "shortcut_proj")
+    }
+    # Without a norm every conv keeps its bias, whatever the setting.
+    plain = tiny_config(**{"visual.norm": "none", "visual.conv_bias_before_norm": False})
+    plain = build_model(plain.model)
+    assert len(_conv_biases(init_params(plain, inputs))) == 6
+    # No bias is a zero bias: the same outputs.
+    apply = lambda model: lambda p, x: model.apply({"params": p}, x)["logits"]
+    want = run_compiled(apply(with_bias), _with_zero_conv_biases(params), inputs)
+    got = run_compiled(apply(without), params, inputs)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert float(np.abs(want).max()) > 1e-3
+
+
+def test_on_a_tpu_a_conv_without_bias_is_the_convolution_alone():
+    x, w = jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 4, 8))
+    ops = lambda b: {e.primitive.name for e in jax.make_jaxpr(lambda x: conv2d(x, w, b, 1))(x).eqns}
+    with platform.targeting("tpu"):
+        assert ops(None) == {"conv_general_dilated"}
+        assert "add" in ops(jnp.ones(8))
 
 
 def _flax_reference_rnn(encoder_params, mel, lengths, cell, hidden, bidirectional):

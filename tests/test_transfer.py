@@ -444,3 +444,30 @@ def test_recall_at_k_is_given_only_below_the_clip_count_and_few_clips_are_flagge
     # Planted pairs: each picture's own sound is its nearest, so recall@1 is 1.
     report = retrieval_report(video, video, np.ones(11, bool))
     assert report["v2a_r1"] == report["a2v_r1"] == 1.0
+
+
+def test_a_source_with_conv_biases_this_model_lacks_is_named_not_dropped():
+    # Runs from before 2026-12-03 have a bias on the convs their norms follow; a model
+    # built without them would load the rest and silently drop those biases.
+    kernel, bias = (
+        ("visual", "stage0_block0", "conv_a", "kernel"),
+        ("visual", "stage0_block0", "conv_a", "bias"),
+    )
+    norm = ("visual", "stage0_block0", "norm_a", "GroupNorm_0", "bias")
+    without = {kernel: (3, 3, 3, 8), norm: (8,)}
+    with_bias = {**without, bias: (8,)}
+    as_source = lambda shapes: {path: np.zeros(shape) for path, shape in shapes.items()}
+    with pytest.raises(ConfigError, match=r"stage0_block0/conv_a/bias.*conv_bias_before_norm=True"):
+        transfer._plan(without, as_source(with_bias), ("visual",), "old-run")
+    with pytest.raises(
+        ConfigError, match=r"conv_a/bias is not in new-run.*conv_bias_before_norm=False"
+    ):
+        transfer._plan(with_bias, as_source(without), ("visual",), "new-run")
+    # The same model on both sides loads every parameter; a part not loaded is not looked at.
+    assert sorted(transfer._plan(with_bias, as_source(with_bias), ("visual",), "run")[0]) == sorted(
+        with_bias
+    )
+    audio = ("audio", "input_proj_0_fwd", "kernel")
+    extra_audio = ("audio", "input_proj_0_fwd", "bias")
+    source = as_source({**with_bias, audio: (4, 8), extra_audio: (8,)})
+    assert len(transfer._plan({**with_bias, audio: (4, 8)}, source, ("visual",), "run")[0]) == 3

@@ -75,14 +75,19 @@ def _input_grad_by_phase(dy: jax.Array, w: jax.Array) -> jax.Array:
 def conv2d(
     x: jax.Array,
     w: jax.Array,
-    b: jax.Array,
+    b: jax.Array | None,
     stride: int,
     backend: str = "auto",
     relu: bool = False,
 ) -> jax.Array:
-    """SAME-padded 2-D convolution plus bias: x [N, H, W, I], w [k, k, I, O], b [O] ->
-    [N, ceil(H/s), ceil(W/s), O], then max(., 0) if `relu`. Equals `nn.Conv`'s (and
-    `nn.relu`'s) whatever the backend; oneDNN applies the ReLU inside the kernel."""
+    """SAME-padded 2-D convolution plus bias: x [N, H, W, I], w [k, k, I, O], b [O] or None
+    (no bias) -> [N, ceil(H/s), ceil(W/s), O], then max(., 0) if `relu`. Equals `nn.Conv`'s
+    (and `nn.relu`'s) whatever the backend; oneDNN applies the ReLU inside the kernel."""
+    if b is None and not platform.for_cpu():  # accelerators: no add, no bias gradient
+        y = _conv(x, w, stride)
+        return nn.relu(y) if relu else y
+    if b is None:  # the CPU's kernels take a bias: zeros add nothing
+        b = jnp.zeros(w.shape[-1:], x.dtype)
     if onednn.resolve(backend, x, "conv") == "onednn":
         if w.shape[:2] == (1, 1) and stride > 1:
             # A strided 1x1 convolution (a residual shortcut) reads every s-th pixel:
@@ -174,6 +179,7 @@ class Conv(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     backend: str = "auto"  # one of onednn.BACKENDS
     relu: bool = False  # max(., 0) after the bias, inside the oneDNN kernel
+    use_bias: bool = True  # False where a norm follows, whose own shift replaces it
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:  # x: [N, H, W, C]
@@ -184,6 +190,9 @@ class Conv(nn.Module):
             (k, k, x.shape[-1], self.features),
             self.param_dtype,
         )
+        if not self.use_bias:
+            x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+            return conv2d(x, kernel, None, self.stride, self.backend, self.relu)
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         return conv2d(x, kernel, bias, self.stride, self.backend, self.relu)

@@ -52,6 +52,11 @@ class ConvBlock(nn.Module):
 
     Without a norm a ReLU that directly follows a conv is computed by the conv (`relu`),
     which the oneDNN kernels fuse: one pass over the activation fewer.
+
+    With `conv_bias_before_norm` False a conv that a norm follows has no bias: the norm
+    subtracts its group's mean and adds its own learned shift, so the bias adds little,
+    while its gradient costs passes over the activation. Compiled for TPUs, leaving it
+    out made audioset's step compute-bound on v5e (BENCHMARKS.md section 7).
     """
 
     width: int
@@ -60,12 +65,22 @@ class ConvBlock(nn.Module):
     residual: bool = False
     dtype: jnp.dtype = jnp.float32
     conv_backend: str = "auto"
+    conv_bias_before_norm: bool = True
 
     @nn.compact
     def __call__(self, x):  # x: [N, H, W, C]
+        bias = self.norm == "none" or self.conv_bias_before_norm
+
         def conv(width, k, stride, name, relu=False):
             return Conv(
-                width, k, stride, self.dtype, backend=self.conv_backend, relu=relu, name=name
+                width,
+                k,
+                stride,
+                self.dtype,
+                backend=self.conv_backend,
+                relu=relu,
+                use_bias=bias,
+                name=name,
             )
 
         norm = lambda name: Norm(self.norm, self.dtype, name=name)
@@ -123,6 +138,7 @@ class VisualTower(nn.Module):
     remat: bool = False  # recompute stage activations in the backward pass to save memory
     dtype: jnp.dtype = jnp.float32
     conv_backend: str = "auto"  # onednn.BACKENDS: oneDNN kernels on the CPU, else XLA's
+    conv_bias_before_norm: bool = True  # a bias on the convs a norm follows (ConvBlock)
 
     @staticmethod
     def check_config(v, key: str) -> None:
@@ -161,6 +177,7 @@ class VisualTower(nn.Module):
                     self.residual,
                     self.dtype,
                     self.conv_backend,
+                    self.conv_bias_before_norm,
                     name=f"stage{stage}_block{i}",
                 )(x)
         seq = jnp.mean(x, axis=(1, 2)).reshape((B, T, -1))  # global average over space

@@ -11,6 +11,7 @@ classes starts anew; any other difference fails, naming the parameter and both s
 import json
 import logging
 import os
+import re
 from typing import Any
 
 import jax
@@ -106,6 +107,11 @@ def _plan(
             raise config_lib.ConfigError(
                 f"config.init_parts: {part} parameter {name} is not in {origin} (a run "
                 f"without that part, or another architecture); leave {part!r} out"
+                + (
+                    ", or set model.visual.conv_bias_before_norm=False as that run has it"
+                    if _is_conv_bias(name)
+                    else ""
+                )
             )
         if tuple(available[path].shape) != shape:
             raise config_lib.ConfigError(
@@ -113,7 +119,32 @@ def _plan(
                 f"{tuple(available[path].shape)} in {origin} but {shape} in this run's model"
             )
         load.append(path)
+    # A parameter of a loaded part that this run's model lacks would be dropped silently.
+    extra = sorted(
+        "/".join(path)
+        for path in available
+        if path not in wanted
+        and models.param_part(path) in parts
+        and not (models.param_part(path) == "head" and new_head)
+    )
+    if extra:
+        conv_bias = any(_is_conv_bias(name) for name in extra)
+        raise config_lib.ConfigError(
+            f"config.init_from: {origin} has parameters this run's model lacks, which would "
+            f"be dropped: {', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''}"
+            + (
+                " (a run with a bias on the convs its norms follow, as before 2026-12-03: "
+                "set model.visual.conv_bias_before_norm=True)"
+                if conv_bias
+                else " (another architecture; leave its part out of config.init_parts)"
+            )
+        )
     return load, new_head
+
+
+def _is_conv_bias(name: str) -> bool:
+    """A bias of one of the visual tower's convs (models/visual.py ConvBlock)."""
+    return re.search(r"^visual/.*/(conv_\w+|shortcut_proj)/bias$", name) is not None
 
 
 def _shapes(params: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
