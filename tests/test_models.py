@@ -110,13 +110,13 @@ def test_jit_runs_and_gives_finite_outputs(fusion, cell):
     assert out["logits"].shape == (B, 5)
 
 
+_CONVS = ("conv_", "shortcut_proj")
+
+
 def _conv_biases(params) -> set[str]:
     """The visual tower's conv biases, by path (the norms' own shifts left out)."""
     paths = flax.traverse_util.flatten_dict(params["visual"])
     return {"/".join(p[:-1]) for p in paths if p[-1] == "bias" and p[-2].startswith(_CONVS)}
-
-
-_CONVS = ("conv_", "shortcut_proj")
 
 
 def _with_zero_conv_biases(params):

@@ -447,8 +447,8 @@ def test_recall_at_k_is_given_only_below_the_clip_count_and_few_clips_are_flagge
 
 
 def test_a_source_with_conv_biases_this_model_lacks_is_named_not_dropped():
-    # Runs from before 2026-12-03 have a bias on the convs their norms follow; a model
-    # built without them would load the rest and silently drop those biases.
+    # Runs of the production configs from before 2026-12-03 have a bias on the convs their
+    # norms follow; the configs now have none, and would load the rest and drop those.
     kernel, bias = (
         ("visual", "stage0_block0", "conv_a", "kernel"),
         ("visual", "stage0_block0", "conv_a", "bias"),

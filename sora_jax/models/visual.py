@@ -56,7 +56,7 @@ class ConvBlock(nn.Module):
     With `conv_bias_before_norm` False a conv that a norm follows has no bias: the norm
     subtracts its group's mean and adds its own learned shift, so the bias adds little,
     while its gradient costs passes over the activation. Compiled for TPUs, leaving it
-    out made audioset's step compute-bound on v5e (BENCHMARKS.md section 7).
+    out made kinetics_sounds' step compute-bound on v5e (BENCHMARKS.md section 7).
     """
 
     width: int

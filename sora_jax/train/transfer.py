@@ -133,8 +133,8 @@ def _plan(
             f"config.init_from: {origin} has parameters this run's model lacks, which would "
             f"be dropped: {', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''}"
             + (
-                " (a run with a bias on the convs its norms follow, as before 2026-12-03: "
-                "set model.visual.conv_bias_before_norm=True)"
+                " (that run has a bias on the convs its norms follow: set "
+                "model.visual.conv_bias_before_norm=True to load it whole)"
                 if conv_bias
                 else " (another architecture; leave its part out of config.init_parts)"
             )
