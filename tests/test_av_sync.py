@@ -97,6 +97,7 @@ def _config(data_dir, steps: int = 6):
     return c
 
 
+@pytest.mark.slow  # a training run (~30 s): make test-slow and CI
 def test_a_sync_run_trains_is_evaluated_by_name_and_ranks_its_checkpoints(
     timing_data, tmp_path, capsys
 ):

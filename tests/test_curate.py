@@ -123,6 +123,7 @@ def test_apply_writes_a_new_dataset_without_the_flagged_clips(faulty, tmp_path):
     assert after == before  # the source is never changed
 
 
+@pytest.mark.slow  # a dozen sora-curate processes (~26 s): make test-slow and CI
 def test_bad_input_is_one_line_and_exit_code_2(faulty, demo_data, short_run, tmp_path):
     data_dir, name, _ = faulty
     out = str(tmp_path / "r.parquet")
