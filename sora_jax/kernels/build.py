@@ -42,16 +42,21 @@ def isa_cap() -> str:
     return (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA", "")).upper()
 
 
+def held_below_avx512() -> bool:
+    """Whether oneDNN is capped below AVX-512 (e.g. ONEDNN_MAX_CPU_ISA=AVX2): then it has
+    no bfloat16 kernels, and our own vector code leaves AVX-512 out too."""
+    return bool(isa_cap()) and not isa_cap().startswith(AVX512_CAPS)
+
+
 def flags() -> tuple[str, ...]:
     sanitizer = os.environ.get("SORA_JAX_SANITIZE", "")
     if sanitizer and sanitizer not in SANITIZE:
         raise BuildError(f"SORA_JAX_SANITIZE={sanitizer!r}: only {sorted(SANITIZE)}")
     # Our own vector code follows oneDNN's cap too (`make asan`, `peers.py --max-isa`).
-    held_below_avx512 = isa_cap() and not isa_cap().startswith(AVX512_CAPS)
     return (
         FLAGS
         + SANITIZE.get(sanitizer, ())
-        + (("-DSORA_JAX_MAX_ISA_AVX2",) if held_below_avx512 else ())
+        + (("-DSORA_JAX_MAX_ISA_AVX2",) if held_below_avx512() else ())
     )
 
 

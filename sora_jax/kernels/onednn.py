@@ -77,9 +77,11 @@ def conv_unverified_reason() -> str | None:
 def bfloat16_unsupported_reason() -> str | None:
     """oneDNN 2023 builds no bfloat16 matmul or convolution without AVX-512 ("could not
     create a primitive descriptor"): there bfloat16 runs on XLA's operations."""
-    cap = build.isa_cap()
-    if cap and not cap.startswith(build.AVX512_CAPS):
-        return f"oneDNN has no bfloat16 matmul or convolution below AVX-512 (held to {cap})"
+    if build.held_below_avx512():
+        return (
+            "oneDNN has no bfloat16 matmul or convolution below AVX-512 "
+            f"(held to {build.isa_cap()})"
+        )
     if "avx512f" in _cpu_flags():
         return None
     return "oneDNN has no bfloat16 matmul or convolution for this CPU (no AVX-512)"
