@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from sora_jax import config as config_lib
-from sora_jax.aot import mosaic, topology, traffic
+from sora_jax.aot import loop_flops, mosaic, topology, traffic
 from sora_jax.inputs import InputSpec
 from sora_jax.kernels import platform
 from sora_jax.models import build_model
@@ -111,11 +111,12 @@ def compile_branch(config, topology_name: str, devices: list, branch: str) -> di
         )
     compiled = lowered.compile()
     compile_s = time.monotonic() - started
-    launched = mosaic.with_pallas_cycles(
-        list(traffic.launches(compiled.as_text())), devices[0].device_kind
-    )
+    text = compiled.as_text()
+    launched = list(traffic.launches(text))
     cost = compiled.cost_analysis()
     flops = float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0))
+    flops += loop_flops.repeated_flops(text, launched)  # the trips XLA's count leaves out
+    launched = mosaic.with_pallas_cycles(launched, devices[0].device_kind)
     cycles = sum(k.cycles * k.times for k in launched)
     hbm = sum(k.hbm_bytes * k.times for k in launched)
     expected_s = cycles / chip.clock_hz

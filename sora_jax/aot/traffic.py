@@ -152,7 +152,7 @@ def _split_instruction(line: str) -> Instruction | None:
     return Instruction(m.group(2), shape, opcode, rest, root=bool(m.group(1)))
 
 
-def _parse(hlo_text: str) -> tuple[dict[str, list[Instruction]], str]:
+def parse(hlo_text: str) -> tuple[dict[str, list[Instruction]], str]:
     """{computation: [Instruction]} and the entry computation's name."""
     computations: dict[str, list[Instruction]] = {}
     entry, current = "", None
@@ -326,7 +326,7 @@ def launches(hlo_text: str) -> Iterator[Launch]:
     """Every kernel of a compiled program (its `compiled.as_text()`), once per place it
     runs: loop bodies once with their trip count, every branch of a conditional as if
     each ran."""
-    computations, entry = _parse(hlo_text)
+    computations, entry = parse(hlo_text)
 
     def walk(name: str, times: int, seen: tuple[str, ...], loop: str = "") -> Iterator[Launch]:
         instructions = computations.get(name, [])

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import jax
 import ml_collections
 
+from sora_jax.aot import loop_flops
 from sora_jax.config import ConfigError
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
@@ -95,7 +96,9 @@ def compile_step(
         alias_bytes=memory.alias_size_in_bytes,
         temp_bytes=memory.temp_size_in_bytes,
         code_bytes=memory.generated_code_size_in_bytes,
-        flops=float(cost.get("flops", 0.0)),
+        # XLA's count charges a loop's body once; add the trips it leaves out (the
+        # micro-batches of accum_steps, an LSTM scan).
+        flops=float(cost.get("flops", 0.0)) + loop_flops.repeated_flops(text),
         bytes_accessed=float(cost.get("bytes accessed", 0.0)),
         collectives={k: v for k, v in collectives.items() if v},
         custom_calls=sorted(set(_CUSTOM_CALL.findall(text))),
