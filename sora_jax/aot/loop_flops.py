@@ -62,7 +62,10 @@ def instruction_flops(
 def repeated_flops(hlo_text: str, launched: Sequence[traffic.Launch] | None = None) -> int:
     """The FLOPs that a compiled program's loops run beyond their first trip: what XLA's
     cost analysis leaves out of it (`launched`: traffic.launches of the same text, if
-    already read)."""
+    already read). Called on every compile (fit.compile_step): a program without a loop,
+    such as the production configs' TPU steps, is not read at all."""
+    if " while(" not in hlo_text:
+        return 0
     computations, _ = traffic.parse(hlo_text)
     shapes = {i.name: i.shape for body in computations.values() for i in body}  # unique names
     return sum(
